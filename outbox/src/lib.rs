@@ -1,0 +1,25 @@
+//! The transactional outbox and the idempotent inbox.
+//!
+//! - [`inbox`]: [`InboxGuard`] records a message id in the handler's transaction; a second delivery of the
+//!   same id finds it and has no effect;
+//! - [`store`]: [`OutboxStore`] writes outgoing events in the handler's transaction, and claims, marks and
+//!   inspects rows for the relay;
+//! - [`relay`]: [`OutboxRelay`] publishes committed rows with confirms and marks them only after the confirm;
+//! - [`retention`]: [`RetentionJob`] deletes published outbox rows and old inbox rows in batches;
+//! - [`migrations`]: the tables, to be combined with a service's own migrations into one set per database.
+//!
+//! **Architecture invariant**: only the relay publishes domain events. Handlers write to the outbox; what they
+//! write is on the broker only once their transaction committed.
+
+pub mod error;
+pub mod inbox;
+pub mod migrations;
+pub mod relay;
+pub mod retention;
+pub mod store;
+
+pub use error::OutboxError;
+pub use inbox::InboxGuard;
+pub use relay::{OutboxRelay, OutboxWaker, RelayConfig};
+pub use retention::{RetentionConfig, RetentionJob};
+pub use store::{OutboxRow, OutboxStore};

@@ -1,0 +1,168 @@
+//! [`OutboxStore`]: the outbox table's operations. Writes happen inside the caller's transaction.
+
+use chrono::{DateTime, Utc};
+use choreo_messages::{EncodedEnvelope, Metadata};
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::OutboxError;
+
+/// A claimed, unpublished row.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub envelope: EncodedEnvelope,
+    pub publish_attempts: i32,
+}
+
+/// Unpublished rows and the age of the oldest, for dashboards and `choreoctl outbox status`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backlog {
+    pub unpublished: i64,
+    pub oldest_age_seconds: f64,
+}
+
+pub struct OutboxStore;
+
+impl OutboxStore {
+    /// Write `envelopes` in the caller's transaction, in one round trip.
+    pub async fn enqueue(tx: &mut PgConnection, envelopes: &[EncodedEnvelope]) -> Result<(), OutboxError> {
+        if envelopes.is_empty() {
+            return Ok(());
+        }
+        let n = envelopes.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut types = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut correlations = Vec::with_capacity(n);
+        let mut causations: Vec<Option<Uuid>> = Vec::with_capacity(n);
+        let mut producers = Vec::with_capacity(n);
+        let mut occurred = Vec::with_capacity(n);
+        let mut traceparents: Vec<Option<String>> = Vec::with_capacity(n);
+        let mut bodies = Vec::with_capacity(n);
+        for e in envelopes {
+            let m = &e.meta;
+            ids.push(m.message_id);
+            types.push(m.message_type.clone());
+            versions.push(i32::try_from(m.schema_version).unwrap_or(i32::MAX));
+            correlations.push(m.correlation_id);
+            causations.push(m.causation_id);
+            producers.push(m.producer.clone());
+            occurred.push(m.occurred_at);
+            traceparents.push(m.traceparent.clone());
+            bodies.push(e.body.clone());
+        }
+        sqlx::query(
+            "INSERT INTO outbox (message_id, message_type, schema_version, correlation_id, causation_id, \
+                                 producer, occurred_at, traceparent, body) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::uuid[], $6::text[], \
+                                  $7::timestamptz[], $8::text[], $9::bytea[])",
+        )
+        .bind(ids)
+        .bind(types)
+        .bind(versions)
+        .bind(correlations)
+        .bind(causations)
+        .bind(producers)
+        .bind(occurred)
+        .bind(traceparents)
+        .bind(bodies)
+        .execute(&mut *tx)
+        .await
+        .map_err(OutboxError::db("outbox insert"))?;
+        Ok(())
+    }
+
+    /// Lock up to `limit` publishable rows, oldest first, skipping rows another relay holds. The locks last
+    /// until the caller's transaction ends: if the caller dies, the rows are free again.
+    pub async fn claim_batch(tx: &mut PgConnection, limit: i64) -> Result<Vec<OutboxRow>, OutboxError> {
+        let rows = sqlx::query(
+            "SELECT id, message_id, message_type, schema_version, correlation_id, causation_id, producer, \
+                    occurred_at, traceparent, body, publish_attempts \
+             FROM outbox \
+             WHERE published_at IS NULL AND available_at <= now() \
+             ORDER BY id \
+             LIMIT $1 \
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(OutboxError::db("outbox claim"))?;
+        rows.into_iter()
+            .map(|row| {
+                let id: i64 = row.try_get("id").map_err(OutboxError::db("outbox row"))?;
+                let version: i32 = row.try_get("schema_version").map_err(OutboxError::db("outbox row"))?;
+                let meta = Metadata {
+                    message_id: row.try_get("message_id").map_err(OutboxError::db("outbox row"))?,
+                    message_type: row.try_get("message_type").map_err(OutboxError::db("outbox row"))?,
+                    schema_version: u32::try_from(version)
+                        .map_err(|_| OutboxError::CorruptRow { id, reason: format!("schema version {version}") })?,
+                    correlation_id: row.try_get("correlation_id").map_err(OutboxError::db("outbox row"))?,
+                    causation_id: row.try_get("causation_id").map_err(OutboxError::db("outbox row"))?,
+                    producer: row.try_get("producer").map_err(OutboxError::db("outbox row"))?,
+                    occurred_at: row.try_get("occurred_at").map_err(OutboxError::db("outbox row"))?,
+                    traceparent: row.try_get("traceparent").map_err(OutboxError::db("outbox row"))?,
+                };
+                Ok(OutboxRow {
+                    id,
+                    envelope: EncodedEnvelope { meta, body: row.try_get("body").map_err(OutboxError::db("outbox row"))? },
+                    publish_attempts: row.try_get("publish_attempts").map_err(OutboxError::db("outbox row"))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Mark rows published. Call only after the broker confirmed them.
+    pub async fn mark_published(tx: &mut PgConnection, ids: &[i64]) -> Result<(), OutboxError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(OutboxError::db("outbox mark published"))?;
+        Ok(())
+    }
+
+    /// Record failed publishes; each row waits `retry_after_ms` (doubling with attempts, at most a minute).
+    pub async fn record_failures(
+        tx: &mut PgConnection,
+        failures: &[(i64, String)],
+        retry_after_ms: i64,
+    ) -> Result<(), OutboxError> {
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = failures.iter().map(|(id, _)| *id).collect();
+        let errors: Vec<String> = failures.iter().map(|(_, e)| e.chars().take(1000).collect()).collect();
+        sqlx::query(
+            "UPDATE outbox o SET publish_attempts = o.publish_attempts + 1, last_error = f.error, \
+                 available_at = now() + make_interval(secs => LEAST(60.0, $3::float8 / 1000.0 * power(2, o.publish_attempts))) \
+             FROM UNNEST($1::bigint[], $2::text[]) AS f(id, error) WHERE o.id = f.id",
+        )
+        .bind(ids)
+        .bind(errors)
+        .bind(retry_after_ms as f64)
+        .execute(&mut *tx)
+        .await
+        .map_err(OutboxError::db("outbox record failures"))?;
+        Ok(())
+    }
+
+    /// How far behind publishing is.
+    pub async fn backlog(pool: &PgPool) -> Result<Backlog, OutboxError> {
+        let row = sqlx::query(
+            "SELECT count(*) AS n, min(created_at) AS oldest FROM outbox WHERE published_at IS NULL",
+        )
+        .fetch_one(pool)
+        .await
+        .map_err(OutboxError::db("outbox backlog"))?;
+        let unpublished: i64 = row.try_get("n").map_err(OutboxError::db("outbox backlog"))?;
+        let oldest: Option<DateTime<Utc>> = row.try_get("oldest").map_err(OutboxError::db("outbox backlog"))?;
+        let oldest_age_seconds =
+            oldest.map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
+        Ok(Backlog { unpublished, oldest_age_seconds })
+    }
+}

@@ -1,0 +1,206 @@
+//! The contract's metadata in AMQP properties and headers, both ways.
+//!
+//! Strings in headers are accepted as long strings, short strings or byte arrays, and integers at any width,
+//! because clients in other languages pick different AMQP types for the same value.
+
+use chrono::{DateTime, TimeZone, Utc};
+use choreo_messages::envelope::CONTENT_TYPE_JSON;
+use choreo_messages::{DecodeError, EncodedEnvelope, Envelope, Metadata, headers};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use uuid::Uuid;
+
+/// AMQP delivery mode 2: the broker writes the message to disk.
+const PERSISTENT: u8 = 2;
+
+/// Properties of an outgoing message.
+pub fn properties_for(meta: &Metadata) -> BasicProperties {
+    let mut table = FieldTable::default();
+    table.insert(headers::SCHEMA_VERSION.into(), AMQPValue::LongLongInt(i64::from(meta.schema_version)));
+    table.insert(headers::PRODUCER.into(), long(&meta.producer));
+    table.insert(
+        headers::OCCURRED_AT.into(),
+        long(&meta.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+    );
+    if let Some(causation) = meta.causation_id {
+        table.insert(headers::CAUSATION_ID.into(), long(&causation.to_string()));
+    }
+    if let Some(traceparent) = &meta.traceparent {
+        table.insert(headers::TRACEPARENT.into(), long(traceparent));
+    }
+    BasicProperties::default()
+        .with_message_id(meta.message_id.to_string().into())
+        .with_correlation_id(meta.correlation_id.to_string().into())
+        .with_type(short(&meta.message_type))
+        .with_content_type(CONTENT_TYPE_JSON.into())
+        .with_timestamp(u64::try_from(meta.occurred_at.timestamp()).unwrap_or(0))
+        .with_app_id(short(&meta.producer))
+        .with_delivery_mode(PERSISTENT)
+        .with_headers(table)
+}
+
+/// Read the contract's metadata from a delivery's properties.
+pub fn metadata_from(properties: &BasicProperties) -> Result<Metadata, DecodeError> {
+    let message_id = properties
+        .message_id()
+        .as_ref()
+        .and_then(|id| Uuid::parse_str(id.as_str()).ok())
+        .ok_or(DecodeError::MissingMetadata("property message_id (a UUID)"))?;
+    let message_type = properties
+        .kind()
+        .as_ref()
+        .map(|t| t.as_str().to_owned())
+        .filter(|t| !t.is_empty())
+        .ok_or(DecodeError::MissingMetadata("property type"))?;
+    let empty = FieldTable::default();
+    let table = properties.headers().as_ref().unwrap_or(&empty);
+    let schema_version = header_u32(table, headers::SCHEMA_VERSION)
+        .ok_or(DecodeError::MissingMetadata("header schema-version (an integer)"))?;
+    let correlation_id = match properties.correlation_id() {
+        Some(c) => Uuid::parse_str(c.as_str()).map_err(|_| DecodeError::MissingMetadata("property correlation_id (a UUID)"))?,
+        None => message_id,
+    };
+    let causation_id = match header_string(table, headers::CAUSATION_ID) {
+        Some(c) => Some(Uuid::parse_str(&c).map_err(|_| DecodeError::MissingMetadata("header causation-id (a UUID)"))?),
+        None => None,
+    };
+    let producer = header_string(table, headers::PRODUCER)
+        .or_else(|| properties.app_id().as_ref().map(|a| a.to_string()))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let occurred_at = header_string(table, headers::OCCURRED_AT)
+        .and_then(|s| DateTime::parse_from_rfc3339(&s).ok().map(|t| t.with_timezone(&Utc)))
+        .or_else(|| {
+            properties
+                .timestamp()
+                .and_then(|secs| i64::try_from(secs).ok())
+                .and_then(|secs| Utc.timestamp_opt(secs, 0).single())
+        })
+        .unwrap_or_else(Utc::now);
+    let traceparent = header_string(table, headers::TRACEPARENT);
+    Ok(Metadata {
+        message_id,
+        message_type,
+        schema_version,
+        correlation_id,
+        causation_id,
+        producer,
+        occurred_at,
+        traceparent,
+    })
+}
+
+/// Check size and content type, read the metadata and decode the body strictly.
+pub fn decode_delivery(properties: &BasicProperties, body: &[u8], max_body_bytes: usize) -> Result<Envelope, DecodeError> {
+    if body.len() > max_body_bytes {
+        return Err(DecodeError::Oversized { size: body.len(), max: max_body_bytes });
+    }
+    let content_type = properties.content_type().as_ref().map(|c| c.as_str()).unwrap_or("");
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    if !media_type.eq_ignore_ascii_case(CONTENT_TYPE_JSON) {
+        return Err(DecodeError::WrongContentType(content_type.chars().take(64).collect()));
+    }
+    let meta = metadata_from(properties)?;
+    EncodedEnvelope { meta, body: body.to_vec() }.decode()
+}
+
+pub(crate) fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// A short string from text we control; text longer than AMQP allows is cut at a char boundary.
+pub(crate) fn short(s: &str) -> ShortString {
+    let mut end = s.len().min(255);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    ShortString::from(&s[..end])
+}
+
+/// A header's value as text, whatever string type the client chose.
+pub fn header_string(table: &FieldTable, key: &str) -> Option<String> {
+    match table.inner().get(key)? {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::ByteArray(b) => String::from_utf8(b.as_slice().to_vec()).ok(),
+        _ => None,
+    }
+}
+
+/// A header's value as an integer, whatever width (or text) the client chose.
+pub fn header_i64(table: &FieldTable, key: &str) -> Option<i64> {
+    match table.inner().get(key)? {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
+        _ => header_string(table, key).and_then(|s| s.trim().parse().ok()),
+    }
+}
+
+fn header_u32(table: &FieldTable, key: &str) -> Option<u32> {
+    header_i64(table, key).and_then(|v| u32::try_from(v).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use choreo_messages::payloads::{OrderConfirmed};
+    use choreo_messages::{ErrorKind, Message};
+    use lapin::types::ByteArray;
+
+    fn envelope() -> Envelope {
+        let message = Message::OrderConfirmed(OrderConfirmed {
+            order_id: Uuid::now_v7(),
+            total_cents: 10,
+            currency: "EUR".into(),
+        });
+        let cause = Envelope::new_command(message.clone(), "client", None);
+        let mut e = Envelope::caused_by(&cause.meta, message, "order");
+        e.meta.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        e
+    }
+
+    #[test]
+    fn metadata_round_trips_through_properties() {
+        let e = envelope();
+        let encoded = e.encode();
+        let props = properties_for(&encoded.meta);
+        let decoded = decode_delivery(&props, &encoded.body, 1024).expect("decode");
+        assert_eq!(decoded, e);
+    }
+
+    #[test]
+    fn headers_from_other_clients_are_understood() {
+        let e = envelope().encode();
+        let mut table = FieldTable::default();
+        table.insert(headers::SCHEMA_VERSION.into(), AMQPValue::ShortShortUInt(1));
+        table.insert(headers::PRODUCER.into(), AMQPValue::ByteArray(ByteArray::from(b"python".to_vec())));
+        let props = properties_for(&e.meta).with_headers(table);
+        let meta = metadata_from(&props).expect("meta");
+        assert_eq!(meta.schema_version, 1);
+        assert_eq!(meta.producer, "python");
+        assert_eq!(meta.causation_id, None);
+    }
+
+    #[test]
+    fn bad_input_is_classified() {
+        let e = envelope().encode();
+        let props = properties_for(&e.meta);
+        let kind = |p: &BasicProperties, body: &[u8], max| decode_delivery(p, body, max).expect_err("bad").kind();
+        assert_eq!(kind(&props, &e.body, 4), ErrorKind::Oversized);
+        assert_eq!(kind(&BasicProperties::default(), &e.body, 1024), ErrorKind::WrongContentType);
+        let no_id = BasicProperties::default().with_content_type("application/json".into());
+        assert_eq!(kind(&no_id, &e.body, 1024), ErrorKind::MissingMetadata);
+        let text = props.clone().with_content_type("text/plain".into());
+        assert_eq!(kind(&text, &e.body, 1024), ErrorKind::WrongContentType);
+        assert_eq!(kind(&props, b"\xff\xfe garbage", 1024), ErrorKind::MalformedBody);
+        let unknown = props.clone().with_type("order.teleport".into());
+        assert_eq!(kind(&unknown, &e.body, 1024), ErrorKind::UnknownType);
+        let charset = props.with_content_type("application/json; charset=utf-8".into());
+        assert!(decode_delivery(&charset, &e.body, 1024).is_ok());
+    }
+}

@@ -1,0 +1,138 @@
+//! How a message the consumer gives up on reaches its worker's dead-letter queue with its story.
+//!
+//! The body is kept byte for byte and the original properties are kept; headers are added that tell an
+//! operator why without reading logs. They stay small (a bounded error text, no stack traces): large headers
+//! break the frame limits of other clients.
+
+use chrono::{SecondsFormat, Utc};
+use choreo_messages::ErrorKind;
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable};
+
+use crate::codec::{header_i64, header_string, long};
+use crate::publisher::{ConfirmingPublisher, Outgoing};
+use crate::{PublishError, Topology};
+
+/// Header names of dead-letter metadata.
+pub mod headers {
+    pub const ERROR: &str = "choreo-error";
+    pub const ERROR_KIND: &str = "choreo-error-kind";
+    pub const ATTEMPTS: &str = "choreo-attempts";
+    pub const WORKER: &str = "choreo-worker";
+    pub const ORIGINAL_EXCHANGE: &str = "choreo-original-exchange";
+    pub const ORIGINAL_ROUTING_KEY: &str = "choreo-original-routing-key";
+    pub const FIRST_FAILURE_AT: &str = "choreo-first-failure-at";
+    pub const LAST_FAILURE_AT: &str = "choreo-last-failure-at";
+}
+
+/// Longest error text kept in a header, in bytes.
+pub const MAX_ERROR_BYTES: usize = 512;
+
+/// Why a message is dead-lettered, and where it failed.
+#[derive(Debug, Clone)]
+pub struct Failure<'a> {
+    pub worker: &'a str,
+    pub kind: ErrorKind,
+    pub error: &'a str,
+    /// Deliveries so far, including this one.
+    pub attempts: u32,
+}
+
+/// Properties of the dead letter: the original ones plus the failure headers.
+pub fn dead_letter_properties(delivery: &Delivery, failure: &Failure<'_>) -> BasicProperties {
+    let original = delivery.properties.headers().clone().unwrap_or_default();
+    let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+    let first = header_string(&original, headers::FIRST_FAILURE_AT).unwrap_or_else(|| now.clone());
+    let mut table: FieldTable = original.clone();
+    table.insert(headers::ERROR.into(), long(truncate(failure.error, MAX_ERROR_BYTES)));
+    table.insert(headers::ERROR_KIND.into(), long(failure.kind.as_str()));
+    table.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(failure.attempts)));
+    table.insert(headers::WORKER.into(), long(failure.worker));
+    // A replayed message that fails again keeps the place it first came from.
+    let exchange = header_string(&original, headers::ORIGINAL_EXCHANGE).unwrap_or_else(|| delivery.exchange.to_string());
+    let key = header_string(&original, headers::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| delivery.routing_key.to_string());
+    table.insert(headers::ORIGINAL_EXCHANGE.into(), long(&exchange));
+    table.insert(headers::ORIGINAL_ROUTING_KEY.into(), long(&key));
+    table.insert(headers::FIRST_FAILURE_AT.into(), long(&first));
+    table.insert(headers::LAST_FAILURE_AT.into(), long(&now));
+    delivery.properties.clone().with_headers(table).with_delivery_mode(2)
+}
+
+/// Attempts recorded on a message so far (0 when it never failed).
+pub fn recorded_attempts(properties: &BasicProperties) -> u32 {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|h| header_i64(h, headers::ATTEMPTS))
+        .and_then(|a| u32::try_from(a).ok())
+        .unwrap_or(0)
+}
+
+/// Publish `delivery` to the worker's dead-letter queue and wait for the confirm. Only after this returns
+/// `Ok` may the original delivery be acked.
+pub async fn dead_letter(
+    publisher: &ConfirmingPublisher,
+    topology: &Topology,
+    delivery: &Delivery,
+    failure: &Failure<'_>,
+) -> Result<(), PublishError> {
+    let exchange = topology.dead_letter_exchange();
+    let routing_key = topology.dead_letter_queue(failure.worker);
+    let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
+    publisher
+        .publish(Outgoing {
+            exchange: &exchange,
+            routing_key: &routing_key,
+            properties: dead_letter_properties(delivery, failure),
+            body: &delivery.data,
+            message_id,
+        })
+        .await
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+        assert_eq!(truncate(&"x".repeat(2000), MAX_ERROR_BYTES).len(), MAX_ERROR_BYTES);
+    }
+
+    #[test]
+    fn failure_headers_are_added_and_the_first_failure_is_kept() {
+        let mut delivery = Delivery::mock(1, "ns.events".into(), "order.place".into(), false, b"{}".to_vec());
+        let failure = Failure { worker: "order", kind: ErrorKind::MalformedBody, error: &"e".repeat(5000), attempts: 3 };
+        let props = dead_letter_properties(&delivery, &failure);
+        let h = props.headers().clone().unwrap_or_default();
+        assert_eq!(header_string(&h, headers::ERROR).map(|e| e.len()), Some(MAX_ERROR_BYTES));
+        assert_eq!(header_string(&h, headers::ERROR_KIND).as_deref(), Some("malformed_body"));
+        assert_eq!(header_i64(&h, headers::ATTEMPTS), Some(3));
+        assert_eq!(header_string(&h, headers::ORIGINAL_ROUTING_KEY).as_deref(), Some("order.place"));
+        let first = header_string(&h, headers::FIRST_FAILURE_AT);
+        assert!(first.is_some());
+        assert_eq!(recorded_attempts(&props), 3);
+
+        // Failing again after a replay: the first failure time and the origin survive.
+        delivery.properties = props;
+        delivery.exchange = "".into();
+        let again = dead_letter_properties(&delivery, &failure);
+        let h2 = again.headers().clone().unwrap_or_default();
+        assert_eq!(header_string(&h2, headers::FIRST_FAILURE_AT), first);
+        assert_eq!(header_string(&h2, headers::ORIGINAL_EXCHANGE).as_deref(), Some("ns.events"));
+    }
+}

@@ -1,0 +1,34 @@
+//! `inventory-worker`: reserves stock, all or nothing (see `choreo_workers::inventory`).
+
+use anyhow::{Context, anyhow};
+use clap::Parser;
+use choreo_workers::config::CommonArgs;
+use choreo_workers::inventory::{DEFAULT_CATALOGUE, InventoryService, MIGRATIONS, parse_catalogue, seed_catalogue};
+use choreo_workers::runtime::{prepare_database, run_worker, shutdown_on_signals};
+use choreo_workers::telemetry::init_logs;
+use tracing::info;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "choreo inventory worker")]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// This worker's database (default: `choreo_inventory` on DATABASE_URL's server).
+    #[arg(long, env = "CHOREO_INVENTORY_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Stock seeded at start for skus not yet known, as `sku=units,...`; existing stock is never changed.
+    #[arg(long, env = "CHOREO_INVENTORY_CATALOGUE", default_value = DEFAULT_CATALOGUE)]
+    catalogue: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logs(args.common.log_format);
+    let catalogue = parse_catalogue(&args.catalogue).map_err(|e| anyhow!("CHOREO_INVENTORY_CATALOGUE: {e}"))?;
+    let options = args.common.database_options("inventory", args.database_url.as_deref()).context("database URL")?;
+    let db = prepare_database(&options, args.common.db_pool_size, &MIGRATIONS).await?;
+    let seeded = seed_catalogue(&db, &catalogue).await.context("seeding the catalogue")?;
+    info!(new_skus = seeded, "catalogue seeded");
+    run_worker(InventoryService, db, &args.common, shutdown_on_signals(), |_| {}).await
+}

@@ -1,0 +1,27 @@
+//! `order-worker`: creates orders and settles them (see `choreo_workers::order`).
+
+use anyhow::Context;
+use clap::Parser;
+use choreo_workers::config::CommonArgs;
+use choreo_workers::order::{MIGRATIONS, OrderService};
+use choreo_workers::runtime::{prepare_database, run_worker, shutdown_on_signals};
+use choreo_workers::telemetry::init_logs;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "choreo order worker")]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// This worker's database (default: `choreo_order` on DATABASE_URL's server).
+    #[arg(long, env = "CHOREO_ORDER_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logs(args.common.log_format);
+    let options = args.common.database_options("order", args.database_url.as_deref()).context("database URL")?;
+    let db = prepare_database(&options, args.common.db_pool_size, &MIGRATIONS).await?;
+    run_worker(OrderService, db, &args.common, shutdown_on_signals(), |_| {}).await
+}

@@ -1,0 +1,69 @@
+//! Worker settings, from flags or environment variables, with documented defaults (`--help` lists them).
+//!
+//! Every worker reads the same common settings; each binary adds its database URL variable
+//! (`CHOREO_ORDER_DATABASE_URL`, ...) and its own extras. Secrets (URLs with passwords) are never echoed:
+//! `--help` hides their values and logs redact them.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+
+use crate::telemetry::LogFormat;
+
+/// Settings every worker shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// AMQP URL of the broker.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    pub amqp_url: String,
+    /// PostgreSQL server URL; a worker without its own database URL uses database `choreo_<worker>` on it.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://choreo:choreo@127.0.0.1:5432/postgres", hide_env_values = true)]
+    pub server_database_url: String,
+    /// Prefix of every exchange and queue name; lets several environments share one broker.
+    #[arg(long, env = "CHOREO_NAMESPACE", default_value = "choreo")]
+    pub namespace: String,
+    /// Unacknowledged deliveries the broker may push to this worker.
+    #[arg(long, env = "CHOREO_PREFETCH", default_value_t = 64)]
+    pub prefetch: u16,
+    /// Messages handled at once (bulkhead).
+    #[arg(long, env = "CHOREO_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: usize,
+    /// Largest message body accepted, in bytes; larger ones are dead-lettered.
+    #[arg(long, env = "CHOREO_MAX_MESSAGE_BYTES", default_value_t = 262_144)]
+    pub max_message_bytes: usize,
+    /// Deliveries of one message before the broker dead-letters it (set when the queue is first declared).
+    #[arg(long, env = "CHOREO_DELIVERY_LIMIT", default_value_t = 10)]
+    pub delivery_limit: u32,
+    /// Database connections of this worker.
+    #[arg(long, env = "CHOREO_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: u32,
+    /// Outbox rows published per relay cycle.
+    #[arg(long, env = "CHOREO_RELAY_BATCH", default_value_t = 256)]
+    pub relay_batch: i64,
+    /// Longest pause of the relay between sweeps for rows left by other processes.
+    #[arg(long, env = "CHOREO_RELAY_SWEEP", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub relay_sweep: Duration,
+    /// How long published outbox rows are kept (for tracing workflows).
+    #[arg(long, env = "CHOREO_OUTBOX_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub outbox_retention: Duration,
+    /// How long processed message ids are remembered. Must outlast the longest retry and replay window.
+    #[arg(long, env = "CHOREO_INBOX_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub inbox_retention: Duration,
+    /// Longest wait for in-flight work after SIGTERM.
+    #[arg(long, env = "CHOREO_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// `pretty` for people, `json` for log pipelines.
+    #[arg(long, env = "CHOREO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+}
+
+impl CommonArgs {
+    /// The worker's database: `own_url` if given, else database `choreo_<worker>` on the server URL.
+    pub fn database_options(&self, worker: &str, own_url: Option<&str>) -> Result<PgConnectOptions, sqlx::Error> {
+        match own_url {
+            Some(url) => PgConnectOptions::from_str(url),
+            None => Ok(PgConnectOptions::from_str(&self.server_database_url)?.database(&format!("choreo_{worker}"))),
+        }
+    }
+}

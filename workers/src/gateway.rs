@@ -1,0 +1,112 @@
+//! The payment gateway port, and the simulated adapter used by default.
+//!
+//! Calls carry an idempotency key (the order id for a charge, the payment id for a refund): a gateway must
+//! return the same result for the same key, because a worker that crashes after the call and before its
+//! commit will call again on redelivery.
+//!
+//! # Rules of the simulated gateway (deterministic, so tests and demos can choose outcomes)
+//! - a customer id starting with `decline` is refused with `card_declined`;
+//! - an amount above the limit (`CHOREO_GATEWAY_LIMIT_CENTS`, default 1 000 000 = 10 000.00) is refused with
+//!   `amount_over_limit`;
+//! - anything else is charged; the payment id is a UUIDv5 of the order id, so a repeated charge for one order
+//!   yields the same payment;
+//! - refunds always succeed.
+
+use std::future::Future;
+
+use choreo_messages::payloads::PaymentFailureReason;
+use uuid::Uuid;
+
+/// A charge request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge<'a> {
+    /// Idempotency key: one order is charged at most once.
+    pub order_id: Uuid,
+    pub customer_id: &'a str,
+    pub amount_cents: i64,
+    pub currency: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeResult {
+    Charged { payment_id: Uuid },
+    Declined { reason: PaymentFailureReason },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("payment gateway unavailable: {0}")]
+    Unavailable(String),
+    #[error("payment gateway refused the request: {0}")]
+    Rejected(String),
+}
+
+/// What the payment worker needs from a payment provider.
+pub trait PaymentGateway: Send + Sync + 'static {
+    fn charge(&self, charge: Charge<'_>) -> impl Future<Output = Result<ChargeResult, GatewayError>> + Send;
+    fn refund(&self, payment_id: Uuid, amount_cents: i64) -> impl Future<Output = Result<(), GatewayError>> + Send;
+}
+
+/// Deterministic stand-in for a payment provider; see the module documentation for its rules.
+#[derive(Debug, Clone)]
+pub struct SimulatedGateway {
+    pub limit_cents: i64,
+}
+
+impl Default for SimulatedGateway {
+    fn default() -> Self {
+        SimulatedGateway { limit_cents: 1_000_000 }
+    }
+}
+
+/// Namespace of simulated payment ids.
+const PAYMENT_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_0c3e_8d4b_4f6e_9a2c_5b7d_1e3f_0a9c);
+
+impl SimulatedGateway {
+    pub fn decide(&self, charge: &Charge<'_>) -> ChargeResult {
+        if charge.customer_id.starts_with("decline") {
+            ChargeResult::Declined { reason: PaymentFailureReason::CardDeclined }
+        } else if charge.amount_cents > self.limit_cents {
+            ChargeResult::Declined { reason: PaymentFailureReason::AmountOverLimit }
+        } else {
+            ChargeResult::Charged { payment_id: Uuid::new_v5(&PAYMENT_NAMESPACE, charge.order_id.as_bytes()) }
+        }
+    }
+}
+
+impl PaymentGateway for SimulatedGateway {
+    async fn charge(&self, charge: Charge<'_>) -> Result<ChargeResult, GatewayError> {
+        Ok(self.decide(&charge))
+    }
+
+    async fn refund(&self, _payment_id: Uuid, _amount_cents: i64) -> Result<(), GatewayError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn charge(customer: &str, amount: i64, order_id: Uuid) -> Charge<'_> {
+        Charge { order_id, customer_id: customer, amount_cents: amount, currency: "EUR" }
+    }
+
+    #[test]
+    fn rules_are_deterministic() {
+        let g = SimulatedGateway { limit_cents: 100 };
+        let order = Uuid::now_v7();
+        assert_eq!(
+            g.decide(&charge("decline-7", 10, order)),
+            ChargeResult::Declined { reason: PaymentFailureReason::CardDeclined }
+        );
+        assert_eq!(
+            g.decide(&charge("c", 101, order)),
+            ChargeResult::Declined { reason: PaymentFailureReason::AmountOverLimit }
+        );
+        let first = g.decide(&charge("c", 100, order));
+        assert!(matches!(first, ChargeResult::Charged { .. }));
+        assert_eq!(g.decide(&charge("c", 100, order)), first, "same order, same payment");
+        assert_ne!(g.decide(&charge("c", 100, Uuid::now_v7())), first);
+    }
+}

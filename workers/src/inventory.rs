@@ -1,0 +1,130 @@
+//! The inventory service: reserves stock for every line of a paid order, all or nothing.
+//!
+//! | consumes | effect | emits |
+//! |---|---|---|
+//! | `payment.succeeded` | reserve every line, or nothing | `inventory.reserved` or `inventory.failed` |
+//!
+//! Stock rows are locked in sku order, so concurrent reservations never deadlock.
+
+use std::collections::BTreeMap;
+
+use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason, InventoryReserved};
+use choreo_messages::{Envelope, Message, MessageType};
+use sqlx::migrate::Migrator;
+use sqlx::{PgConnection, PgPool, Row};
+
+use crate::service::{Service, ServiceError};
+
+pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/inventory");
+
+/// The catalogue seeded when the worker starts: `sku=units` pairs separated by commas.
+pub const DEFAULT_CATALOGUE: &str = "sku-001=1000000,sku-002=1000000,sku-003=1000000,sku-004=1000000,\
+sku-005=1000000,sku-006=1000000,sku-007=1000000,sku-008=1000000,sku-009=1000000,sku-010=1000000,sku-soldout=0";
+
+/// Parse `sku=units,sku=units`.
+pub fn parse_catalogue(text: &str) -> Result<Vec<(String, i64)>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|pair| {
+            let (sku, units) = pair.split_once('=').ok_or_else(|| format!("`{pair}` is not sku=units"))?;
+            let units: i64 = units.trim().parse().map_err(|_| format!("`{pair}`: units must be a whole number"))?;
+            if units < 0 {
+                return Err(format!("`{pair}`: units must not be negative"));
+            }
+            Ok((sku.trim().to_owned(), units))
+        })
+        .collect()
+}
+
+/// Insert catalogue skus that do not exist yet. Existing stock is never overwritten.
+pub async fn seed_catalogue(db: &PgPool, catalogue: &[(String, i64)]) -> Result<u64, sqlx::Error> {
+    let skus: Vec<&str> = catalogue.iter().map(|(s, _)| s.as_str()).collect();
+    let units: Vec<i64> = catalogue.iter().map(|(_, u)| *u).collect();
+    Ok(sqlx::query(
+        "INSERT INTO stock (sku, available) SELECT * FROM UNNEST($1::text[], $2::bigint[]) ON CONFLICT (sku) DO NOTHING",
+    )
+    .bind(skus)
+    .bind(units)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct InventoryService;
+
+impl Service for InventoryService {
+    const NAME: &'static str = "inventory";
+    const CONSUMES: &'static [MessageType] = &[MessageType::PaymentSucceeded];
+
+    async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Vec<Message>, ServiceError> {
+        let Message::PaymentSucceeded(paid) = &envelope.message else {
+            return Err(ServiceError::Permanent(format!("inventory does not handle {}", envelope.meta.message_type)));
+        };
+        let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
+        for line in &paid.lines {
+            *wanted.entry(line.sku.as_str()).or_default() += i64::from(line.quantity);
+        }
+        let skus: Vec<&str> = wanted.keys().copied().collect();
+        let rows = sqlx::query("SELECT sku, available FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
+            .bind(&skus)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut available = BTreeMap::new();
+        for row in rows {
+            available.insert(row.try_get::<String, _>("sku")?, row.try_get::<i64, _>("available")?);
+        }
+        for (sku, quantity) in &wanted {
+            let failure = match available.get(*sku) {
+                None => Some(InventoryFailureReason::UnknownSku),
+                Some(units) if units < quantity => Some(InventoryFailureReason::OutOfStock),
+                Some(_) => None,
+            };
+            if let Some(reason) = failure {
+                return Ok(vec![Message::InventoryFailed(InventoryFailed {
+                    order_id: paid.order_id,
+                    reason,
+                    sku: (*sku).to_owned(),
+                })]);
+            }
+        }
+        let quantities: Vec<i64> = wanted.values().copied().collect();
+        sqlx::query(
+            "UPDATE stock s SET available = s.available - w.q, reserved = s.reserved + w.q \
+             FROM UNNEST($1::text[], $2::bigint[]) AS w(sku, q) WHERE s.sku = w.sku",
+        )
+        .bind(&skus)
+        .bind(&quantities)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO reservations (order_id, sku, quantity) SELECT $1, * FROM UNNEST($2::text[], $3::bigint[])",
+        )
+        .bind(paid.order_id)
+        .bind(&skus)
+        .bind(&quantities)
+        .execute(&mut *tx)
+        .await?;
+        Ok(vec![Message::InventoryReserved(InventoryReserved { order_id: paid.order_id, lines: paid.lines.clone() })])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_catalogue_parses() {
+        let c = parse_catalogue(DEFAULT_CATALOGUE).expect("default");
+        assert!(c.iter().any(|(s, u)| s == "sku-soldout" && *u == 0));
+        assert_eq!(c.len(), 11);
+    }
+
+    #[test]
+    fn bad_catalogues_say_why() {
+        assert!(parse_catalogue("a=1,b").expect_err("no units").contains("`b`"));
+        assert!(parse_catalogue("a=-1").expect_err("negative").contains("negative"));
+        assert!(parse_catalogue("a=x").expect_err("nan").contains("whole number"));
+    }
+}

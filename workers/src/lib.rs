@@ -1,0 +1,21 @@
+//! The workers of the reference workflow: order, payment and inventory.
+//!
+//! - [`service`]: the [`service::Service`] trait a worker implements, and [`service::TransactionalHandler`],
+//!   which runs it inside one transaction with the inbox and the outbox;
+//! - [`order`], [`payment`], [`inventory`]: the three services, each with its own database and migrations;
+//! - [`gateway`]: the payment gateway port and its simulated adapter;
+//! - [`config`]: settings from the environment (and flags), with documented defaults;
+//! - [`runtime`]: wiring: database, broker, consumer, relay, retention, signals;
+//! - [`telemetry`]: logs.
+//!
+//! **Architecture invariant**: a service changes its own database only, and only through the transaction it
+//! is handed; the events it returns reach the broker through the outbox relay, never directly.
+
+pub mod config;
+pub mod gateway;
+pub mod inventory;
+pub mod order;
+pub mod payment;
+pub mod runtime;
+pub mod service;
+pub mod telemetry;

@@ -1,0 +1,146 @@
+//! The order service: creates orders and moves them to their terminal state.
+//!
+//! | consumes | effect | emits |
+//! |---|---|---|
+//! | `order.place` | order PENDING (placing an existing order id again changes nothing) | `order.created` |
+//! | `inventory.reserved` | CONFIRMED | `order.confirmed` |
+//! | `payment.failed` | CANCELLED (compensation) | `order.cancelled` |
+//! | `payment.refunded` | CANCELLED (compensation) | `order.cancelled` |
+
+use choreo_messages::payloads::{CancelReason, OrderCancelled, OrderConfirmed, OrderCreated, order_total};
+use choreo_messages::{Envelope, Message, MessageType};
+use sqlx::migrate::Migrator;
+use sqlx::{PgConnection, Row};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::service::{Service, ServiceError};
+
+pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/order");
+
+#[derive(Debug, Clone, Default)]
+pub struct OrderService;
+
+impl Service for OrderService {
+    const NAME: &'static str = "order";
+    const CONSUMES: &'static [MessageType] = &[
+        MessageType::OrderPlace,
+        MessageType::InventoryReserved,
+        MessageType::PaymentFailed,
+        MessageType::PaymentRefunded,
+    ];
+
+    async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Vec<Message>, ServiceError> {
+        let meta = &envelope.meta;
+        match &envelope.message {
+            Message::OrderPlace(place) => {
+                let total = order_total(&place.lines).map_err(ServiceError::Permanent)?;
+                let lines = serde_json::to_value(&place.lines)
+                    .map_err(|e| ServiceError::Permanent(format!("lines: {e}")))?;
+                let inserted = sqlx::query(
+                    "INSERT INTO orders (order_id, correlation_id, customer_id, currency, total_cents, lines, \
+                                         status, placed_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', $7) ON CONFLICT (order_id) DO NOTHING",
+                )
+                .bind(place.order_id)
+                .bind(meta.correlation_id)
+                .bind(&place.customer_id)
+                .bind(&place.currency)
+                .bind(total)
+                .bind(lines)
+                .bind(meta.occurred_at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    info!(order_id = %place.order_id, "order already placed; nothing to do");
+                    return Ok(vec![]);
+                }
+                history(tx, place.order_id, "PENDING", None, envelope).await?;
+                Ok(vec![Message::OrderCreated(OrderCreated {
+                    order_id: place.order_id,
+                    customer_id: place.customer_id.clone(),
+                    currency: place.currency.clone(),
+                    lines: place.lines.clone(),
+                    total_cents: total,
+                })])
+            }
+            Message::InventoryReserved(reserved) => {
+                let Some((total, currency)) = transition(tx, reserved.order_id, "CONFIRMED", None).await? else {
+                    return Ok(vec![]);
+                };
+                history(tx, reserved.order_id, "CONFIRMED", None, envelope).await?;
+                Ok(vec![Message::OrderConfirmed(OrderConfirmed { order_id: reserved.order_id, total_cents: total, currency })])
+            }
+            Message::PaymentFailed(failed) => cancel(tx, failed.order_id, failed.reason.into(), envelope).await,
+            Message::PaymentRefunded(refunded) => cancel(tx, refunded.order_id, refunded.reason.into(), envelope).await,
+            other => Err(ServiceError::Permanent(format!("order does not handle {}", other.message_type()))),
+        }
+    }
+}
+
+async fn cancel(
+    tx: &mut PgConnection,
+    order_id: Uuid,
+    reason: CancelReason,
+    envelope: &Envelope,
+) -> Result<Vec<Message>, ServiceError> {
+    if transition(tx, order_id, "CANCELLED", Some(reason.as_str())).await?.is_none() {
+        return Ok(vec![]);
+    }
+    history(tx, order_id, "CANCELLED", Some(reason.as_str()), envelope).await?;
+    Ok(vec![Message::OrderCancelled(OrderCancelled { order_id, reason })])
+}
+
+/// Move a PENDING order to a terminal status. `None` when the order is not PENDING (already terminal: a
+/// late or repeated event, logged and ignored). An order we never created is a permanent error.
+async fn transition(
+    tx: &mut PgConnection,
+    order_id: Uuid,
+    status: &str,
+    reason: Option<&str>,
+) -> Result<Option<(i64, String)>, ServiceError> {
+    let row = sqlx::query(
+        "UPDATE orders SET status = $2, cancel_reason = $3, completed_at = now() \
+         WHERE order_id = $1 AND status = 'PENDING' RETURNING total_cents, currency",
+    )
+    .bind(order_id)
+    .bind(status)
+    .bind(reason)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(row) = row {
+        return Ok(Some((row.try_get("total_cents")?, row.try_get("currency")?)));
+    }
+    let current: Option<String> = sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    match current {
+        Some(current) => {
+            warn!(%order_id, %current, wanted = status, "order is no longer PENDING; event ignored");
+            Ok(None)
+        }
+        None => Err(ServiceError::Permanent(format!("order {order_id} is unknown to the order service"))),
+    }
+}
+
+async fn history(
+    tx: &mut PgConnection,
+    order_id: Uuid,
+    status: &str,
+    detail: Option<&str>,
+    envelope: &Envelope,
+) -> Result<(), ServiceError> {
+    sqlx::query(
+        "INSERT INTO order_history (order_id, status, detail, message_id, message_type) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(order_id)
+    .bind(status)
+    .bind(detail)
+    .bind(envelope.meta.message_id)
+    .bind(&envelope.meta.message_type)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}

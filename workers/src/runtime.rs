@@ -1,0 +1,153 @@
+//! Wiring of one worker process: database, broker, consumer, relay, retention and an orderly shutdown.
+//!
+//! Shutdown order (SIGTERM or SIGINT): stop taking deliveries and finish the ones in flight; then let the
+//! relay publish what those handlers committed; then close. Anything left is safe: unacked deliveries return
+//! to the queue and unpublished rows stay in the outbox for the next start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use choreo_outbox::migrations::with_service_migrations;
+use choreo_outbox::{OutboxRelay, RelayConfig, RetentionConfig, RetentionJob};
+use choreo_rabbitmq::connection::redact;
+use choreo_rabbitmq::{ConfirmingPublisher, ConsumerConfig, ConsumerRunner, Topology, WorkerQueue, connect_pool};
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::CommonArgs;
+use crate::service::{HandlerCounters, Service, TransactionalHandler};
+
+/// Everything a running worker exposes to its caller (tests read the counters).
+pub struct WorkerHandle {
+    pub counters: Arc<HandlerCounters>,
+}
+
+/// Connect to the worker's database, creating it when it does not exist, and migrate it.
+pub async fn prepare_database(
+    options: &PgConnectOptions,
+    pool_size: u32,
+    migrations: &Migrator,
+) -> anyhow::Result<PgPool> {
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    let pool_options = PgPoolOptions::new().max_connections(pool_size).acquire_timeout(Duration::from_secs(10));
+    let pool = match pool_options.clone().connect_with(options.clone()).await {
+        Ok(pool) => pool,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
+            info!(database = %name, "database does not exist; creating it");
+            let admin = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone().database("postgres"))
+                .await
+                .context("connecting to the server's `postgres` database to create the worker's database")?;
+            let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+            match sqlx::raw_sql(sqlx::AssertSqlSafe(create)).execute(&admin).await {
+                Ok(_) => {}
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+                Err(e) => return Err(e).with_context(|| format!("creating database `{name}`")),
+            }
+            admin.close().await;
+            pool_options.connect_with(options.clone()).await.with_context(|| format!("connecting to `{name}`"))?
+        }
+        Err(e) => return Err(e).with_context(|| format!("connecting to database `{name}`")),
+    };
+    with_service_migrations(migrations)
+        .run(&pool)
+        .await
+        .with_context(|| format!("migrating database `{name}`"))?;
+    Ok(pool)
+}
+
+/// Run `service` until `shutdown` fires. `db` must be prepared (see [`prepare_database`]).
+pub async fn run_worker<S: Service>(
+    service: S,
+    db: PgPool,
+    args: &CommonArgs,
+    shutdown: CancellationToken,
+    started: impl FnOnce(WorkerHandle),
+) -> anyhow::Result<()> {
+    let topology = Topology::new(args.namespace.clone());
+    let broker = connect_pool(&args.amqp_url, &format!("choreo-{}", S::NAME), 4)
+        .with_context(|| format!("broker pool for {}", redact(&args.amqp_url)))?;
+    let publisher = Arc::new(ConfirmingPublisher::new(broker.clone(), Duration::from_secs(10)));
+
+    let relay = Arc::new(OutboxRelay::new(
+        db.clone(),
+        Arc::clone(&publisher),
+        topology.events_exchange(),
+        RelayConfig { batch_size: args.relay_batch, sweep_interval: args.relay_sweep, ..RelayConfig::default() },
+    ));
+    let handler = Arc::new(TransactionalHandler::new(service, db.clone(), relay.waker()));
+    started(WorkerHandle { counters: handler.counters() });
+
+    let mut consumer_config = ConsumerConfig::new(WorkerQueue {
+        worker: S::NAME.to_owned(),
+        routing_keys: S::CONSUMES.iter().map(|t| t.as_str().to_owned()).collect(),
+        delivery_limit: args.delivery_limit,
+    });
+    consumer_config.prefetch = args.prefetch;
+    consumer_config.concurrency = args.concurrency;
+    consumer_config.max_body_bytes = args.max_message_bytes;
+    let consumer = ConsumerRunner::new(broker.clone(), Arc::clone(&publisher), topology, consumer_config, handler);
+
+    let background = CancellationToken::new();
+    let relay_task = tokio::spawn({
+        let relay = Arc::clone(&relay);
+        let token = background.clone();
+        async move { relay.run(token).await }
+    });
+    let retention = RetentionJob::new(
+        db.clone(),
+        RetentionConfig {
+            outbox_retention: args.outbox_retention,
+            inbox_retention: args.inbox_retention,
+            ..RetentionConfig::default()
+        },
+    );
+    let retention_task = tokio::spawn({
+        let token = background.clone();
+        async move { retention.run(token).await }
+    });
+
+    info!(worker = S::NAME, namespace = %args.namespace, "worker started");
+    let consumed = consumer.run(shutdown.clone()).await;
+    info!(worker = S::NAME, "consumer stopped; flushing the outbox");
+    background.cancel();
+    if tokio::time::timeout(args.shutdown_timeout, relay_task).await.is_err() {
+        warn!("relay did not stop in time; unpublished rows stay in the outbox");
+    }
+    let _ = retention_task.await;
+    broker.close();
+    db.close().await;
+    consumed.context("consumer stopped on an error no reconnect can fix")?;
+    info!(worker = S::NAME, "worker stopped cleanly");
+    Ok(())
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot listen for SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("SIGINT received; draining"),
+            () = terminate => info!("SIGTERM received; draining"),
+        }
+        trigger.cancel();
+    });
+    token
+}
