@@ -6,11 +6,12 @@
 //! when the socket dies, so each wait has a deadline, and a timeout means "unknown": the caller publishes
 //! again later and consumers deduplicate.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use choreo_messages::EncodedEnvelope;
-use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::message::BasicReturnMessage;
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::Mutex;
 
@@ -46,12 +47,14 @@ impl<'a> Outgoing<'a> {
 pub struct ConfirmingPublisher {
     pool: BrokerPool,
     channel: Mutex<Option<Channel>>,
+    /// One batch at a time on the channel, so returns can be told apart.
+    turn: Mutex<()>,
     confirm_timeout: Duration,
 }
 
 impl ConfirmingPublisher {
     pub fn new(pool: BrokerPool, confirm_timeout: Duration) -> Self {
-        ConfirmingPublisher { pool, channel: Mutex::new(None), confirm_timeout }
+        ConfirmingPublisher { pool, channel: Mutex::new(None), turn: Mutex::new(()), confirm_timeout }
     }
 
     async fn channel(&self) -> Result<Channel, BrokerError> {
@@ -83,7 +86,12 @@ impl ConfirmingPublisher {
     }
 
     /// Publish a batch pipelined (all frames first, then all confirms), one result per message, in order.
+    ///
+    /// Batches are serialised on the channel, and a returned message is matched to its publish by message
+    /// id rather than by which confirm it arrived with: lapin hands returns to whichever confirm resolves
+    /// next, which under pipelining can be another message's.
     pub async fn publish_batch(&self, messages: &[Outgoing<'_>]) -> Vec<Result<(), PublishError>> {
+        let _turn = self.turn.lock().await;
         let channel = match self.channel().await {
             Ok(channel) => channel,
             Err(e) => {
@@ -107,35 +115,64 @@ impl ConfirmingPublisher {
             pending.push(sent);
         }
         let timeout = self.confirm_timeout;
-        let results = join_all(pending.into_iter().zip(messages).map(|(sent, message)| async move {
-            let confirm = sent?;
-            match tokio::time::timeout(timeout, confirm).await {
-                Err(_) => Err(PublishError::ConfirmTimeout {
-                    message_id: message.message_id.clone(),
-                    timeout_ms: timeout.as_millis(),
-                }),
-                Ok(Err(e)) => Err(BrokerError::Amqp { operation: "publisher confirm", source: e }.into()),
-                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {
-                    Err(PublishError::Unroutable {
+        let mut returned: HashMap<String, String> = HashMap::new();
+        let mut results = Vec::with_capacity(messages.len());
+        for (sent, message) in pending.into_iter().zip(messages) {
+            let result = match sent {
+                Err(e) => Err(PublishError::from(e)),
+                Ok(confirm) => match tokio::time::timeout(timeout, confirm).await {
+                    Err(_) => Err(PublishError::ConfirmTimeout {
                         message_id: message.message_id.clone(),
-                        exchange: message.exchange.to_owned(),
-                        routing_key: message.routing_key.to_owned(),
-                        reply: format!("{} {}", returned.reply_code, returned.reply_text),
-                    })
-                }
-                Ok(Ok(Confirmation::Nack(None) | Confirmation::NotRequested)) => {
-                    Err(PublishError::Nacked { message_id: message.message_id.clone() })
-                }
-            }
-        }))
-        .await;
+                        timeout_ms: timeout.as_millis(),
+                    }),
+                    Ok(Err(e)) => Err(BrokerError::Amqp { operation: "publisher confirm", source: e }.into()),
+                    Ok(Ok(Confirmation::Ack(r))) => {
+                        note_returned(&mut returned, r);
+                        Ok(())
+                    }
+                    Ok(Ok(Confirmation::Nack(r))) => {
+                        note_returned(&mut returned, r);
+                        Err(PublishError::Nacked { message_id: message.message_id.clone() })
+                    }
+                    Ok(Ok(Confirmation::NotRequested)) => {
+                        Err(PublishError::Nacked { message_id: message.message_id.clone() })
+                    }
+                },
+            };
+            results.push(result);
+        }
         let broken = results
             .iter()
             .any(|r| matches!(r, Err(PublishError::Broker(_) | PublishError::ConfirmTimeout { .. })));
         if broken {
             self.discard(&channel).await;
+        } else {
+            // Returns not handed to any confirm of this batch.
+            if let Ok(Ok(rest)) = tokio::time::timeout(timeout, channel.wait_for_confirms()).await {
+                for r in rest {
+                    note_returned(&mut returned, Some(r));
+                }
+            }
+        }
+        for (result, message) in results.iter_mut().zip(messages) {
+            if result.is_ok()
+                && let Some(reply) = returned.get(&message.message_id)
+            {
+                *result = Err(PublishError::Unroutable {
+                    message_id: message.message_id.clone(),
+                    exchange: message.exchange.to_owned(),
+                    routing_key: message.routing_key.to_owned(),
+                    reply: reply.clone(),
+                });
+            }
         }
         results
+    }
+}
+
+fn note_returned(returned: &mut HashMap<String, String>, message: Option<BasicReturnMessage>) {
+    if let Some(m) = message {
+        let id = m.delivery.properties.message_id().as_ref().map(|i| i.to_string()).unwrap_or_default();
+        returned.insert(id, format!("{} {}", m.reply_code, m.reply_text));
     }
 }

@@ -5,6 +5,7 @@
 //! {ns}.{worker}      quorum queue per worker, bound to exactly the types it handles
 //! {ns}.dead-letter   direct exchange for messages a worker gives up on
 //! {ns}.{worker}.dlq  quorum queue per worker holding its dead letters
+//! {ns}.outcomes      bounded quorum queue of workflow outcomes (order.confirmed, order.cancelled)
 //! ```
 //!
 //! Worker queues are quorum queues with a delivery limit (a message that crashes its consumer every time ends
@@ -17,6 +18,12 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
 use crate::{BrokerError, TopologyError};
+
+/// Types that end a workflow; they go to the outcomes feed.
+pub const OUTCOME_TYPES: [&str; 2] = ["order.confirmed", "order.cancelled"];
+
+/// Outcomes kept in the feed; the oldest are dropped first.
+pub const OUTCOMES_MAX_LENGTH: i64 = 100_000;
 
 /// Names of everything on the broker, derived from one namespace so that several environments (or tests)
 /// can share a broker without meeting.
@@ -51,6 +58,11 @@ impl Topology {
         format!("{}.dead-letter", self.namespace)
     }
 
+    /// The bounded feed of workflow outcomes (`order.confirmed`, `order.cancelled`).
+    pub fn outcomes_queue(&self) -> String {
+        format!("{}.outcomes", self.namespace)
+    }
+
     pub fn worker_queue(&self, worker: &str) -> String {
         format!("{}.{worker}", self.namespace)
     }
@@ -74,7 +86,19 @@ impl Topology {
     /// Declare the exchanges every worker and client needs.
     pub async fn declare_exchanges(&self, channel: &Channel) -> Result<(), TopologyError> {
         declare_exchange(channel, &self.events_exchange(), ExchangeKind::Topic).await?;
-        declare_exchange(channel, &self.dead_letter_exchange(), ExchangeKind::Direct).await
+        declare_exchange(channel, &self.dead_letter_exchange(), ExchangeKind::Direct).await?;
+        // Terminal events have no consumer of ours; without a queue bound for them every publish would come
+        // back unroutable. The outcomes feed keeps the latest ones for downstream systems, bounded.
+        let outcomes = self.outcomes_queue();
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long_string("quorum"));
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(OUTCOMES_MAX_LENGTH));
+        args.insert("x-overflow".into(), long_string("drop-head"));
+        declare_queue(channel, &outcomes, args).await?;
+        for key in OUTCOME_TYPES {
+            bind(channel, &outcomes, &self.events_exchange(), key).await?;
+        }
+        Ok(())
     }
 
     /// Declare a worker's queue, its dead-letter queue and their bindings. Safe to run at every start.

@@ -1,1 +1,90 @@
+//! Test support for integration tests against the real RabbitMQ and PostgreSQL.
+//!
+//! The services come from `AMQP_URL` and `DATABASE_URL` (`scripts/test` starts private ones and exports
+//! them). Each test works in its own broker namespace and its own databases, so tests run in parallel
+//! without meeting, and cleans up after itself.
 
+use std::future::Future;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use sqlx::Executor;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+/// Where the real services are.
+#[derive(Debug, Clone)]
+pub struct Infra {
+    pub amqp_url: String,
+    /// Server URL whose database is `postgres` (used to create and drop test databases).
+    pub database_url: String,
+}
+
+impl Infra {
+    pub fn from_env() -> Infra {
+        let get = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: run the tests through ./scripts/test, which starts a private RabbitMQ and PostgreSQL, or export AMQP_URL and DATABASE_URL")
+            })
+        };
+        Infra { amqp_url: get("AMQP_URL"), database_url: get("DATABASE_URL") }
+    }
+
+    /// URL of database `name` on the test server.
+    pub fn database(&self, name: &str) -> String {
+        let base = self.database_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&self.database_url);
+        format!("{base}/{name}")
+    }
+
+    /// Drop databases (after the workers using them stopped).
+    pub async fn drop_databases(&self, names: &[String]) {
+        let Ok(options) = PgConnectOptions::from_str(&self.database_url) else { return };
+        let Ok(pool) = PgPoolOptions::new().max_connections(1).connect_with(options).await else { return };
+        for name in names {
+            let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+            let _ = pool.execute(sqlx::AssertSqlSafe(sql)).await;
+        }
+        pool.close().await;
+    }
+
+    /// Delete queues and exchanges of a test namespace.
+    pub async fn delete_broker_objects(&self, queues: &[String], exchanges: &[String]) {
+        let Ok(conn) = lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await else {
+            return;
+        };
+        if let Ok(channel) = conn.create_channel().await {
+            for q in queues {
+                let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+            }
+            for e in exchanges {
+                let _ = channel.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
+            }
+        }
+        let _ = conn.close(200, "test cleanup".into()).await;
+    }
+}
+
+/// A namespace no other test uses: `t<12 hex digits>`.
+pub fn unique_namespace() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Poll `check` until it returns `Some`, or panic after `timeout` saying what was awaited and the last state.
+pub async fn wait_for<T, S: std::fmt::Debug, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, S>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(state) => {
+                if Instant::now() >= deadline {
+                    panic!("timed out after {timeout:?} waiting for {what}; last state: {state:?}");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -11,7 +11,7 @@ pub enum LogFormat {
 
 /// Install the global subscriber. `RUST_LOG` overrides the default filter (`info`).
 pub fn init_logs(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=error"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     let result = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),

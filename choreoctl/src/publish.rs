@@ -1,0 +1,350 @@
+//! `choreoctl publish`: place orders, one or many, and optionally wait for their outcome.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use choreo_messages::payloads::{OrderLine, PlaceOrder};
+use choreo_messages::{EncodedEnvelope, Envelope, Message, MessageType};
+use choreo_rabbitmq::publisher::Outgoing;
+use choreo_rabbitmq::{ConfirmingPublisher, Topology, connect_pool};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::orders::DbArgs;
+
+#[derive(Debug, clap::Args)]
+pub struct PublishArgs {
+    /// AMQP URL of the broker.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    amqp_url: String,
+    /// Prefix of exchange and queue names.
+    #[arg(long, env = "CHOREO_NAMESPACE", default_value = "choreo")]
+    namespace: String,
+    /// Place this many generated orders (a mix of good ones, declined cards and sold-out lines).
+    #[arg(long, conflicts_with_all = ["file", "customer"])]
+    count: Option<u64>,
+    /// Orders per second for --count (default: as fast as the broker confirms).
+    #[arg(long, requires = "count")]
+    rate: Option<f64>,
+    /// Share of generated orders whose card is declined (customer `decline-...`).
+    #[arg(long, default_value_t = 0.1)]
+    decline_ratio: f64,
+    /// Share of generated orders with a sold-out line (sku `sku-soldout`), refunded by compensation.
+    #[arg(long, default_value_t = 0.1)]
+    soldout_ratio: f64,
+    /// Seed of the generator, for reproducible workloads.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Place the order in this JSON file (an `order.place` body; see docs/contract.md).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Customer of a single order.
+    #[arg(long)]
+    customer: Option<String>,
+    /// A line of a single order as `SKU:QUANTITY:UNIT_PRICE_CENTS`; repeat for more lines.
+    #[arg(long = "line", requires = "customer")]
+    lines: Vec<String>,
+    /// Currency of a single order.
+    #[arg(long, default_value = "EUR")]
+    currency: String,
+    /// Order id of a single order (default: a new UUIDv7).
+    #[arg(long)]
+    order_id: Option<Uuid>,
+    /// Wait until every placed order is CONFIRMED or CANCELLED, then print a summary.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this long (exit code 3).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+/// What `--wait` reports.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub placed: usize,
+    pub confirmed: i64,
+    pub cancelled: i64,
+    pub pending: i64,
+    pub cancelled_by_reason: Vec<(String, i64)>,
+    pub wall_seconds: f64,
+    pub workflows_per_second: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_max_ms: f64,
+}
+
+pub async fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let orders = build_orders(&args)?;
+    let db = if args.wait { Some(args.db.connect().await?) } else { None };
+    let topology = Topology::new(args.namespace.clone());
+    let pool = connect_pool(&args.amqp_url, "choreoctl", 1).context("broker connection")?;
+    let publisher = Arc::new(ConfirmingPublisher::new(pool, Duration::from_secs(15)));
+    let exchange = topology.events_exchange();
+
+    let progress = bar(orders.len() as u64, "placing", args.json);
+    let started = Instant::now();
+    let chunk = match args.rate {
+        Some(rate) if rate > 0.0 => ((rate / 50.0).ceil() as usize).max(1),
+        _ => 200,
+    };
+    let ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
+    let envelopes: Vec<EncodedEnvelope> = orders
+        .into_iter()
+        .map(|o| {
+            let correlation = o.order_id;
+            Envelope::new_command(Message::OrderPlace(o), "choreoctl", Some(correlation)).encode()
+        })
+        .collect();
+    let mut sent = 0usize;
+    for batch in envelopes.chunks(chunk) {
+        if let Some(rate) = args.rate.filter(|r| *r > 0.0) {
+            let due = started + Duration::from_secs_f64(sent as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let outgoing: Vec<Outgoing<'_>> = batch.iter().map(|e| Outgoing::envelope(&exchange, e)).collect();
+        for (result, envelope) in publisher.publish_batch(&outgoing).await.into_iter().zip(batch) {
+            result.with_context(|| {
+                format!(
+                    "placing order {} failed after {sent} were placed; are the workers' queues declared \
+                     (start order-worker once) and is the namespace `{}` right?",
+                    envelope.meta.message_id, args.namespace
+                )
+            })?;
+        }
+        sent += batch.len();
+        progress.set_position(sent as u64);
+    }
+    progress.finish_and_clear();
+    if !args.json && !args.wait {
+        if ids.len() == 1 {
+            println!("{}", ids[0]);
+        } else {
+            eprintln!("placed {} orders in {:.2} s", ids.len(), started.elapsed().as_secs_f64());
+        }
+    }
+    let Some(db) = db else {
+        if args.json {
+            println!("{}", serde_json::json!({ "placed": ids.len(), "order_ids": ids }));
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let done = wait_terminal(&db, &ids, args.timeout, args.json).await?;
+    let summary = summarise(&db, &ids).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(if done { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}
+
+fn bar(len: u64, what: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{prefix:>9} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(what.to_owned());
+    bar
+}
+
+fn build_orders(args: &PublishArgs) -> anyhow::Result<Vec<PlaceOrder>> {
+    if let Some(count) = args.count {
+        return Ok(generate(count, args.seed, args.decline_ratio, args.soldout_ratio));
+    }
+    let order = if let Some(path) = &args.file {
+        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        match Message::decode(MessageType::OrderPlace, MessageType::OrderPlace.schema_version(), &text) {
+            Ok(Message::OrderPlace(order)) => order,
+            Ok(_) => bail!("{} is not an order.place body", path.display()),
+            Err(e) => bail!("{} is not a valid order.place body: {e} (see docs/contract.md)", path.display()),
+        }
+    } else if let Some(customer) = &args.customer {
+        let lines = args.lines.iter().map(|l| parse_line(l)).collect::<anyhow::Result<Vec<_>>>()?;
+        let order = PlaceOrder {
+            order_id: args.order_id.unwrap_or_else(Uuid::now_v7),
+            customer_id: customer.clone(),
+            currency: args.currency.clone(),
+            lines,
+        };
+        // Validate here so that a typo gets an answer now, not a dead letter later.
+        let body = Message::OrderPlace(order.clone()).to_json();
+        Message::decode(MessageType::OrderPlace, MessageType::OrderPlace.schema_version(), &body)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        order
+    } else {
+        bail!("say what to place: --count N, --file ORDER.json, or --customer C --line SKU:QTY:PRICE_CENTS");
+    };
+    Ok(vec![order])
+}
+
+fn parse_line(text: &str) -> anyhow::Result<OrderLine> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let [sku, quantity, price] = parts.as_slice() else {
+        bail!("--line `{text}` must be SKU:QUANTITY:UNIT_PRICE_CENTS, e.g. sku-001:2:1250");
+    };
+    Ok(OrderLine {
+        sku: (*sku).to_owned(),
+        quantity: quantity.parse().with_context(|| format!("--line `{text}`: quantity is not a whole number"))?,
+        unit_price_cents: price.parse().with_context(|| format!("--line `{text}`: price is not a whole number"))?,
+    })
+}
+
+/// A reproducible mix of orders over the default catalogue.
+pub fn generate(count: u64, seed: u64, decline_ratio: f64, soldout_ratio: f64) -> Vec<PlaceOrder> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|i| {
+            let roll: f64 = rng.random();
+            let declined = roll < decline_ratio;
+            let soldout = !declined && roll < decline_ratio + soldout_ratio;
+            let mut lines: Vec<OrderLine> = (0..rng.random_range(1..=3))
+                .map(|_| OrderLine {
+                    sku: format!("sku-{:03}", rng.random_range(1..=10)),
+                    quantity: rng.random_range(1..=3),
+                    unit_price_cents: rng.random_range(100..=5_000),
+                })
+                .collect();
+            if soldout {
+                lines.push(OrderLine { sku: "sku-soldout".into(), quantity: 1, unit_price_cents: 999 });
+            }
+            PlaceOrder {
+                order_id: Uuid::now_v7(),
+                customer_id: if declined { format!("decline-{i}") } else { format!("cust-{}", rng.random_range(1..=500)) },
+                currency: "EUR".into(),
+                lines,
+            }
+        })
+        .collect()
+}
+
+/// Poll until every order is terminal or the deadline passes.
+async fn wait_terminal(db: &PgPool, ids: &[Uuid], timeout: Duration, quiet: bool) -> anyhow::Result<bool> {
+    let progress = bar(ids.len() as u64, "completed", quiet);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM orders WHERE order_id = ANY($1) AND status IN ('CONFIRMED', 'CANCELLED')",
+        )
+        .bind(ids)
+        .fetch_one(db)
+        .await
+        .context("counting terminal orders")?;
+        progress.set_position(done as u64);
+        if done as usize >= ids.len() {
+            progress.finish_and_clear();
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            progress.abandon();
+            eprintln!(
+                "timed out: {} of {} orders are not terminal yet. Check the workers' logs, `choreoctl orders`, \
+                 and the dead-letter queues (runbooks/dead-letters.md).",
+                ids.len() as i64 - done,
+                ids.len()
+            );
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn summarise(db: &PgPool, ids: &[Uuid]) -> anyhow::Result<Summary> {
+    let row = sqlx::query(
+        "SELECT count(*) FILTER (WHERE status = 'CONFIRMED') AS confirmed, \
+                count(*) FILTER (WHERE status = 'CANCELLED') AS cancelled, \
+                count(*) FILTER (WHERE status = 'PENDING') AS pending, \
+                EXTRACT(EPOCH FROM max(completed_at) - min(placed_at))::float8 AS wall, \
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM completed_at - placed_at))::float8 AS p50, \
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM completed_at - placed_at))::float8 AS p99, \
+                max(EXTRACT(EPOCH FROM completed_at - placed_at))::float8 AS max \
+         FROM orders WHERE order_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_one(db)
+    .await
+    .context("summarising orders")?;
+    let reasons = sqlx::query(
+        "SELECT cancel_reason, count(*) AS n FROM orders WHERE order_id = ANY($1) AND status = 'CANCELLED' \
+         GROUP BY 1 ORDER BY 2 DESC",
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get::<Option<String>, _>("cancel_reason")?.unwrap_or_default(), r.try_get("n")?)))
+    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let wall: f64 = row.try_get::<Option<f64>, _>("wall")?.unwrap_or(0.0);
+    let confirmed: i64 = row.try_get("confirmed")?;
+    let cancelled: i64 = row.try_get("cancelled")?;
+    Ok(Summary {
+        placed: ids.len(),
+        confirmed,
+        cancelled,
+        pending: row.try_get("pending")?,
+        cancelled_by_reason: reasons,
+        wall_seconds: wall,
+        workflows_per_second: if wall > 0.0 { (confirmed + cancelled) as f64 / wall } else { 0.0 },
+        latency_p50_ms: row.try_get::<Option<f64>, _>("p50")?.unwrap_or(0.0) * 1000.0,
+        latency_p99_ms: row.try_get::<Option<f64>, _>("p99")?.unwrap_or(0.0) * 1000.0,
+        latency_max_ms: row.try_get::<Option<f64>, _>("max")?.unwrap_or(0.0) * 1000.0,
+    })
+}
+
+fn print_summary(s: &Summary) {
+    println!("orders placed        {:>10}", s.placed);
+    println!("confirmed            {:>10}", s.confirmed);
+    println!("cancelled            {:>10}", s.cancelled);
+    for (reason, n) in &s.cancelled_by_reason {
+        println!("  {reason:<18} {n:>10}");
+    }
+    if s.pending > 0 {
+        println!("still pending        {:>10}", s.pending);
+    }
+    println!("wall time            {:>10.2} s", s.wall_seconds);
+    println!("workflows/s          {:>10.1}", s.workflows_per_second);
+    println!("end-to-end p50       {:>10.1} ms", s.latency_p50_ms);
+    println!("end-to-end p99       {:>10.1} ms", s.latency_p99_ms);
+    println!("end-to-end max       {:>10.1} ms", s.latency_max_ms);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_workloads_are_reproducible_and_mixed() {
+        let a = generate(1000, 7, 0.1, 0.1);
+        let b = generate(1000, 7, 0.1, 0.1);
+        let shape = |v: &[PlaceOrder]| v.iter().map(|o| (o.customer_id.clone(), o.lines.clone())).collect::<Vec<_>>();
+        assert_eq!(shape(&a), shape(&b));
+        let declined = a.iter().filter(|o| o.customer_id.starts_with("decline")).count();
+        let soldout = a.iter().filter(|o| o.lines.iter().any(|l| l.sku == "sku-soldout")).count();
+        assert!((50..150).contains(&declined), "{declined}");
+        assert!((50..150).contains(&soldout), "{soldout}");
+    }
+
+    #[test]
+    fn lines_parse_or_say_why() {
+        assert_eq!(
+            parse_line("sku-001:2:1250").expect("line"),
+            OrderLine { sku: "sku-001".into(), quantity: 2, unit_price_cents: 1250 }
+        );
+        assert!(parse_line("sku-001:2").expect_err("short").to_string().contains("SKU:QUANTITY"));
+        assert!(parse_line("s:x:1").expect_err("qty").to_string().contains("quantity"));
+    }
+}

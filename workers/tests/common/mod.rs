@@ -1,0 +1,300 @@
+//! A private choreo deployment for one test: its own broker namespace, its own three databases, and the
+//! real worker binaries as child processes.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use choreo_messages::payloads::{OrderLine, PlaceOrder};
+use choreo_messages::{EncodedEnvelope, Envelope, Message};
+use choreo_rabbitmq::publisher::Outgoing;
+use choreo_rabbitmq::{ConfirmingPublisher, Topology, connect_pool};
+use choreo_testkit::{Infra, unique_namespace, wait_for};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Row};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+pub const WORKERS: [&str; 3] = ["order", "payment", "inventory"];
+
+pub struct Cluster {
+    pub infra: Infra,
+    pub namespace: String,
+    pub topology: Topology,
+    children: HashMap<&'static str, Child>,
+    publisher: Arc<ConfirmingPublisher>,
+    dbs: HashMap<&'static str, PgPool>,
+    pub extra_env: Vec<(String, String)>,
+}
+
+fn binary(worker: &str) -> &'static str {
+    match worker {
+        "order" => env!("CARGO_BIN_EXE_order-worker"),
+        "payment" => env!("CARGO_BIN_EXE_payment-worker"),
+        "inventory" => env!("CARGO_BIN_EXE_inventory-worker"),
+        other => panic!("no worker {other}"),
+    }
+}
+
+impl Cluster {
+    /// Start all three workers and wait until their databases are migrated and queues declared.
+    pub async fn start() -> Cluster {
+        Self::start_with(vec![]).await
+    }
+
+    pub async fn start_with(extra_env: Vec<(String, String)>) -> Cluster {
+        let infra = Infra::from_env();
+        let namespace = unique_namespace();
+        let topology = Topology::new(namespace.clone());
+        let pool = connect_pool(&infra.amqp_url, "choreo-test", 1).expect("broker pool");
+        let publisher = Arc::new(ConfirmingPublisher::new(pool, Duration::from_secs(10)));
+        let mut cluster = Cluster {
+            infra,
+            namespace,
+            topology,
+            children: HashMap::new(),
+            publisher,
+            dbs: HashMap::new(),
+            extra_env,
+        };
+        for worker in WORKERS {
+            cluster.spawn(worker);
+        }
+        for worker in WORKERS {
+            let url = cluster.database_url(worker);
+            let db = wait_for(&format!("{worker} database"), Duration::from_secs(60), || {
+                let url = url.clone();
+                async move {
+                    let options = PgConnectOptions::from_str(&url).map_err(|e| e.to_string())?;
+                    let pool = PgPoolOptions::new().max_connections(4).connect_with(options).await.map_err(|e| e.to_string())?;
+                    // The worker migrated its database once its outbox exists.
+                    sqlx::query("SELECT 1 FROM outbox LIMIT 1").fetch_optional(&pool).await.map_err(|e| e.to_string())?;
+                    Ok::<_, String>(pool)
+                }
+            })
+            .await;
+            cluster.dbs.insert(worker, db);
+        }
+        cluster.wait_consuming().await;
+        cluster
+    }
+
+    pub fn database_name(&self, worker: &str) -> String {
+        format!("{}_{worker}", self.namespace)
+    }
+
+    pub fn database_url(&self, worker: &str) -> String {
+        self.infra.database(&self.database_name(worker))
+    }
+
+    pub fn db(&self, worker: &str) -> &PgPool {
+        &self.dbs[worker]
+    }
+
+    pub fn spawn(&mut self, worker: &'static str) {
+        let mut command = Command::new(binary(worker));
+        command
+            .env("AMQP_URL", &self.infra.amqp_url)
+            .env("DATABASE_URL", &self.infra.database_url)
+            .env(format!("CHOREO_{}_DATABASE_URL", worker.to_uppercase()), self.database_url(worker))
+            .env("CHOREO_NAMESPACE", &self.namespace)
+            .env("CHOREO_LOG_FORMAT", "json")
+            .env("CHOREO_RELAY_SWEEP", "200ms")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in &self.extra_env {
+            command.env(k, v);
+        }
+        let child = command.spawn().unwrap_or_else(|e| panic!("spawning {worker}-worker: {e}"));
+        self.children.insert(worker, child);
+    }
+
+    /// SIGKILL a worker: no draining, no final relay pass.
+    pub async fn kill(&mut self, worker: &'static str) {
+        if let Some(mut child) = self.children.remove(worker) {
+            child.kill().await.expect("kill");
+        }
+    }
+
+    /// SIGTERM a worker and return its exit status.
+    pub async fn terminate(&mut self, worker: &'static str) -> std::process::ExitStatus {
+        let mut child = self.children.remove(worker).expect("worker running");
+        let pid = child.id().expect("pid");
+        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("kill -TERM");
+        assert!(status.success());
+        tokio::time::timeout(Duration::from_secs(40), child.wait()).await.expect("worker exits after SIGTERM").expect("wait")
+    }
+
+    /// Wait until every worker's queue has a consumer.
+    pub async fn wait_consuming(&self) {
+        let conn = choreo_rabbitmq::lapin::Connection::connect(&self.infra.amqp_url, choreo_rabbitmq::lapin::ConnectionProperties::default())
+            .await
+            .expect("broker");
+        for worker in WORKERS {
+            let queue = self.topology.worker_queue(worker);
+            wait_for(&format!("a consumer on {queue}"), Duration::from_secs(60), || async {
+                let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+                let options = choreo_rabbitmq::lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+                let q = channel
+                    .queue_declare(queue.as_str().into(), options, Default::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = channel.close(200, "ok".into()).await;
+                if q.consumer_count() > 0 { Ok(()) } else { Err("no consumer yet".to_string()) }
+            })
+            .await;
+        }
+        let _ = conn.close(200, "ok".into()).await;
+    }
+
+    pub async fn publish(&self, envelopes: &[EncodedEnvelope]) {
+        let exchange = self.topology.events_exchange();
+        let outgoing: Vec<Outgoing<'_>> = envelopes.iter().map(|e| Outgoing::envelope(&exchange, e)).collect();
+        for chunk in outgoing.chunks(200) {
+            for result in self.publisher.publish_batch(chunk).await {
+                result.expect("published and confirmed");
+            }
+        }
+    }
+
+    pub async fn place(&self, orders: &[PlaceOrder]) -> Vec<Uuid> {
+        let envelopes: Vec<EncodedEnvelope> = orders
+            .iter()
+            .map(|o| Envelope::new_command(Message::OrderPlace(o.clone()), "test", Some(o.order_id)).encode())
+            .collect();
+        self.publish(&envelopes).await;
+        orders.iter().map(|o| o.order_id).collect()
+    }
+
+    /// Wait until every order is CONFIRMED or CANCELLED.
+    pub async fn wait_terminal(&self, ids: &[Uuid], timeout: Duration) {
+        let db = self.db("order").clone();
+        wait_for("every order terminal", timeout, || {
+            let db = db.clone();
+            async move {
+                let done: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM orders WHERE order_id = ANY($1) AND status IN ('CONFIRMED','CANCELLED')",
+                )
+                .bind(ids)
+                .fetch_one(&db)
+                .await
+                .map_err(|e| e.to_string())?;
+                if done as usize == ids.len() { Ok(()) } else { Err(format!("{done} of {} terminal", ids.len())) }
+            }
+        })
+        .await;
+    }
+
+    pub async fn status(&self, order_id: Uuid) -> (String, Option<String>) {
+        let row = sqlx::query("SELECT status, cancel_reason FROM orders WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_one(self.db("order"))
+            .await
+            .expect("order exists");
+        (row.get("status"), row.get("cancel_reason"))
+    }
+
+    /// The invariants of the brief, over every order of this cluster.
+    pub async fn assert_invariants(&self) {
+        let order = self.db("order");
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status NOT IN ('CONFIRMED','CANCELLED')")
+            .fetch_one(order)
+            .await
+            .expect("pending");
+        assert_eq!(pending, 0, "every order ends CONFIRMED or CANCELLED");
+
+        let confirmed_qty: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT l->>'sku', sum((l->>'quantity')::bigint)::bigint FROM orders, jsonb_array_elements(lines) l \
+             WHERE status = 'CONFIRMED' GROUP BY 1 ORDER BY 1",
+        )
+        .fetch_all(order)
+        .await
+        .expect("confirmed quantities");
+        let reserved: Vec<(String, i64)> =
+            sqlx::query_as("SELECT sku, reserved FROM stock WHERE reserved > 0 ORDER BY sku")
+                .fetch_all(self.db("inventory"))
+                .await
+                .expect("reserved");
+        assert_eq!(reserved, confirmed_qty, "stock reserved equals the quantities of confirmed orders");
+
+        let confirmed_total: i64 =
+            sqlx::query_scalar("SELECT COALESCE(sum(total_cents), 0)::bigint FROM orders WHERE status = 'CONFIRMED'")
+                .fetch_one(order)
+                .await
+                .expect("totals");
+        let net_charged: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(sum(amount_cents) FILTER (WHERE status = 'CHARGED'), 0)::bigint FROM payments",
+        )
+        .fetch_one(self.db("payment"))
+        .await
+        .expect("charged");
+        assert_eq!(net_charged, confirmed_total, "money charged minus refunded equals the totals of confirmed orders");
+
+        let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(order).await.expect("orders");
+        let (payments, distinct): (i64, i64) =
+            sqlx::query_as("SELECT count(*), count(DISTINCT order_id) FROM payments")
+                .fetch_one(self.db("payment"))
+                .await
+                .expect("payments");
+        assert_eq!(payments, distinct, "no customer is charged twice for one order");
+        assert!(payments <= orders);
+        let reservations: i64 = sqlx::query_scalar("SELECT count(DISTINCT order_id) FROM reservations")
+            .fetch_one(self.db("inventory"))
+            .await
+            .expect("reservations");
+        let confirmed: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'CONFIRMED'")
+            .fetch_one(order)
+            .await
+            .expect("confirmed");
+        assert_eq!(reservations, confirmed, "exactly the confirmed orders hold stock");
+    }
+
+    pub async fn shutdown(mut self) {
+        for worker in WORKERS {
+            if let Some(mut child) = self.children.remove(worker) {
+                let _ = child.kill().await;
+            }
+        }
+        for (_, db) in self.dbs.drain() {
+            db.close().await;
+        }
+        let names: Vec<String> = WORKERS.iter().map(|w| self.database_name(w)).collect();
+        self.infra.drop_databases(&names).await;
+        let mut queues: Vec<String> = WORKERS
+            .iter()
+            .flat_map(|w| [self.topology.worker_queue(w), self.topology.dead_letter_queue(w)])
+            .collect();
+        queues.push(self.topology.outcomes_queue());
+        let exchanges = vec![self.topology.events_exchange(), self.topology.dead_letter_exchange()];
+        self.infra.delete_broker_objects(&queues, &exchanges).await;
+    }
+}
+
+pub fn order(customer: &str, lines: &[(&str, u32, i64)]) -> PlaceOrder {
+    PlaceOrder {
+        order_id: Uuid::now_v7(),
+        customer_id: customer.to_owned(),
+        currency: "EUR".to_owned(),
+        lines: lines
+            .iter()
+            .map(|(sku, quantity, price)| OrderLine { sku: (*sku).to_owned(), quantity: *quantity, unit_price_cents: *price })
+            .collect(),
+    }
+}
+
+/// A mixed workload: mostly good orders, some declined cards, some sold-out lines.
+pub fn mixed_orders(n: usize) -> Vec<PlaceOrder> {
+    (0..n)
+        .map(|i| match i % 10 {
+            0 => order(&format!("decline-{i}"), &[("sku-001", 1, 500)]),
+            1 => order(&format!("cust-{i}"), &[("sku-002", 2, 300), ("sku-soldout", 1, 100)]),
+            k => order(&format!("cust-{i}"), &[(&format!("sku-00{}", k % 9 + 1), (i % 3 + 1) as u32, 250 + i as i64)]),
+        })
+        .collect()
+}
