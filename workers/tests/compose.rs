@@ -149,10 +149,9 @@ fn depends_on_targets_exist_and_are_waited_for_until_healthy() {
                 Condition::ServiceHealthy,
                 "`{name}` must wait for `{target}` to be healthy, not merely started"
             );
-            let healthcheck = target_service
-                .healthcheck
-                .as_ref()
-                .unwrap_or_else(|| panic!("`{name}` waits for `{target}` to be healthy, but `{target}` has no healthcheck"));
+            let healthcheck = target_service.healthcheck.as_ref().unwrap_or_else(|| {
+                panic!("`{name}` waits for `{target}` to be healthy, but `{target}` has no healthcheck")
+            });
             assert!(
                 healthcheck_enabled(healthcheck),
                 "`{name}` waits for `{target}` to be healthy, but `{target}`'s healthcheck is disabled"
@@ -234,7 +233,10 @@ fn workers_set_broker_database_and_namespace() {
     }
     // Workers find each other's exchanges through the namespace: they must all share one.
     let namespaces: Vec<&str> = WORKERS.iter().map(|w| env_var(&compose, w, "CHOREO_NAMESPACE")).collect();
-    assert!(namespaces.windows(2).all(|pair| pair[0] == pair[1]), "the workers use different namespaces: {namespaces:?}");
+    assert!(
+        namespaces.windows(2).all(|pair| pair[0] == pair[1]),
+        "the workers use different namespaces: {namespaces:?}"
+    );
 }
 
 #[test]
@@ -302,10 +304,9 @@ fn workers_restart_and_have_time_to_drain_before_being_killed() {
             Some(RestartPolicy::UnlessStopped),
             "`{worker}` should restart unless stopped"
         );
-        let grace = worker_service
-            .stop_grace_period
-            .as_deref()
-            .unwrap_or_else(|| panic!("`{worker}` has no stop_grace_period; Docker's default 10s cuts the drain short"));
+        let grace = worker_service.stop_grace_period.as_deref().unwrap_or_else(|| {
+            panic!("`{worker}` has no stop_grace_period; Docker's default 10s cuts the drain short")
+        });
         let drain = env_var(&compose, worker, "CHOREO_SHUTDOWN_TIMEOUT");
         assert!(
             duration(grace) > duration(drain),

@@ -1,0 +1,273 @@
+//! Delivery guarantees at the edges: duplicates, a relay that dies between publish and mark, bad input,
+//! and a queue declared with other arguments. Real broker, real database.
+
+mod common;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use choreo_messages::payloads::{OrderCreated, OrderLine};
+use choreo_messages::{Envelope, Message};
+use choreo_outbox::{OutboxRelay, OutboxStore, RelayConfig};
+use choreo_rabbitmq::codec::header_string;
+use choreo_rabbitmq::dead_letter::headers as dl;
+use choreo_rabbitmq::lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use choreo_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString};
+use choreo_rabbitmq::lapin::{BasicProperties, Connection, ConnectionProperties};
+use choreo_rabbitmq::publisher::Outgoing;
+use choreo_rabbitmq::{
+    ConfirmingPublisher, ConsumerConfig, ConsumerRunner, Handler, Outcome, Topology, TopologyError, WorkerQueue,
+    connect_pool,
+};
+use choreo_testkit::{Infra, unique_namespace, wait_for};
+use choreo_workers::config::CommonArgs;
+use choreo_workers::gateway::SimulatedGateway;
+use choreo_workers::payment::{self, PaymentService};
+use choreo_workers::runtime::{prepare_database, run_worker};
+use choreo_workers::service::{Service, TransactionalHandler};
+use choreo_workers::telemetry::LogFormat;
+use common::{Cluster, order};
+use sqlx::postgres::PgConnectOptions;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+fn order_created() -> Envelope {
+    let order_id = Uuid::now_v7();
+    Envelope::new_command(
+        Message::OrderCreated(OrderCreated {
+            order_id,
+            customer_id: "cust-1".into(),
+            currency: "EUR".into(),
+            lines: vec![OrderLine { sku: "sku-001".into(), quantity: 1, unit_price_cents: 700 }],
+            total_cents: 700,
+        }),
+        "order",
+        Some(order_id),
+    )
+}
+
+fn args(infra: &Infra, namespace: &str) -> CommonArgs {
+    CommonArgs {
+        amqp_url: infra.amqp_url.clone(),
+        server_database_url: infra.database_url.clone(),
+        namespace: namespace.to_owned(),
+        prefetch: 16,
+        concurrency: 4,
+        max_message_bytes: 262_144,
+        delivery_limit: 10,
+        db_pool_size: 4,
+        relay_batch: 64,
+        relay_sweep: Duration::from_millis(100),
+        outbox_retention: Duration::from_secs(3600),
+        inbox_retention: Duration::from_secs(3600),
+        shutdown_timeout: Duration::from_secs(10),
+        log_format: LogFormat::Pretty,
+    }
+}
+
+async fn database(infra: &Infra, name: &str, migrations: &sqlx::migrate::Migrator) -> sqlx::PgPool {
+    let options = PgConnectOptions::from_str(&infra.database(name)).expect("url");
+    prepare_database(&options, 4, migrations).await.expect("database")
+}
+
+#[tokio::test]
+async fn the_same_message_id_twice_changes_nothing_the_second_time() {
+    let infra = Infra::from_env();
+    let name = format!("{}_payment", unique_namespace());
+    let db = database(&infra, &name, &payment::MIGRATIONS).await;
+    let handler = TransactionalHandler::new(PaymentService::new(SimulatedGateway::default()), db.clone(), Default::default());
+    let envelope = order_created();
+
+    assert_eq!(handler.handle(&envelope).await, Outcome::Done);
+    assert_eq!(handler.handle(&envelope).await, Outcome::Done);
+
+    let counters = handler.counters();
+    assert_eq!(counters.processed.load(Ordering::Relaxed), 1);
+    assert_eq!(counters.duplicates.load(Ordering::Relaxed), 1);
+    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&db).await.expect("count");
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&db).await.expect("count");
+    assert_eq!((payments, outbox), (1, 1), "one charge, one payment.succeeded");
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
+
+#[tokio::test]
+async fn a_relay_that_dies_after_publishing_republishes_and_the_consumer_ignores_the_duplicate() {
+    let infra = Infra::from_env();
+    let ns = unique_namespace();
+    let topology = Topology::new(ns.clone());
+    let order_db_name = format!("{ns}_order");
+    let payment_db_name = format!("{ns}_payment");
+    let order_db = database(&infra, &order_db_name, &choreo_workers::order::MIGRATIONS).await;
+    let payment_db = database(&infra, &payment_db_name, &payment::MIGRATIONS).await;
+    let broker = connect_pool(&infra.amqp_url, "test", 2).expect("pool");
+    let channel = choreo_rabbitmq::connection::open_channel(&broker).await.expect("channel");
+    let payment_queue = WorkerQueue {
+        worker: "payment".into(),
+        routing_keys: PaymentService::<SimulatedGateway>::CONSUMES.iter().map(|t| t.as_str().to_owned()).collect(),
+        delivery_limit: 10,
+    };
+    topology.declare_worker(&channel, &payment_queue).await.expect("topology");
+
+    let envelope = order_created();
+    let mut tx = order_db.begin().await.expect("tx");
+    OutboxStore::enqueue(&mut tx, &[envelope.encode()]).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+
+    let publisher = Arc::new(ConfirmingPublisher::new(broker.clone(), Duration::from_secs(10)));
+    let relay = OutboxRelay::new(order_db.clone(), Arc::clone(&publisher), topology.events_exchange(), RelayConfig::default());
+    // The relay claims and publishes, then dies before marking: its transaction never commits.
+    {
+        let mut tx = order_db.begin().await.expect("tx");
+        let rows = OutboxStore::claim_batch(&mut tx, 10).await.expect("claim");
+        assert_eq!(rows.len(), 1);
+        assert!(relay.publish(&rows).await.into_iter().all(|r| r.is_ok()), "first publish confirmed");
+        drop(tx);
+    }
+    let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        .fetch_one(&order_db)
+        .await
+        .expect("count");
+    assert_eq!(unpublished, 1, "the row is still unpublished after the crash");
+    let report = relay.cycle().await.expect("cycle");
+    assert_eq!((report.claimed, report.published), (1, 1), "the next relay publishes it again");
+    let depth = channel
+        .queue_declare(topology.worker_queue("payment").as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("passive declare")
+        .message_count();
+    assert_eq!(depth, 2, "the broker holds both copies");
+
+    let shutdown = CancellationToken::new();
+    let (tx_counters, rx_counters) = tokio::sync::oneshot::channel();
+    let worker = tokio::spawn({
+        let args = args(&infra, &ns);
+        let db = payment_db.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            run_worker(PaymentService::new(SimulatedGateway::default()), db, &args, shutdown, |h| {
+                let _ = tx_counters.send(h.counters);
+            })
+            .await
+        }
+    });
+    let counters = rx_counters.await.expect("worker started");
+    wait_for("one processed and one duplicate", Duration::from_secs(60), || {
+        let c = Arc::clone(&counters);
+        async move {
+            let seen = (c.processed.load(Ordering::Relaxed), c.duplicates.load(Ordering::Relaxed));
+            if seen == (1, 1) { Ok(()) } else { Err(seen) }
+        }
+    })
+    .await;
+    shutdown.cancel();
+    worker.await.expect("join").expect("worker stops cleanly");
+    // The worker closed its pool on shutdown; look with a fresh one.
+    let payment_db = database(&infra, &payment_db_name, &payment::MIGRATIONS).await;
+    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&payment_db).await.expect("count");
+    assert_eq!(payments, 1, "the duplicate had no second effect");
+
+    order_db.close().await;
+    payment_db.close().await;
+    infra.drop_databases(&[order_db_name, payment_db_name]).await;
+    infra
+        .delete_broker_objects(
+            &[topology.worker_queue("payment"), topology.dead_letter_queue("payment"), topology.outcomes_queue()],
+            &[topology.events_exchange(), topology.dead_letter_exchange()],
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_goes_on() {
+    let cluster = Cluster::start().await;
+    let exchange = cluster.topology.events_exchange();
+    let pool = connect_pool(&cluster.infra.amqp_url, "test", 1).expect("pool");
+    let publisher = ConfirmingPublisher::new(pool, Duration::from_secs(10));
+    let garbage_id = Uuid::now_v7().to_string();
+    let props = BasicProperties::default()
+        .with_message_id(garbage_id.as_str().into())
+        .with_type("order.place".into())
+        .with_content_type("application/json".into())
+        .with_headers({
+            let mut t = FieldTable::default();
+            t.insert("schema-version".into(), AMQPValue::LongLongInt(1));
+            t
+        });
+    let body: &[u8] = b"{not json at all";
+    publisher
+        .publish(Outgoing { exchange: &exchange, routing_key: "order.place", properties: props, body, message_id: garbage_id.clone() })
+        .await
+        .expect("garbage accepted by the broker");
+    let good = order("cust-1", &[("sku-001", 1, 100)]);
+    cluster.place(std::slice::from_ref(&good)).await;
+    cluster.wait_terminal(&[good.order_id], Duration::from_secs(60)).await;
+
+    let conn = Connection::connect(&cluster.infra.amqp_url, ConnectionProperties::default()).await.expect("conn");
+    let channel = conn.create_channel().await.expect("channel");
+    let dlq = cluster.topology.dead_letter_queue("order");
+    let letter = wait_for("the dead letter", Duration::from_secs(30), || async {
+        channel
+            .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "empty".to_string())
+    })
+    .await;
+    assert_eq!(letter.delivery.data, body, "the body is kept byte for byte");
+    let headers = letter.delivery.properties.headers().clone().expect("headers");
+    assert_eq!(header_string(&headers, dl::ERROR_KIND).as_deref(), Some("malformed_body"));
+    assert_eq!(header_string(&headers, dl::WORKER).as_deref(), Some("order"));
+    assert_eq!(header_string(&headers, dl::ORIGINAL_ROUTING_KEY).as_deref(), Some("order.place"));
+    assert!(header_string(&headers, dl::ERROR).is_some_and(|e| e.contains("not valid JSON")));
+    assert_eq!(letter.delivery.properties.message_id().as_ref().map(|m| m.to_string()), Some(garbage_id));
+    let _ = conn.close(200, "ok".into()).await;
+    cluster.shutdown().await;
+}
+
+struct NeverCalled;
+
+impl Handler for NeverCalled {
+    async fn handle(&self, _: &Envelope) -> Outcome {
+        Outcome::Done
+    }
+}
+
+#[tokio::test]
+async fn a_queue_declared_with_other_arguments_is_explained() {
+    let infra = Infra::from_env();
+    let ns = unique_namespace();
+    let topology = Topology::new(ns.clone());
+    let broker = connect_pool(&infra.amqp_url, "test", 2).expect("pool");
+    let channel = choreo_rabbitmq::connection::open_channel(&broker).await.expect("channel");
+    let mut classic = FieldTable::default();
+    classic.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("classic")));
+    channel
+        .queue_declare(topology.worker_queue("order").as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, classic)
+        .await
+        .expect("an old classic queue");
+    let runner = ConsumerRunner::new(
+        broker.clone(),
+        Arc::new(ConfirmingPublisher::new(broker.clone(), Duration::from_secs(5))),
+        topology.clone(),
+        ConsumerConfig::new(WorkerQueue { worker: "order".into(), routing_keys: vec!["order.place".into()], delivery_limit: 10 }),
+        Arc::new(NeverCalled),
+    );
+    let error = tokio::time::timeout(Duration::from_secs(30), runner.run(CancellationToken::new()))
+        .await
+        .expect("the runner gives up instead of looping")
+        .expect_err("mismatch");
+    assert!(matches!(error, TopologyError::Mismatch { .. }), "{error:?}");
+    let text = error.to_string();
+    assert!(text.contains("argument `x-"), "names the differing argument: {text}");
+    assert!(text.contains(&topology.worker_queue("order")), "{text}");
+    assert!(text.contains("runbooks/topology-mismatch.md"), "{text}");
+    infra
+        .delete_broker_objects(
+            &[topology.worker_queue("order"), topology.dead_letter_queue("order"), topology.outcomes_queue()],
+            &[topology.events_exchange(), topology.dead_letter_exchange()],
+        )
+        .await;
+}
