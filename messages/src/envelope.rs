@@ -16,7 +16,7 @@ pub mod headers {
     pub const CAUSATION_ID: &str = "causation-id";
     /// Name of the service that produced the message.
     pub const PRODUCER: &str = "producer";
-    /// RFC 3339 time at which the producer created the message, with milliseconds.
+    /// RFC 3339 time at which the producer created the message (we write microseconds).
     pub const OCCURRED_AT: &str = "occurred-at";
     /// W3C trace context of the producer.
     pub const TRACEPARENT: &str = "traceparent";
@@ -68,7 +68,7 @@ impl Envelope {
                 correlation_id: correlation_id.unwrap_or(message_id),
                 causation_id: None,
                 producer: producer.to_owned(),
-                occurred_at: Utc::now(),
+                occurred_at: now_micros(),
                 traceparent: None,
             },
             message,
@@ -85,7 +85,7 @@ impl Envelope {
                 correlation_id: cause.correlation_id,
                 causation_id: Some(cause.message_id),
                 producer: producer.to_owned(),
-                occurred_at: Utc::now(),
+                occurred_at: now_micros(),
                 traceparent: cause.traceparent.clone(),
             },
             message,
@@ -104,4 +104,10 @@ impl EncodedEnvelope {
         let message = Message::decode(message_type, self.meta.schema_version, &self.body)?;
         Ok(Envelope { meta: self.meta, message })
     }
+}
+
+/// Now, at the precision the wire and PostgreSQL keep (microseconds), so a round trip is exact.
+fn now_micros() -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    Utc::now().trunc_subsecs(6)
 }
