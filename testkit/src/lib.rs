@@ -36,6 +36,15 @@ impl Infra {
         format!("{base}/{name}")
     }
 
+    /// Create an empty database `name` and return its URL.
+    pub async fn create_database(&self, name: &str) -> String {
+        let options = PgConnectOptions::from_str(&self.database_url).expect("DATABASE_URL parses");
+        let pool = PgPoolOptions::new().max_connections(1).connect_with(options).await.expect("database server reachable");
+        pool.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).await.expect("create database");
+        pool.close().await;
+        self.database(name)
+    }
+
     /// Drop databases (after the workers using them stopped).
     pub async fn drop_databases(&self, names: &[String]) {
         let Ok(options) = PgConnectOptions::from_str(&self.database_url) else { return };

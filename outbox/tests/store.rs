@@ -1,0 +1,135 @@
+//! The outbox and inbox tables on a real PostgreSQL: claiming by concurrent relays, retention.
+
+use std::time::Duration;
+
+use choreo_messages::payloads::OrderCancelled;
+use choreo_messages::{Envelope, Message};
+use choreo_outbox::migrations::OUTBOX_MIGRATOR;
+use choreo_outbox::{InboxGuard, OutboxStore, RetentionConfig, RetentionJob};
+use choreo_testkit::{Infra, unique_namespace};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+async fn fresh(infra: &Infra) -> (String, PgPool) {
+    let name = format!("{}_outbox", unique_namespace());
+    let url = infra.create_database(&name).await;
+    let pool = PgPool::connect(&url).await.expect("connect");
+    OUTBOX_MIGRATOR.run(&pool).await.expect("migrate");
+    (name, pool)
+}
+
+fn event() -> Envelope {
+    let order_id = Uuid::now_v7();
+    Envelope::new_command(
+        Message::OrderCancelled(OrderCancelled { order_id, reason: choreo_messages::payloads::CancelReason::OutOfStock }),
+        "test",
+        Some(order_id),
+    )
+}
+
+#[tokio::test]
+async fn concurrent_claims_never_overlap_and_rows_committed_late_are_not_skipped() {
+    let infra = Infra::from_env();
+    let (name, db) = fresh(&infra).await;
+    let envelopes: Vec<_> = (0..100).map(|_| event().encode()).collect();
+    let mut tx = db.begin().await.expect("tx");
+    OutboxStore::enqueue(&mut tx, &envelopes).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+
+    // A transaction that took an id early but commits after the others.
+    let mut late = db.begin().await.expect("tx");
+    OutboxStore::enqueue(&mut late, &[event().encode()]).await.expect("enqueue late");
+
+    let mut a = db.begin().await.expect("tx a");
+    let mut b = db.begin().await.expect("tx b");
+    let claimed_a = OutboxStore::claim_batch(&mut a, 60).await.expect("claim a");
+    let claimed_b = OutboxStore::claim_batch(&mut b, 60).await.expect("claim b");
+    let ids_a: Vec<i64> = claimed_a.iter().map(|r| r.id).collect();
+    let ids_b: Vec<i64> = claimed_b.iter().map(|r| r.id).collect();
+    assert_eq!(ids_a.len(), 60);
+    assert_eq!(ids_b.len(), 40, "the second relay gets the rest, not the first one's rows");
+    assert!(ids_a.iter().all(|id| !ids_b.contains(id)), "no row claimed twice");
+    OutboxStore::mark_published(&mut a, &ids_a).await.expect("mark");
+    OutboxStore::mark_published(&mut b, &ids_b).await.expect("mark");
+    a.commit().await.expect("commit a");
+    b.commit().await.expect("commit b");
+
+    late.commit().await.expect("commit late");
+    let mut c = db.begin().await.expect("tx c");
+    let rest = OutboxStore::claim_batch(&mut c, 60).await.expect("claim c");
+    assert_eq!(rest.len(), 1, "the row committed out of id order is still published");
+    c.rollback().await.expect("rollback");
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
+
+#[tokio::test]
+async fn failed_publishes_wait_before_the_next_attempt() {
+    let infra = Infra::from_env();
+    let (name, db) = fresh(&infra).await;
+    let mut tx = db.begin().await.expect("tx");
+    OutboxStore::enqueue(&mut tx, &[event().encode()]).await.expect("enqueue");
+    let rows = OutboxStore::claim_batch(&mut tx, 10).await.expect("claim");
+    OutboxStore::record_failures(&mut tx, &[(rows[0].id, "NO_ROUTE".into())], 60_000).await.expect("failure");
+    tx.commit().await.expect("commit");
+    let mut tx = db.begin().await.expect("tx");
+    assert!(OutboxStore::claim_batch(&mut tx, 10).await.expect("claim").is_empty(), "the row waits");
+    tx.rollback().await.expect("rollback");
+    let (attempts, error): (i32, String) = sqlx::query_as("SELECT publish_attempts, last_error FROM outbox")
+        .fetch_one(&db)
+        .await
+        .expect("row");
+    assert_eq!((attempts, error.as_str()), (1, "NO_ROUTE"));
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
+
+#[tokio::test]
+async fn retention_deletes_only_what_is_past_retention() {
+    let infra = Infra::from_env();
+    let (name, db) = fresh(&infra).await;
+    let envelopes: Vec<_> = (0..30).map(|_| event().encode()).collect();
+    let mut tx = db.begin().await.expect("tx");
+    OutboxStore::enqueue(&mut tx, &envelopes).await.expect("enqueue");
+    let inbox = InboxGuard::new("test");
+    for e in &envelopes {
+        assert!(inbox.first_delivery(&mut tx, &e.meta).await.expect("inbox"));
+    }
+    assert!(!inbox.first_delivery(&mut tx, &envelopes[0].meta).await.expect("inbox"), "a duplicate is seen");
+    tx.commit().await.expect("commit");
+    // 10 published long ago, 10 published just now, 10 unpublished; 10 inbox rows old.
+    sqlx::query("UPDATE outbox SET published_at = now() - interval '10 days' WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 10)")
+        .execute(&db)
+        .await
+        .expect("age");
+    sqlx::query("UPDATE outbox SET published_at = now() WHERE id IN (SELECT id FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 10)")
+        .execute(&db)
+        .await
+        .expect("recent");
+    sqlx::query("UPDATE inbox SET received_at = now() - interval '40 days' WHERE message_id IN (SELECT message_id FROM inbox LIMIT 10)")
+        .execute(&db)
+        .await
+        .expect("age inbox");
+    let job = RetentionJob::new(
+        db.clone(),
+        RetentionConfig {
+            outbox_retention: Duration::from_secs(7 * 86_400),
+            inbox_retention: Duration::from_secs(30 * 86_400),
+            batch_size: 3,
+            interval: Duration::from_secs(3600),
+        },
+    );
+    let deleted = job.run_once().await.expect("retention");
+    assert_eq!((deleted.outbox, deleted.inbox), (10, 10), "batches of 3 still reach every old row");
+    let left: (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE published_at IS NULL), count(*) FILTER (WHERE published_at IS NOT NULL) FROM outbox",
+    )
+    .fetch_one(&db)
+    .await
+    .expect("left");
+    assert_eq!(left, (10, 10), "unpublished and recently published rows stay");
+    let inbox_left: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox").fetch_one(&db).await.expect("inbox");
+    assert_eq!(inbox_left, 20);
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
