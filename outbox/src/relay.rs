@@ -26,6 +26,8 @@ use crate::{OutboxError, OutboxStore};
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
+    /// Name of the worker this relay belongs to (metrics label).
+    pub worker: String,
     /// Rows claimed and published per cycle.
     pub batch_size: i64,
     /// Longest wait between cycles when nothing wakes the relay.
@@ -37,6 +39,7 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
+            worker: "unknown".to_owned(),
             batch_size: 256,
             sweep_interval: Duration::from_millis(500),
             failure_retry_after: Duration::from_millis(500),
@@ -141,10 +144,15 @@ impl OutboxRelay {
             tx.commit().await.map_err(OutboxError::db("commit"))?;
             return Ok(CycleReport::default());
         }
+        let started = std::time::Instant::now();
         let results = self.publish(&rows).await;
+        metrics::histogram!("choreo_relay_publish_duration_seconds", "worker" => self.config.worker.clone())
+            .record(started.elapsed().as_secs_f64());
         let mut published = Vec::with_capacity(rows.len());
         let mut failed = Vec::new();
+        let mut failed_flags = Vec::with_capacity(rows.len());
         for (row, result) in rows.iter().zip(results) {
+            failed_flags.push(result.is_err());
             match result {
                 Ok(()) => published.push(row.id),
                 Err(e) => {
@@ -159,6 +167,12 @@ impl OutboxRelay {
         let retry_ms = i64::try_from(self.config.failure_retry_after.as_millis()).unwrap_or(i64::MAX);
         OutboxStore::record_failures(&mut tx, &failed, retry_ms).await?;
         tx.commit().await.map_err(OutboxError::db("commit"))?;
+        for (row, result) in rows.iter().zip(&failed_flags) {
+            let outcome = if *result { "failed" } else { "confirmed" };
+            metrics::counter!("choreo_messages_published_total", "worker" => self.config.worker.clone(),
+                "type" => type_label(&row.envelope.meta.message_type), "outcome" => outcome)
+            .increment(1);
+        }
         Ok(CycleReport { claimed: rows.len(), published: published.len(), failed: failed.len() })
     }
 
@@ -172,5 +186,13 @@ impl OutboxRelay {
             .into_iter()
             .map(|r| r.map_err(|e| e.to_string()))
             .collect()
+    }
+}
+
+/// Label value for a message type: contract types only, so a corrupt row cannot explode label cardinality.
+fn type_label(message_type: &str) -> String {
+    match message_type.parse::<choreo_messages::MessageType>() {
+        Ok(t) => t.as_str().to_owned(),
+        Err(_) => "unknown".to_owned(),
     }
 }

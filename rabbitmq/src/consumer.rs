@@ -7,14 +7,17 @@
 //!   their database transaction committed. A crash at any instant therefore means redelivery, never loss.
 //! - A message that breaks the contract, or that the handler rejects, goes to the dead-letter queue with its
 //!   story (see [`crate::dead_letter`]) and is acked only once the dead letter is confirmed.
-//! - A transient failure is retried in process with exponential backoff and jitter, then requeued.
+//! - A transient failure is retried in process with exponential backoff and jitter; then it waits in the
+//!   worker's delay queues, one level per round (`choreo-retries` counts rounds, `choreo-attempts` counts
+//!   handler attempts: the broker's `x-death` no longer counts client re-publishes since 3.13); when every
+//!   level is used it is dead-lettered with error kind `transient`.
 //! - When the channel or connection breaks, everything in flight is abandoned to redelivery and the runner
 //!   reconnects with backoff until shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use choreo_messages::{Envelope, ErrorKind};
 use futures_util::StreamExt;
@@ -27,15 +30,17 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::codec::{decode_delivery, header_i64};
 use crate::connection::{BrokerPool, open_channel};
-use crate::dead_letter::{Failure, dead_letter, recorded_attempts};
+use crate::dead_letter::{Failure, dead_letter, delay_for_retry, recorded_attempts, recorded_retries};
 use crate::publisher::ConfirmingPublisher;
 use crate::{BrokerError, Topology, TopologyError, WorkerQueue};
 
 /// What a handler made of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Processed and committed, or recognised as a duplicate: ack.
+    /// Processed and committed: ack.
     Done,
+    /// Processed before (the inbox knew its id): ack, no effect.
+    Duplicate,
     /// No retry can help: dead-letter now.
     Reject { kind: ErrorKind, reason: String },
     /// A dependency failed and may recover: retry.
@@ -57,11 +62,11 @@ pub struct ConsumerConfig {
     pub concurrency: usize,
     /// Bodies larger than this are dead-lettered unread.
     pub max_body_bytes: usize,
-    /// In-process retries of a transient failure before the message is requeued.
+    /// In-process retries of a transient failure before the message goes to a delay queue.
     pub handler_retries: usize,
     /// First in-process retry delay; doubles each time, with jitter.
     pub retry_base: Duration,
-    /// Pause before requeueing a message whose retries ran out, so a broken dependency is not hammered.
+    /// Pause before requeueing a message that could not be parked or dead-lettered (broker trouble).
     pub requeue_delay: Duration,
 }
 
@@ -75,6 +80,28 @@ impl ConsumerConfig {
             handler_retries: 3,
             retry_base: Duration::from_millis(50),
             requeue_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How a delivery was settled, for the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    Processed,
+    Duplicate,
+    Retried,
+    DeadLettered,
+    Requeued,
+}
+
+impl Settled {
+    fn as_str(self) -> &'static str {
+        match self {
+            Settled::Processed => "processed",
+            Settled::Duplicate => "duplicate",
+            Settled::Retried => "retried",
+            Settled::DeadLettered => "dead_lettered",
+            Settled::Requeued => "requeued",
         }
     }
 }
@@ -179,17 +206,29 @@ impl<H: Handler> ConsumerRunner<H> {
 
     async fn process(&self, delivery: Delivery) {
         let props = &delivery.properties;
+        let message_type = props.kind().as_ref().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "-".into());
         let span = info_span!(
             "message",
             worker = %self.config.queue.worker,
             message_id = %props.message_id().as_ref().map(|m| m.as_str()).unwrap_or("-"),
-            message_type = %props.kind().as_ref().map(|m| m.as_str()).unwrap_or("-"),
+            message_type = %message_type,
             correlation_id = %props.correlation_id().as_ref().map(|m| m.as_str()).unwrap_or("-"),
         );
-        self.settle(delivery).instrument(span).await;
+        let worker = self.config.queue.worker.clone();
+        // Only types of the contract become label values; anything else is `unknown`.
+        let type_label = if message_type.parse::<choreo_messages::MessageType>().is_ok() { message_type } else { "unknown".into() };
+        let in_flight = metrics::gauge!("choreo_messages_in_flight", "worker" => worker.clone());
+        in_flight.increment(1.0);
+        let started = Instant::now();
+        let settled = self.settle(delivery).instrument(span).await;
+        in_flight.decrement(1.0);
+        metrics::histogram!("choreo_handler_duration_seconds", "worker" => worker.clone(), "type" => type_label.clone())
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("choreo_messages_consumed_total", "worker" => worker, "type" => type_label, "outcome" => settled.as_str())
+            .increment(1);
     }
 
-    async fn settle(&self, delivery: Delivery) {
+    async fn settle(&self, delivery: Delivery) -> Settled {
         let envelope = match decode_delivery(&delivery.properties, &delivery.data, self.config.max_body_bytes) {
             Ok(envelope) => envelope,
             Err(e) => {
@@ -205,7 +244,14 @@ impl<H: Handler> ConsumerRunner<H> {
         loop {
             tries += 1;
             match self.handler.handle(&envelope).await {
-                Outcome::Done => return self.ack(&delivery).await,
+                Outcome::Done => {
+                    self.ack(&delivery).await;
+                    return Settled::Processed;
+                }
+                Outcome::Duplicate => {
+                    self.ack(&delivery).await;
+                    return Settled::Duplicate;
+                }
                 Outcome::Reject { kind, reason } => {
                     warn!(error_kind = %kind, error = %reason, "handler rejected the message; dead-lettering");
                     return self.reject(&delivery, kind, &reason, tries).await;
@@ -213,19 +259,18 @@ impl<H: Handler> ConsumerRunner<H> {
                 Outcome::Retry { reason } => match delays.next() {
                     Some(delay) => {
                         debug!(error = %reason, attempt = tries, "transient failure; retrying in process");
+                        metrics::counter!("choreo_retries_total", "worker" => self.config.queue.worker.clone(), "stage" => "in_process")
+                            .increment(1);
                         tokio::time::sleep(delay).await;
                     }
-                    None => {
-                        warn!(error = %reason, attempts = tries, "transient failure persists; requeueing");
-                        tokio::time::sleep(self.config.requeue_delay).await;
-                        return self.requeue(&delivery).await;
-                    }
+                    None => return self.retry_later(&delivery, &reason, tries).await,
                 },
             }
         }
     }
 
-    async fn reject(&self, delivery: &Delivery, kind: ErrorKind, reason: &str, tries: u32) {
+    /// Attempts so far: recorded by earlier rounds, plus broker redeliveries, plus this round's tries.
+    fn attempts(&self, delivery: &Delivery, tries: u32) -> u32 {
         let redeliveries = delivery
             .properties
             .headers()
@@ -233,13 +278,53 @@ impl<H: Handler> ConsumerRunner<H> {
             .and_then(|h| header_i64(h, "x-delivery-count"))
             .and_then(|c| u32::try_from(c).ok())
             .unwrap_or(0);
-        let attempts = recorded_attempts(&delivery.properties) + redeliveries + tries;
+        recorded_attempts(&delivery.properties) + redeliveries + tries
+    }
+
+    /// In-process retries ran out: park the message in the next delay queue, or dead-letter it when every
+    /// delay level has been used.
+    async fn retry_later(&self, delivery: &Delivery, reason: &str, tries: u32) -> Settled {
+        let round = recorded_retries(&delivery.properties);
+        let Some(delay) = self.config.queue.retry_delays.get(round as usize).copied() else {
+            warn!(error = %reason, attempts = self.attempts(delivery, tries), "transient failure outlasted every retry; dead-lettering");
+            return self.reject(delivery, ErrorKind::Transient, reason, tries).await;
+        };
+        let attempts = self.attempts(delivery, tries);
+        let failure = Failure { worker: &self.config.queue.worker, kind: ErrorKind::Transient, error: reason, attempts };
+        let queue = self.topology.retry_queue(&self.config.queue.worker, delay);
+        match delay_for_retry(&self.publisher, &queue, delivery, &failure, round + 1).await {
+            Ok(()) => {
+                warn!(error = %reason, attempts, retry_in_ms = delay.as_millis() as u64, round = round + 1,
+                    "transient failure persists; retrying later through the broker");
+                metrics::counter!("choreo_retries_total", "worker" => self.config.queue.worker.clone(), "stage" => "delayed")
+                    .increment(1);
+                self.ack(delivery).await;
+                Settled::Retried
+            }
+            Err(e) => {
+                warn!(error = %e, "could not park the message for a delayed retry; requeueing it");
+                tokio::time::sleep(self.config.requeue_delay).await;
+                self.requeue(delivery).await;
+                Settled::Requeued
+            }
+        }
+    }
+
+    async fn reject(&self, delivery: &Delivery, kind: ErrorKind, reason: &str, tries: u32) -> Settled {
+        let attempts = self.attempts(delivery, tries);
         let failure = Failure { worker: &self.config.queue.worker, kind, error: reason, attempts };
         match dead_letter(&self.publisher, &self.topology, delivery, &failure).await {
-            Ok(()) => self.ack(delivery).await,
+            Ok(()) => {
+                metrics::counter!("choreo_dead_lettered_total", "worker" => self.config.queue.worker.clone(), "error_kind" => kind.as_str())
+                    .increment(1);
+                self.ack(delivery).await;
+                Settled::DeadLettered
+            }
             Err(e) => {
                 error!(error = %e, "could not dead-letter the message; requeueing it so that nothing is lost");
+                tokio::time::sleep(self.config.requeue_delay).await;
                 self.requeue(delivery).await;
+                Settled::Requeued
             }
         }
     }

@@ -24,6 +24,10 @@ pub mod headers {
     pub const ORIGINAL_ROUTING_KEY: &str = "choreo-original-routing-key";
     pub const FIRST_FAILURE_AT: &str = "choreo-first-failure-at";
     pub const LAST_FAILURE_AT: &str = "choreo-last-failure-at";
+    /// Broker-side retry rounds so far.
+    pub const RETRIES: &str = "choreo-retries";
+    /// Set on messages put back by `choreoctl dlq replay`.
+    pub const REPLAYED_AT: &str = "choreo-replayed-at";
 }
 
 /// Longest error text kept in a header, in bytes.
@@ -39,7 +43,7 @@ pub struct Failure<'a> {
     pub attempts: u32,
 }
 
-/// Properties of the dead letter: the original ones plus the failure headers.
+/// Properties of a failed message (dead letter or delayed retry): the original ones plus the failure headers.
 pub fn dead_letter_properties(delivery: &Delivery, failure: &Failure<'_>) -> BasicProperties {
     let original = delivery.properties.headers().clone().unwrap_or_default();
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
@@ -57,6 +61,16 @@ pub fn dead_letter_properties(delivery: &Delivery, failure: &Failure<'_>) -> Bas
     table.insert(headers::FIRST_FAILURE_AT.into(), long(&first));
     table.insert(headers::LAST_FAILURE_AT.into(), long(&now));
     delivery.properties.clone().with_headers(table).with_delivery_mode(2)
+}
+
+/// Broker-side retry rounds recorded on a message so far.
+pub fn recorded_retries(properties: &BasicProperties) -> u32 {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|h| header_i64(h, headers::RETRIES))
+        .and_then(|a| u32::try_from(a).ok())
+        .unwrap_or(0)
 }
 
 /// Attempts recorded on a message so far (0 when it never failed).
@@ -88,6 +102,25 @@ pub async fn dead_letter(
             body: &delivery.data,
             message_id,
         })
+        .await
+}
+
+/// Send `delivery` to a delay queue for broker-side retry round `round` (1-based), with the failure story.
+/// Only after this returns `Ok` may the original delivery be acked.
+pub async fn delay_for_retry(
+    publisher: &ConfirmingPublisher,
+    retry_queue: &str,
+    delivery: &Delivery,
+    failure: &Failure<'_>,
+    round: u32,
+) -> Result<(), PublishError> {
+    let mut properties = dead_letter_properties(delivery, failure);
+    let mut table = properties.headers().clone().unwrap_or_default();
+    table.insert(headers::RETRIES.into(), AMQPValue::LongLongInt(i64::from(round)));
+    properties = properties.with_headers(table);
+    let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
+    publisher
+        .publish(Outgoing { exchange: "", routing_key: retry_queue, properties, body: &delivery.data, message_id })
         .await
 }
 

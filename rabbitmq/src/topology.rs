@@ -4,6 +4,7 @@
 //! {ns}.events        topic exchange; every command and event, routing key = message type
 //! {ns}.{worker}      quorum queue per worker, bound to exactly the types it handles
 //! {ns}.dead-letter   direct exchange for messages a worker gives up on
+//! {ns}.{worker}.retry.{delay}ms  delay queues: TTL, then back to {ns}.{worker}
 //! {ns}.{worker}.dlq  quorum queue per worker holding its dead letters
 //! {ns}.outcomes      bounded quorum queue of workflow outcomes (order.confirmed, order.cancelled)
 //! ```
@@ -11,6 +12,8 @@
 //! Worker queues are quorum queues with a delivery limit (a message that crashes its consumer every time ends
 //! in the dead-letter queue instead of looping) and at-least-once dead-lettering, so that dead-lettering
 //! itself loses nothing. All of it is set at declare time, not by policy: the queue is what the code says.
+
+use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
@@ -39,6 +42,8 @@ pub struct WorkerQueue {
     pub routing_keys: Vec<String>,
     /// Deliveries of one message before the broker dead-letters it (poison-message protection).
     pub delivery_limit: u32,
+    /// Delay levels of broker-side retries, shortest first; one delay queue each.
+    pub retry_delays: Vec<Duration>,
 }
 
 impl Topology {
@@ -67,6 +72,11 @@ impl Topology {
         format!("{}.{worker}", self.namespace)
     }
 
+    /// The delay queue of one retry level: messages wait there `delay`, then return to the worker's queue.
+    pub fn retry_queue(&self, worker: &str, delay: Duration) -> String {
+        format!("{}.{worker}.retry.{}ms", self.namespace, delay.as_millis())
+    }
+
     pub fn dead_letter_queue(&self, worker: &str) -> String {
         format!("{}.{worker}.dlq", self.namespace)
     }
@@ -78,6 +88,19 @@ impl Topology {
         args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(queue.delivery_limit)));
         args.insert("x-dead-letter-exchange".into(), long_string(&self.dead_letter_exchange()));
         args.insert("x-dead-letter-routing-key".into(), long_string(&self.dead_letter_queue(&queue.worker)));
+        args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+        args.insert("x-overflow".into(), long_string("reject-publish"));
+        args
+    }
+
+    /// Arguments of a delay queue: no consumer; each message expires after `delay` and is dead-lettered
+    /// through the default exchange straight back to the worker's queue, at least once.
+    pub fn retry_queue_arguments(&self, worker: &str, delay: Duration) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long_string("quorum"));
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)));
+        args.insert("x-dead-letter-exchange".into(), long_string(""));
+        args.insert("x-dead-letter-routing-key".into(), long_string(&self.worker_queue(worker)));
         args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
         args.insert("x-overflow".into(), long_string("reject-publish"));
         args
@@ -113,6 +136,10 @@ impl Topology {
 
         let name = self.worker_queue(&queue.worker);
         declare_queue(channel, &name, self.worker_queue_arguments(queue)).await?;
+        for delay in &queue.retry_delays {
+            let retry = self.retry_queue(&queue.worker, *delay);
+            declare_queue(channel, &retry, self.retry_queue_arguments(&queue.worker, *delay)).await?;
+        }
         for key in &queue.routing_keys {
             bind(channel, &name, &self.events_exchange(), key).await?;
         }
@@ -192,6 +219,10 @@ mod tests {
         assert_eq!(t.worker_queue("payment"), "acme.payment");
         assert_eq!(t.dead_letter_queue("payment"), "acme.payment.dlq");
         assert_eq!(t.dead_letter_exchange(), "acme.dead-letter");
+        assert_eq!(t.retry_queue("payment", Duration::from_secs(10)), "acme.payment.retry.10000ms");
+        let args = t.retry_queue_arguments("payment", Duration::from_secs(10));
+        assert_eq!(args.inner().get("x-message-ttl").cloned(), Some(AMQPValue::LongLongInt(10_000)));
+        assert_eq!(args.inner().get("x-dead-letter-routing-key").cloned(), Some(long_string("acme.payment")));
     }
 
     #[test]
@@ -205,7 +236,7 @@ mod tests {
     #[test]
     fn worker_queues_are_quorum_with_a_delivery_limit_and_safe_dead_lettering() {
         let t = Topology::new("ns");
-        let q = WorkerQueue { worker: "order".into(), routing_keys: vec![], delivery_limit: 7 };
+        let q = WorkerQueue { worker: "order".into(), routing_keys: vec![], delivery_limit: 7, retry_delays: vec![] };
         let args = t.worker_queue_arguments(&q);
         let get = |k: &str| args.inner().get(k).cloned();
         assert_eq!(get("x-queue-type"), Some(long_string("quorum")));

@@ -4,6 +4,7 @@
 //! (`CHOREO_ORDER_DATABASE_URL`, ...) and its own extras. Secrets (URLs with passwords) are never echoed:
 //! `--help` hides their values and logs redact them.
 
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -35,6 +36,17 @@ pub struct CommonArgs {
     /// Deliveries of one message before the broker dead-letters it (set when the queue is first declared).
     #[arg(long, env = "CHOREO_DELIVERY_LIMIT", default_value_t = 10)]
     pub delivery_limit: u32,
+    /// In-process retries of a transient failure, with exponential backoff and jitter.
+    #[arg(long, env = "CHOREO_HANDLER_RETRIES", default_value_t = 3)]
+    pub handler_retries: usize,
+    /// Delay levels of broker-side retries, after the in-process ones; then the dead-letter queue.
+    /// One delay queue per level is declared.
+    #[arg(long, env = "CHOREO_RETRY_DELAYS", value_delimiter = ',', default_value = "1s,10s,60s", value_parser = humantime::parse_duration)]
+    pub retry_delays: Vec<Duration>,
+    /// Address of `/metrics`, `/health/live` and `/health/ready` (default: 127.0.0.1:9464 for order,
+    /// :9465 payment, :9466 inventory).
+    #[arg(long, env = "CHOREO_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Database connections of this worker.
     #[arg(long, env = "CHOREO_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: u32,

@@ -10,6 +10,13 @@
 //!   `amount_over_limit`;
 //! - anything else is charged; the payment id is a UUIDv5 of the order id, so a repeated charge for one order
 //!   yields the same payment;
+//! - a customer id starting with `flaky-N-` (N a digit) fails the first N charge attempts of each order
+//!   with "gateway unavailable" (a transient failure), then succeeds;
+//! - a customer id starting with `unavailable` always fails with "gateway unavailable";
+//! - a customer id starting with `crash` aborts the worker process (a client library that takes the process
+//!   down: poison-message protection must stop the loop);
+//! - otherwise, with probability `CHOREO_GATEWAY_TRANSIENT_FAILURE_RATE` (default 0), a charge fails with
+//!   "gateway unavailable";
 //! - refunds always succeed.
 
 use std::future::Future;
@@ -47,15 +54,43 @@ pub trait PaymentGateway: Send + Sync + 'static {
     fn refund(&self, payment_id: Uuid, amount_cents: i64) -> impl Future<Output = Result<(), GatewayError>> + Send;
 }
 
-/// Deterministic stand-in for a payment provider; see the module documentation for its rules.
-#[derive(Debug, Clone)]
+/// Stand-in for a payment provider; see the module documentation for its rules.
+#[derive(Debug, Default)]
 pub struct SimulatedGateway {
     pub limit_cents: i64,
+    /// Share of charges that fail transiently at random, 0 to 1.
+    pub transient_failure_rate: f64,
+    /// Failed attempts per order so far, for the `flaky-N-` rule.
+    flaky_attempts: std::sync::Mutex<std::collections::HashMap<Uuid, u32>>,
 }
 
-impl Default for SimulatedGateway {
-    fn default() -> Self {
-        SimulatedGateway { limit_cents: 1_000_000 }
+impl SimulatedGateway {
+    pub fn new(limit_cents: i64, transient_failure_rate: f64) -> Self {
+        SimulatedGateway { limit_cents, transient_failure_rate, flaky_attempts: Default::default() }
+    }
+
+    /// Transient failures the rules call for, before any decision.
+    fn outage(&self, charge: &Charge<'_>) -> Option<GatewayError> {
+        let unavailable = || GatewayError::Unavailable("simulated outage".into());
+        if charge.customer_id.starts_with("crash") {
+            tracing::error!(order_id = %charge.order_id, "simulated gateway crash: aborting the process");
+            std::process::abort();
+        }
+        if charge.customer_id.starts_with("unavailable") {
+            return Some(unavailable());
+        }
+        if let Some(n) = charge.customer_id.strip_prefix("flaky-").and_then(|r| r.chars().next()).and_then(|c| c.to_digit(10)) {
+            let mut attempts = self.flaky_attempts.lock().unwrap_or_else(|p| p.into_inner());
+            let failed = attempts.entry(charge.order_id).or_default();
+            if *failed < n {
+                *failed += 1;
+                return Some(unavailable());
+            }
+        }
+        if self.transient_failure_rate > 0.0 && rand::random::<f64>() < self.transient_failure_rate {
+            return Some(unavailable());
+        }
+        None
     }
 }
 
@@ -76,7 +111,10 @@ impl SimulatedGateway {
 
 impl PaymentGateway for SimulatedGateway {
     async fn charge(&self, charge: Charge<'_>) -> Result<ChargeResult, GatewayError> {
-        Ok(self.decide(&charge))
+        match self.outage(&charge) {
+            Some(e) => Err(e),
+            None => Ok(self.decide(&charge)),
+        }
     }
 
     async fn refund(&self, _payment_id: Uuid, _amount_cents: i64) -> Result<(), GatewayError> {
@@ -94,7 +132,7 @@ mod tests {
 
     #[test]
     fn rules_are_deterministic() {
-        let g = SimulatedGateway { limit_cents: 100 };
+        let g = SimulatedGateway::new(100, 0.0);
         let order = Uuid::now_v7();
         assert_eq!(
             g.decide(&charge("decline-7", 10, order)),
@@ -108,5 +146,18 @@ mod tests {
         assert!(matches!(first, ChargeResult::Charged { .. }));
         assert_eq!(g.decide(&charge("c", 100, order)), first, "same order, same payment");
         assert_ne!(g.decide(&charge("c", 100, Uuid::now_v7())), first);
+    }
+
+    #[tokio::test]
+    async fn flaky_customers_fail_n_times_per_order_then_succeed() {
+        let g = SimulatedGateway::new(1_000, 0.0);
+        let order = Uuid::now_v7();
+        for _ in 0..2 {
+            assert!(matches!(g.charge(charge("flaky-2-x", 10, order)).await, Err(GatewayError::Unavailable(_))));
+        }
+        assert!(matches!(g.charge(charge("flaky-2-x", 10, order)).await, Ok(ChargeResult::Charged { .. })));
+        assert!(matches!(g.charge(charge("unavailable-x", 10, order)).await, Err(GatewayError::Unavailable(_))));
+        let always = SimulatedGateway::new(1_000, 1.0);
+        assert!(matches!(always.charge(charge("c", 10, order)).await, Err(GatewayError::Unavailable(_))));
     }
 }

@@ -13,7 +13,7 @@ use choreo_messages::{Envelope, Message, MessageType};
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, PgPool, Row};
 
-use crate::service::{Service, ServiceError};
+use crate::service::{Effects, Service, ServiceError};
 
 pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/inventory");
 
@@ -58,7 +58,7 @@ impl Service for InventoryService {
     const NAME: &'static str = "inventory";
     const CONSUMES: &'static [MessageType] = &[MessageType::PaymentSucceeded];
 
-    async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Vec<Message>, ServiceError> {
+    async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Effects, ServiceError> {
         let Message::PaymentSucceeded(paid) = &envelope.message else {
             return Err(ServiceError::Permanent(format!("inventory does not handle {}", envelope.meta.message_type)));
         };
@@ -82,11 +82,11 @@ impl Service for InventoryService {
                 Some(_) => None,
             };
             if let Some(reason) = failure {
-                return Ok(vec![Message::InventoryFailed(InventoryFailed {
+                return Ok(Effects::events(vec![Message::InventoryFailed(InventoryFailed {
                     order_id: paid.order_id,
                     reason,
                     sku: (*sku).to_owned(),
-                })]);
+                })]));
             }
         }
         let quantities: Vec<i64> = wanted.values().copied().collect();
@@ -106,7 +106,10 @@ impl Service for InventoryService {
         .bind(&quantities)
         .execute(&mut *tx)
         .await?;
-        Ok(vec![Message::InventoryReserved(InventoryReserved { order_id: paid.order_id, lines: paid.lines.clone() })])
+        Ok(Effects::events(vec![Message::InventoryReserved(InventoryReserved {
+            order_id: paid.order_id,
+            lines: paid.lines.clone(),
+        })]))
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`gateway`]: the payment gateway port and its simulated adapter;
 //! - [`config`]: settings from the environment (and flags), with documented defaults;
 //! - [`runtime`]: wiring: database, broker, consumer, relay, retention, signals;
+//! - [`health`]: `/metrics`, `/health/live`, `/health/ready`;
 //! - [`telemetry`]: logs.
 //!
 //! **Architecture invariant**: a service changes its own database only, and only through the transaction it
@@ -13,6 +14,7 @@
 
 pub mod config;
 pub mod gateway;
+pub mod health;
 pub mod inventory;
 pub mod order;
 pub mod payment;

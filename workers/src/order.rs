@@ -9,12 +9,13 @@
 
 use choreo_messages::payloads::{CancelReason, OrderCancelled, OrderConfirmed, OrderCreated, order_total};
 use choreo_messages::{Envelope, Message, MessageType};
+use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, Row};
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::service::{Service, ServiceError};
+use crate::service::{Effects, Service, ServiceError};
 
 pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/order");
 
@@ -30,7 +31,7 @@ impl Service for OrderService {
         MessageType::PaymentRefunded,
     ];
 
-    async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Vec<Message>, ServiceError> {
+    async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Effects, ServiceError> {
         let meta = &envelope.meta;
         match &envelope.message {
             Message::OrderPlace(place) => {
@@ -54,23 +55,29 @@ impl Service for OrderService {
                 .rows_affected();
                 if inserted == 0 {
                     info!(order_id = %place.order_id, "order already placed; nothing to do");
-                    return Ok(vec![]);
+                    return Ok(Effects::none());
                 }
                 history(tx, place.order_id, "PENDING", None, envelope).await?;
-                Ok(vec![Message::OrderCreated(OrderCreated {
+                Ok(Effects::events(vec![Message::OrderCreated(OrderCreated {
                     order_id: place.order_id,
                     customer_id: place.customer_id.clone(),
                     currency: place.currency.clone(),
                     lines: place.lines.clone(),
                     total_cents: total,
-                })])
+                })]))
             }
             Message::InventoryReserved(reserved) => {
-                let Some((total, currency)) = transition(tx, reserved.order_id, "CONFIRMED", None).await? else {
-                    return Ok(vec![]);
+                let Some(settled) = transition(tx, reserved.order_id, "CONFIRMED", None).await? else {
+                    return Ok(Effects::none());
                 };
                 history(tx, reserved.order_id, "CONFIRMED", None, envelope).await?;
-                Ok(vec![Message::OrderConfirmed(OrderConfirmed { order_id: reserved.order_id, total_cents: total, currency })])
+                let confirmed = OrderConfirmed {
+                    order_id: reserved.order_id,
+                    total_cents: settled.total_cents,
+                    currency: settled.currency,
+                };
+                Ok(Effects::events(vec![Message::OrderConfirmed(confirmed)])
+                    .after_commit(move || observe_outcome("confirmed", "none", settled.placed_at)))
             }
             Message::PaymentFailed(failed) => cancel(tx, failed.order_id, failed.reason.into(), envelope).await,
             Message::PaymentRefunded(refunded) => cancel(tx, refunded.order_id, refunded.reason.into(), envelope).await,
@@ -84,12 +91,27 @@ async fn cancel(
     order_id: Uuid,
     reason: CancelReason,
     envelope: &Envelope,
-) -> Result<Vec<Message>, ServiceError> {
-    if transition(tx, order_id, "CANCELLED", Some(reason.as_str())).await?.is_none() {
-        return Ok(vec![]);
-    }
+) -> Result<Effects, ServiceError> {
+    let Some(settled) = transition(tx, order_id, "CANCELLED", Some(reason.as_str())).await? else {
+        return Ok(Effects::none());
+    };
     history(tx, order_id, "CANCELLED", Some(reason.as_str()), envelope).await?;
-    Ok(vec![Message::OrderCancelled(OrderCancelled { order_id, reason })])
+    Ok(Effects::events(vec![Message::OrderCancelled(OrderCancelled { order_id, reason })])
+        .after_commit(move || observe_outcome("cancelled", reason.as_str(), settled.placed_at)))
+}
+
+/// What a terminal transition tells the caller.
+struct Settled {
+    total_cents: i64,
+    currency: String,
+    placed_at: DateTime<Utc>,
+}
+
+/// Saga outcome and end-to-end latency, counted once the transition committed.
+fn observe_outcome(outcome: &'static str, reason: &'static str, placed_at: DateTime<Utc>) {
+    metrics::counter!("choreo_saga_outcomes_total", "outcome" => outcome, "reason" => reason).increment(1);
+    let seconds = (Utc::now() - placed_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+    metrics::histogram!("choreo_workflow_duration_seconds", "outcome" => outcome).record(seconds);
 }
 
 /// Move a PENDING order to a terminal status. `None` when the order is not PENDING (already terminal: a
@@ -99,10 +121,10 @@ async fn transition(
     order_id: Uuid,
     status: &str,
     reason: Option<&str>,
-) -> Result<Option<(i64, String)>, ServiceError> {
+) -> Result<Option<Settled>, ServiceError> {
     let row = sqlx::query(
         "UPDATE orders SET status = $2, cancel_reason = $3, completed_at = now() \
-         WHERE order_id = $1 AND status = 'PENDING' RETURNING total_cents, currency",
+         WHERE order_id = $1 AND status = 'PENDING' RETURNING total_cents, currency, placed_at",
     )
     .bind(order_id)
     .bind(status)
@@ -110,7 +132,11 @@ async fn transition(
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(row) = row {
-        return Ok(Some((row.try_get("total_cents")?, row.try_get("currency")?)));
+        return Ok(Some(Settled {
+            total_cents: row.try_get("total_cents")?,
+            currency: row.try_get("currency")?,
+            placed_at: row.try_get("placed_at")?,
+        }));
     }
     let current: Option<String> = sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")
         .bind(order_id)

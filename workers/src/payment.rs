@@ -16,7 +16,7 @@ use sqlx::{PgConnection, Row};
 use tracing::{info, warn};
 
 use crate::gateway::{Charge, ChargeResult, GatewayError, PaymentGateway};
-use crate::service::{Service, ServiceError};
+use crate::service::{Effects, Service, ServiceError};
 
 pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/payment");
 
@@ -43,7 +43,7 @@ impl<G: PaymentGateway> Service for PaymentService<G> {
     const NAME: &'static str = "payment";
     const CONSUMES: &'static [MessageType] = &[MessageType::OrderCreated, MessageType::InventoryFailed];
 
-    async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Vec<Message>, ServiceError> {
+    async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Effects, ServiceError> {
         match &envelope.message {
             Message::OrderCreated(order) => {
                 let existing: Option<String> =
@@ -53,7 +53,7 @@ impl<G: PaymentGateway> Service for PaymentService<G> {
                         .await?;
                 if let Some(status) = existing {
                     info!(order_id = %order.order_id, %status, "order already has a payment; nothing to do");
-                    return Ok(vec![]);
+                    return Ok(Effects::none());
                 }
                 let charge = Charge {
                     order_id: order.order_id,
@@ -79,7 +79,7 @@ impl<G: PaymentGateway> Service for PaymentService<G> {
                 .bind(decline.map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_owned))))
                 .execute(&mut *tx)
                 .await?;
-                Ok(vec![match decline {
+                Ok(Effects::events(vec![match decline {
                     None => Message::PaymentSucceeded(PaymentSucceeded {
                         order_id: order.order_id,
                         payment_id,
@@ -88,7 +88,7 @@ impl<G: PaymentGateway> Service for PaymentService<G> {
                         lines: order.lines.clone(),
                     }),
                     Some(reason) => Message::PaymentFailed(PaymentFailed { order_id: order.order_id, reason }),
-                }])
+                }]))
             }
             Message::InventoryFailed(failed) => {
                 let row = sqlx::query(
@@ -101,7 +101,7 @@ impl<G: PaymentGateway> Service for PaymentService<G> {
                 let status: String = row.try_get("status")?;
                 if status != "CHARGED" {
                     warn!(order_id = %failed.order_id, %status, "refund asked for a payment that is not charged; ignored");
-                    return Ok(vec![]);
+                    return Ok(Effects::none());
                 }
                 let payment_id: uuid::Uuid = row.try_get("payment_id")?;
                 let amount_cents: i64 = row.try_get("amount_cents")?;
@@ -110,13 +110,13 @@ impl<G: PaymentGateway> Service for PaymentService<G> {
                     .bind(failed.order_id)
                     .execute(&mut *tx)
                     .await?;
-                Ok(vec![Message::PaymentRefunded(PaymentRefunded {
+                Ok(Effects::events(vec![Message::PaymentRefunded(PaymentRefunded {
                     order_id: failed.order_id,
                     payment_id,
                     amount_cents,
                     currency: row.try_get("currency")?,
                     reason: failed.reason,
-                })])
+                })]))
             }
             other => Err(ServiceError::Permanent(format!("payment does not handle {}", other.message_type()))),
         }

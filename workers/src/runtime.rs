@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::CommonArgs;
+use crate::health::HealthState;
 use crate::service::{HandlerCounters, Service, TransactionalHandler};
 
 /// Everything a running worker exposes to its caller (tests read the counters).
@@ -69,6 +70,8 @@ pub async fn run_worker<S: Service>(
     shutdown: CancellationToken,
     started: impl FnOnce(WorkerHandle),
 ) -> anyhow::Result<()> {
+    let metrics = crate::health::metrics_handle()?;
+    let listener = crate::health::bind(args.metrics_addr.unwrap_or_else(|| default_metrics_addr(S::NAME))).await?;
     let topology = Topology::new(args.namespace.clone());
     let broker = connect_pool(&args.amqp_url, &format!("choreo-{}", S::NAME), 4)
         .with_context(|| format!("broker pool for {}", redact(&args.amqp_url)))?;
@@ -78,7 +81,12 @@ pub async fn run_worker<S: Service>(
         db.clone(),
         Arc::clone(&publisher),
         topology.events_exchange(),
-        RelayConfig { batch_size: args.relay_batch, sweep_interval: args.relay_sweep, ..RelayConfig::default() },
+        RelayConfig {
+            worker: S::NAME.to_owned(),
+            batch_size: args.relay_batch,
+            sweep_interval: args.relay_sweep,
+            ..RelayConfig::default()
+        },
     ));
     let handler = Arc::new(TransactionalHandler::new(service, db.clone(), relay.waker()));
     started(WorkerHandle { counters: handler.counters() });
@@ -87,11 +95,14 @@ pub async fn run_worker<S: Service>(
         worker: S::NAME.to_owned(),
         routing_keys: S::CONSUMES.iter().map(|t| t.as_str().to_owned()).collect(),
         delivery_limit: args.delivery_limit,
+        retry_delays: args.retry_delays.clone(),
     });
+    consumer_config.handler_retries = args.handler_retries;
     consumer_config.prefetch = args.prefetch;
     consumer_config.concurrency = args.concurrency;
     consumer_config.max_body_bytes = args.max_message_bytes;
     let consumer = ConsumerRunner::new(broker.clone(), Arc::clone(&publisher), topology, consumer_config, handler);
+    let health = HealthState { worker: S::NAME, consuming: consumer.consuming_flag(), db: db.clone(), metrics };
 
     let background = CancellationToken::new();
     let relay_task = tokio::spawn({
@@ -112,6 +123,14 @@ pub async fn run_worker<S: Service>(
         async move { retention.run(token).await }
     });
 
+    let backlog_task = tokio::spawn({
+        let token = background.clone();
+        let db = db.clone();
+        async move { watch_backlog(S::NAME, db, token).await }
+    });
+    let health_token = CancellationToken::new();
+    let health_task = tokio::spawn(crate::health::serve(listener, health, health_token.clone()));
+
     info!(worker = S::NAME, namespace = %args.namespace, "worker started");
     let consumed = consumer.run(shutdown.clone()).await;
     info!(worker = S::NAME, "consumer stopped; flushing the outbox");
@@ -120,11 +139,42 @@ pub async fn run_worker<S: Service>(
         warn!("relay did not stop in time; unpublished rows stay in the outbox");
     }
     let _ = retention_task.await;
+    let _ = backlog_task.await;
+    health_token.cancel();
+    let _ = health_task.await;
     broker.close();
     db.close().await;
     consumed.context("consumer stopped on an error no reconnect can fix")?;
     info!(worker = S::NAME, "worker stopped cleanly");
     Ok(())
+}
+
+/// Where a worker serves metrics when `CHOREO_METRICS_ADDR` is not set.
+pub fn default_metrics_addr(worker: &str) -> std::net::SocketAddr {
+    let port = match worker {
+        "order" => 9464,
+        "payment" => 9465,
+        "inventory" => 9466,
+        _ => 9467,
+    };
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Keep the outbox gauges current.
+async fn watch_backlog(worker: &'static str, db: PgPool, shutdown: CancellationToken) {
+    loop {
+        match choreo_outbox::OutboxStore::backlog(&db).await {
+            Ok(b) => {
+                metrics::gauge!("choreo_outbox_backlog", "worker" => worker).set(b.unpublished as f64);
+                metrics::gauge!("choreo_outbox_oldest_age_seconds", "worker" => worker).set(b.oldest_age_seconds);
+            }
+            Err(e) => warn!(error = %e, "cannot read the outbox backlog"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }
 
 /// A token cancelled on SIGTERM or SIGINT.

@@ -38,6 +38,29 @@ impl From<OutboxError> for ServiceError {
     }
 }
 
+/// What applying a message produced: events for the outbox, and observations to make once it committed
+/// (metrics of business outcomes must count only what really happened).
+#[derive(Default)]
+pub struct Effects {
+    pub events: Vec<Message>,
+    pub on_commit: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl Effects {
+    pub fn events(events: Vec<Message>) -> Self {
+        Effects { events, on_commit: Vec::new() }
+    }
+
+    pub fn none() -> Self {
+        Effects::default()
+    }
+
+    pub fn after_commit(mut self, observe: impl FnOnce() + Send + 'static) -> Self {
+        self.on_commit.push(Box::new(observe));
+        self
+    }
+}
+
 /// A worker's business logic.
 pub trait Service: Send + Sync + 'static {
     /// Worker name: queue, producer and inbox consumer name.
@@ -51,7 +74,7 @@ pub trait Service: Send + Sync + 'static {
         &self,
         tx: &mut PgConnection,
         envelope: &Envelope,
-    ) -> impl Future<Output = Result<Vec<Message>, ServiceError>> + Send;
+    ) -> impl Future<Output = Result<Effects, ServiceError>> + Send;
 }
 
 /// Counters a test or `/metrics` can read.
@@ -90,11 +113,14 @@ impl<S: Service> TransactionalHandler<S> {
             tx.rollback().await?;
             return Ok(false);
         }
-        let events = self.service.apply(&mut tx, envelope).await?;
+        let effects = self.service.apply(&mut tx, envelope).await?;
         let encoded: Vec<EncodedEnvelope> =
-            events.into_iter().map(|m| Envelope::caused_by(&envelope.meta, m, S::NAME).encode()).collect();
+            effects.events.into_iter().map(|m| Envelope::caused_by(&envelope.meta, m, S::NAME).encode()).collect();
         OutboxStore::enqueue(&mut tx, &encoded).await?;
         tx.commit().await?;
+        for observe in effects.on_commit {
+            observe();
+        }
         if !encoded.is_empty() {
             self.waker.wake();
         }
@@ -120,8 +146,10 @@ impl<S: Service> choreo_rabbitmq::Handler for TransactionalHandler<S> {
             }
             Ok(false) => {
                 self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("choreo_duplicates_skipped_total", "worker" => S::NAME, "type" => envelope.message.message_type().as_str())
+                    .increment(1);
                 info!("duplicate delivery acknowledged with no effect");
-                Outcome::Done
+                Outcome::Duplicate
             }
             Err(ServiceError::Transient(reason)) => Outcome::Retry { reason },
             Err(ServiceError::Permanent(reason)) => Outcome::Reject { kind: ErrorKind::Permanent, reason },

@@ -57,6 +57,9 @@ fn args(infra: &Infra, namespace: &str) -> CommonArgs {
         concurrency: 4,
         max_message_bytes: 262_144,
         delivery_limit: 10,
+        handler_retries: 2,
+        retry_delays: vec![Duration::from_millis(200), Duration::from_millis(400)],
+        metrics_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
         db_pool_size: 4,
         relay_batch: 64,
         relay_sweep: Duration::from_millis(100),
@@ -77,11 +80,11 @@ async fn the_same_message_id_twice_changes_nothing_the_second_time() {
     let infra = Infra::from_env();
     let name = format!("{}_payment", unique_namespace());
     let db = database(&infra, &name, &payment::MIGRATIONS).await;
-    let handler = TransactionalHandler::new(PaymentService::new(SimulatedGateway::default()), db.clone(), Default::default());
+    let handler = TransactionalHandler::new(PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), db.clone(), Default::default());
     let envelope = order_created();
 
     assert_eq!(handler.handle(&envelope).await, Outcome::Done);
-    assert_eq!(handler.handle(&envelope).await, Outcome::Done);
+    assert_eq!(handler.handle(&envelope).await, Outcome::Duplicate);
 
     let counters = handler.counters();
     assert_eq!(counters.processed.load(Ordering::Relaxed), 1);
@@ -108,6 +111,7 @@ async fn a_relay_that_dies_after_publishing_republishes_and_the_consumer_ignores
         worker: "payment".into(),
         routing_keys: PaymentService::<SimulatedGateway>::CONSUMES.iter().map(|t| t.as_str().to_owned()).collect(),
         delivery_limit: 10,
+        retry_delays: vec![],
     };
     topology.declare_worker(&channel, &payment_queue).await.expect("topology");
 
@@ -147,7 +151,7 @@ async fn a_relay_that_dies_after_publishing_republishes_and_the_consumer_ignores
         let db = payment_db.clone();
         let shutdown = shutdown.clone();
         async move {
-            run_worker(PaymentService::new(SimulatedGateway::default()), db, &args, shutdown, |h| {
+            run_worker(PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), db, &args, shutdown, |h| {
                 let _ = tx_counters.send(h.counters);
             })
             .await
@@ -252,7 +256,12 @@ async fn a_queue_declared_with_other_arguments_is_explained() {
         broker.clone(),
         Arc::new(ConfirmingPublisher::new(broker.clone(), Duration::from_secs(5))),
         topology.clone(),
-        ConsumerConfig::new(WorkerQueue { worker: "order".into(), routing_keys: vec!["order.place".into()], delivery_limit: 10 }),
+        ConsumerConfig::new(WorkerQueue {
+            worker: "order".into(),
+            routing_keys: vec!["order.place".into()],
+            delivery_limit: 10,
+            retry_delays: vec![],
+        }),
         Arc::new(NeverCalled),
     );
     let error = tokio::time::timeout(Duration::from_secs(30), runner.run(CancellationToken::new()))

@@ -19,6 +19,9 @@ struct Args {
     /// Simulated gateway: charges above this many minor units are declined with `amount_over_limit`.
     #[arg(long, env = "CHOREO_GATEWAY_LIMIT_CENTS", default_value_t = 1_000_000)]
     gateway_limit_cents: i64,
+    /// Simulated gateway: share of charges (0 to 1) that fail transiently at random.
+    #[arg(long, env = "CHOREO_GATEWAY_TRANSIENT_FAILURE_RATE", default_value_t = 0.0)]
+    gateway_transient_failure_rate: f64,
 }
 
 #[tokio::main]
@@ -27,6 +30,6 @@ async fn main() -> anyhow::Result<()> {
     init_logs(args.common.log_format);
     let options = args.common.database_options("payment", args.database_url.as_deref()).context("database URL")?;
     let db = prepare_database(&options, args.common.db_pool_size, &MIGRATIONS).await?;
-    let service = PaymentService::new(SimulatedGateway { limit_cents: args.gateway_limit_cents });
+    let service = PaymentService::new(SimulatedGateway::new(args.gateway_limit_cents, args.gateway_transient_failure_rate));
     run_worker(service, db, &args.common, shutdown_on_signals(), |_| {}).await
 }

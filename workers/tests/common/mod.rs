@@ -103,6 +103,7 @@ impl Cluster {
             .env("CHOREO_NAMESPACE", &self.namespace)
             .env("CHOREO_LOG_FORMAT", "json")
             .env("CHOREO_RELAY_SWEEP", "200ms")
+            .env("CHOREO_METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,0 +1,113 @@
+//! `/metrics`, `/health/live` and `/health/ready` on one small HTTP server per worker (see docs/metrics.md).
+//!
+//! Ready means: the consumer is registered with the broker (which needs a working connection and channel)
+//! and the database answers within a second.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Buckets of every `_duration_seconds` histogram: milliseconds to tens of seconds.
+pub const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// Workflows can take longer (delayed retries): two more buckets.
+pub const WORKFLOW_BUCKETS: [f64; 16] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full("choreo_workflow_duration_seconds".into()), &WORKFLOW_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), &LATENCY_BUCKETS)?
+        .build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_err() {
+        // Another worker of this process (tests) won the race; use its handle.
+        return HANDLE.get().cloned().ok_or_else(|| anyhow::anyhow!("a foreign metrics recorder is installed"));
+    }
+    let _ = HANDLE.set(handle.clone());
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+#[derive(Clone)]
+pub struct HealthState {
+    pub worker: &'static str,
+    pub consuming: Arc<AtomicBool>,
+    pub db: PgPool,
+    pub metrics: PrometheusHandle,
+}
+
+impl HealthState {
+    /// What is not ready, or nothing.
+    pub async fn not_ready(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        if !self.consuming.load(Ordering::SeqCst) {
+            missing.push("broker consumer");
+        }
+        let db_ok = tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(&self.db))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !db_ok {
+            missing.push("database");
+        }
+        metrics::gauge!("choreo_worker_ready", "worker" => self.worker).set(if missing.is_empty() { 1.0 } else { 0.0 });
+        missing
+    }
+}
+
+/// Bind the health server. Binding happens before the worker starts consuming, so a taken port fails fast.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e} (set CHOREO_METRICS_ADDR)"))?;
+    info!(addr = %listener.local_addr().unwrap_or(addr), "serving /metrics, /health/live and /health/ready");
+    Ok(listener)
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, state: HealthState, shutdown: CancellationToken) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health/live", get(|| async { "live\n" }))
+        .route("/health/ready", get(ready))
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await {
+        warn!(error = %e, "health server stopped");
+    }
+}
+
+async fn metrics(State(state): State<HealthState>) -> String {
+    // Refresh the readiness gauge on every scrape.
+    let _ = state.not_ready().await;
+    state.metrics.render()
+}
+
+async fn ready(State(state): State<HealthState>) -> (StatusCode, String) {
+    let missing = state.not_ready().await;
+    if missing.is_empty() {
+        (StatusCode::OK, "{\"ready\":true}\n".to_owned())
+    } else {
+        let list = missing.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(",");
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{{\"ready\":false,\"not_ready\":[{list}]}}\n"))
+    }
+}
