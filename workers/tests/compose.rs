@@ -46,6 +46,9 @@ mod schema {
         /// Short syntax: `[HOST_IP:]HOST_PORT:CONTAINER_PORT`.
         #[serde(default)]
         pub ports: Vec<String>,
+        /// Ports reachable by other services but not published on the host (`"9464"`).
+        #[serde(default)]
+        pub expose: Vec<String>,
         /// Short syntax: `SOURCE:TARGET[:MODE]`.
         #[serde(default)]
         pub volumes: Vec<String>,
@@ -203,6 +206,56 @@ fn bind_mounted_repository_files_exist() {
             assert!(path.exists(), "`{name}` mounts `{source}`, but {} does not exist", path.display());
         }
     }
+}
+
+/// Prometheus and Grafana read their configuration from repository files mounted where the images look for
+/// them; a renamed or misplaced file would leave them running without alerts or without dashboards.
+#[test]
+fn prometheus_and_grafana_mount_their_configuration_from_the_repository() {
+    let compose = load_compose();
+    let mounts = [
+        ("prometheus", "./monitoring/prometheus/prometheus.compose.yml", "/etc/prometheus/prometheus.yml"),
+        ("prometheus", "./monitoring/prometheus/alerts.yml", "/etc/prometheus/alerts.yml"),
+        ("grafana", "./monitoring/grafana/provisioning", "/etc/grafana/provisioning"),
+        ("grafana", "./monitoring/grafana/dashboards", "/var/lib/grafana/dashboards"),
+    ];
+    for (name, source, target) in mounts {
+        let volumes = &service(&compose, name).volumes;
+        assert!(
+            volumes.iter().any(|spec| mount_source_and_target(spec) == Some((source, target))),
+            "`{name}` does not mount `{source}` at `{target}` (its volumes: {volumes:?})"
+        );
+        let path = repo_root().join(source);
+        assert!(path.exists(), "`{name}` mounts `{source}`, but {} does not exist", path.display());
+    }
+    // What Grafana finds inside the mounted directories, and the dashboard its provider loads.
+    for file in [
+        "monitoring/grafana/provisioning/datasources/prometheus.yml",
+        "monitoring/grafana/provisioning/dashboards/choreo.yml",
+        "monitoring/grafana/dashboards/choreo.json",
+    ] {
+        assert!(repo_root().join(file).is_file(), "grafana needs {file}, which does not exist");
+    }
+    // Prometheus resolves rule files next to its configuration, /etc/prometheus: each must be mounted there.
+    let config = read_repo_file("monitoring/prometheus/prometheus.compose.yml");
+    let config: PrometheusConfig = serde_yaml_ng::from_str(&config)
+        .unwrap_or_else(|e| panic!("monitoring/prometheus/prometheus.compose.yml is not valid YAML: {e}"));
+    assert!(!config.rule_files.is_empty(), "prometheus.compose.yml loads no rule files: no alerts would fire");
+    let prometheus_volumes = &service(&compose, "prometheus").volumes;
+    for rule_file in &config.rule_files {
+        let target = format!("/etc/prometheus/{rule_file}");
+        assert!(
+            prometheus_volumes.iter().any(|spec| mount_source_and_target(spec).is_some_and(|(_, t)| t == target)),
+            "prometheus.compose.yml loads `{rule_file}`, but `prometheus` mounts nothing at `{target}`"
+        );
+    }
+}
+
+/// The part of a Prometheus configuration the checks read; other keys are ignored.
+#[derive(Debug, serde::Deserialize)]
+struct PrometheusConfig {
+    #[serde(default)]
+    rule_files: Vec<String>,
 }
 
 #[test]
@@ -367,6 +420,13 @@ fn healthcheck_enabled(healthcheck: &Healthcheck) -> bool {
 /// The source of a short-syntax mount `SOURCE:TARGET[:MODE]`; `None` for an anonymous volume (`TARGET` alone).
 fn mount_source(spec: &str) -> Option<&str> {
     spec.split_once(':').map(|(source, _)| source)
+}
+
+/// The source and target of a short-syntax mount `SOURCE:TARGET[:MODE]`; `None` for an anonymous volume.
+fn mount_source_and_target(spec: &str) -> Option<(&str, &str)> {
+    let (source, rest) = spec.split_once(':')?;
+    let target = rest.split_once(':').map_or(rest, |(target, _mode)| target);
+    Some((source, target))
 }
 
 fn is_host_path(source: &str) -> bool {

@@ -123,6 +123,30 @@ impl Cluster {
         }
     }
 
+    /// Whether a worker's process has exited (and it is then forgotten).
+    pub fn exited(&mut self, worker: &'static str) -> bool {
+        let gone = match self.children.get_mut(worker) {
+            Some(child) => matches!(child.try_wait(), Ok(Some(_))),
+            None => true,
+        };
+        if gone {
+            self.children.remove(worker);
+        }
+        gone
+    }
+
+    /// Take one message off a queue (acked), if there is one.
+    pub async fn get(&self, queue: &str) -> Option<choreo_rabbitmq::lapin::message::BasicGetMessage> {
+        let conn = choreo_rabbitmq::lapin::Connection::connect(&self.infra.amqp_url, Default::default()).await.expect("broker");
+        let channel = conn.create_channel().await.expect("channel");
+        let message = channel
+            .basic_get(queue.into(), choreo_rabbitmq::lapin::options::BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get");
+        let _ = conn.close(200, "ok".into()).await;
+        message
+    }
+
     /// SIGTERM a worker and return its exit status.
     pub async fn terminate(&mut self, worker: &'static str) -> std::process::ExitStatus {
         let mut child = self.children.remove(worker).expect("worker running");
@@ -267,10 +291,21 @@ impl Cluster {
         }
         let names: Vec<String> = WORKERS.iter().map(|w| self.database_name(w)).collect();
         self.infra.drop_databases(&names).await;
+        let delays: Vec<std::time::Duration> = self
+            .extra_env
+            .iter()
+            .find(|(k, _)| k == "CHOREO_RETRY_DELAYS")
+            .map(|(_, v)| v.split(',').filter_map(|d| humantime::parse_duration(d.trim()).ok()).collect())
+            .unwrap_or_else(|| vec![std::time::Duration::from_secs(1), std::time::Duration::from_secs(10), std::time::Duration::from_secs(60)]);
         let mut queues: Vec<String> = WORKERS
             .iter()
             .flat_map(|w| [self.topology.worker_queue(w), self.topology.dead_letter_queue(w)])
             .collect();
+        for w in WORKERS {
+            for d in &delays {
+                queues.push(self.topology.retry_queue(w, *d));
+            }
+        }
         queues.push(self.topology.outcomes_queue());
         let exchanges = vec![self.topology.events_exchange(), self.topology.dead_letter_exchange()];
         self.infra.delete_broker_objects(&queues, &exchanges).await;
