@@ -3,7 +3,7 @@
 //! - [`service`]: the [`service::Service`] trait a worker implements, and [`service::TransactionalHandler`],
 //!   which runs it inside one transaction with the inbox and the outbox;
 //! - [`order`], [`payment`], [`inventory`]: the three services, each with its own database and migrations;
-//! - [`gateway`]: the payment gateway port and its simulated adapter;
+//! - [`gateway`]: the payment gateway port and its simulated adapter; [`http_gateway`]: the HTTP adapter;
 //! - [`config`]: settings from the environment (and flags), with documented defaults;
 //! - [`runtime`]: wiring: database, broker, consumer, relay, retention, signals;
 //! - [`health`]: `/metrics`, `/health/live`, `/health/ready`;
@@ -15,6 +15,7 @@
 pub mod config;
 pub mod gateway;
 pub mod health;
+pub mod http_gateway;
 pub mod inventory;
 pub mod order;
 pub mod payment;

@@ -1,0 +1,147 @@
+//! [`HttpGateway`]: a payment provider over HTTP, with a timeout per call, retries with backoff and jitter,
+//! and a circuit breaker (failsafe) so that a provider that is down is not hammered.
+//!
+//! The provider's API, as this adapter speaks it:
+//! - `POST {base}/charges` with `Idempotency-Key: <order id>` and `{"order_id", "customer_id",
+//!   "amount_cents", "currency"}` answers `200 {"status":"charged","payment_id":"<uuid>"}` or
+//!   `200 {"status":"declined","reason":"card_declined"|"amount_over_limit"}`;
+//! - `POST {base}/refunds` with `Idempotency-Key: <payment id>` and `{"payment_id", "amount_cents"}` answers 200.
+//!
+//! A timeout, a connection error or a 5xx is transient ([`GatewayError::Unavailable`]); the message waits in
+//! the worker's delay queues while the circuit is open. Any other 4xx is permanent ([`GatewayError::Rejected`]).
+
+use std::time::Duration;
+
+use choreo_messages::payloads::PaymentFailureReason;
+use failsafe::StateMachine;
+use failsafe::backoff::Constant;
+use failsafe::failure_policy::ConsecutiveFailures;
+use serde::{Deserialize, Serialize};
+use tokio_retry2::strategy::{ExponentialFactorBackoff, jitter};
+use tokio_retry2::{Retry, RetryError};
+use tracing::warn;
+use uuid::Uuid;
+
+use crate::gateway::{Charge, ChargeResult, GatewayError, PaymentGateway};
+
+#[derive(Debug, Clone)]
+pub struct HttpGatewayConfig {
+    pub base_url: String,
+    /// Deadline of one HTTP call.
+    pub timeout: Duration,
+    /// Retries of a transient failure inside one gateway call.
+    pub retries: usize,
+    /// Consecutive failed calls that open the circuit.
+    pub breaker_failures: u32,
+    /// How long the circuit stays open before a trial call.
+    pub breaker_open_for: Duration,
+}
+
+pub struct HttpGateway {
+    client: reqwest::Client,
+    config: HttpGatewayConfig,
+    breaker: StateMachine<ConsecutiveFailures<Constant>, ()>,
+}
+
+#[derive(Serialize)]
+struct ChargeBody<'a> {
+    order_id: Uuid,
+    customer_id: &'a str,
+    amount_cents: i64,
+    currency: &'a str,
+}
+
+#[derive(Serialize)]
+struct RefundBody {
+    payment_id: Uuid,
+    amount_cents: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+enum ChargeReply {
+    Charged { payment_id: Uuid },
+    Declined { reason: PaymentFailureReason },
+}
+
+impl HttpGateway {
+    pub fn new(config: HttpGatewayConfig) -> Result<Self, GatewayError> {
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .build()
+            .map_err(|e| GatewayError::Rejected(format!("building the HTTP client: {e}")))?;
+        let policy = failsafe::failure_policy::consecutive_failures(
+            config.breaker_failures.max(1),
+            failsafe::backoff::constant(config.breaker_open_for),
+        );
+        let breaker = failsafe::Config::new().failure_policy(policy).build();
+        Ok(HttpGateway { client, config, breaker })
+    }
+
+    /// Whether calls go through now (the circuit is closed or half-open).
+    pub fn circuit_closed(&self) -> bool {
+        self.breaker.is_call_permitted()
+    }
+
+    async fn post<T: Serialize>(&self, path: &str, key: Uuid, body: &T) -> Result<reqwest::Response, GatewayError> {
+        if !self.breaker.is_call_permitted() {
+            return Err(GatewayError::Unavailable("circuit open: the gateway failed repeatedly".into()));
+        }
+        let url = format!("{}/{path}", self.config.base_url.trim_end_matches('/'));
+        let strategy = ExponentialFactorBackoff::from_millis(50, 2.0).max_delay_millis(1_000).map(jitter).take(self.config.retries);
+        let result = Retry::spawn(strategy, || async {
+            let response = self
+                .client
+                .post(&url)
+                .header("Idempotency-Key", key.to_string())
+                .json(body)
+                .send()
+                .await
+                .map_err(|e| RetryError::transient(GatewayError::Unavailable(format!("{path}: {e}"))))?;
+            let status = response.status();
+            if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                return Err(RetryError::transient(GatewayError::Unavailable(format!("{path}: HTTP {status}"))));
+            }
+            if !status.is_success() {
+                return Err(RetryError::permanent(GatewayError::Rejected(format!("{path}: HTTP {status}"))));
+            }
+            Ok(response)
+        })
+        .await;
+        match &result {
+            Ok(_) | Err(GatewayError::Rejected(_)) => self.breaker.on_success(),
+            Err(GatewayError::Unavailable(e)) => {
+                self.breaker.on_error();
+                if !self.breaker.is_call_permitted() {
+                    warn!(error = %e, "payment gateway circuit opened");
+                }
+            }
+        }
+        result
+    }
+}
+
+impl PaymentGateway for HttpGateway {
+    async fn charge(&self, charge: Charge<'_>) -> Result<ChargeResult, GatewayError> {
+        let body = ChargeBody {
+            order_id: charge.order_id,
+            customer_id: charge.customer_id,
+            amount_cents: charge.amount_cents,
+            currency: charge.currency,
+        };
+        let reply: ChargeReply = self
+            .post("charges", charge.order_id, &body)
+            .await?
+            .json()
+            .await
+            .map_err(|e| GatewayError::Unavailable(format!("charges: unreadable reply: {e}")))?;
+        Ok(match reply {
+            ChargeReply::Charged { payment_id } => ChargeResult::Charged { payment_id },
+            ChargeReply::Declined { reason } => ChargeResult::Declined { reason },
+        })
+    }
+
+    async fn refund(&self, payment_id: Uuid, amount_cents: i64) -> Result<(), GatewayError> {
+        self.post("refunds", payment_id, &RefundBody { payment_id, amount_cents }).await.map(|_| ())
+    }
+}
