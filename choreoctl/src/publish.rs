@@ -104,7 +104,9 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         .into_iter()
         .map(|o| {
             let correlation = o.order_id;
-            Envelope::new_command(Message::OrderPlace(o), "choreoctl", Some(correlation)).encode()
+            let mut envelope = Envelope::new_command(Message::OrderPlace(o), "choreoctl", Some(correlation));
+            envelope.meta.traceparent = Some(new_traceparent());
+            envelope.encode()
         })
         .collect();
     let mut sent = 0usize;
@@ -148,6 +150,13 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         print_summary(&summary);
     }
     Ok(if done { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}
+
+/// A W3C trace context that starts a new trace: version 00, random trace and span ids, sampled.
+pub fn new_traceparent() -> String {
+    let trace = Uuid::new_v4().simple().to_string();
+    let span = Uuid::new_v4().simple().to_string();
+    format!("00-{trace}-{}-01", &span[..16])
 }
 
 fn bar(len: u64, what: &str, quiet: bool) -> ProgressBar {

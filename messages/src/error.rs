@@ -24,6 +24,18 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::MalformedBody,
+        ErrorKind::WrongContentType,
+        ErrorKind::MissingMetadata,
+        ErrorKind::UnknownType,
+        ErrorKind::UnsupportedSchemaVersion,
+        ErrorKind::ValidationFailed,
+        ErrorKind::Oversized,
+        ErrorKind::Transient,
+        ErrorKind::Permanent,
+    ];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             ErrorKind::MalformedBody => "malformed_body",

@@ -134,6 +134,14 @@ impl<H: Handler> ConsumerRunner<H> {
         config: ConsumerConfig,
         handler: Arc<H>,
     ) -> Self {
+        // Counters exist from the start at zero, so that `increase()` sees the first dead letter.
+        for kind in ErrorKind::ALL {
+            metrics::counter!("choreo_dead_lettered_total", "worker" => config.queue.worker.clone(), "error_kind" => kind.as_str())
+                .increment(0);
+        }
+        for stage in ["in_process", "delayed"] {
+            metrics::counter!("choreo_retries_total", "worker" => config.queue.worker.clone(), "stage" => stage).increment(0);
+        }
         ConsumerRunner { pool, publisher, topology, config, handler, consuming: Arc::new(AtomicBool::new(false)) }
     }
 

@@ -13,7 +13,7 @@ use choreo_messages::{EncodedEnvelope, Envelope, ErrorKind, Message, MessageType
 use choreo_outbox::{InboxGuard, OutboxError, OutboxStore, OutboxWaker};
 use choreo_rabbitmq::Outcome;
 use sqlx::{PgConnection, PgPool};
-use tracing::{debug, info};
+use tracing::{Instrument, debug, info};
 
 /// Why a service could not apply a message.
 #[derive(Debug, thiserror::Error)]
@@ -108,14 +108,29 @@ impl<S: Service> TransactionalHandler<S> {
     }
 
     async fn apply_once(&self, envelope: &Envelope) -> Result<bool, ServiceError> {
+        let span = tracing::info_span!("handle", otel.name = %envelope.meta.message_type, worker = S::NAME);
+        crate::telemetry::continue_trace(&span, envelope.meta.traceparent.as_deref());
+        self.apply_in_span(envelope, &span).instrument(span.clone()).await
+    }
+
+    async fn apply_in_span(&self, envelope: &Envelope, span: &tracing::Span) -> Result<bool, ServiceError> {
         let mut tx = self.db.begin().await?;
         if !self.inbox.first_delivery(&mut tx, &envelope.meta).await? {
             tx.rollback().await?;
             return Ok(false);
         }
         let effects = self.service.apply(&mut tx, envelope).await?;
-        let encoded: Vec<EncodedEnvelope> =
-            effects.events.into_iter().map(|m| Envelope::caused_by(&envelope.meta, m, S::NAME).encode()).collect();
+        // Events carry this handler's span as their parent: one workflow, one trace.
+        let traceparent = crate::telemetry::traceparent_of(span).or_else(|| envelope.meta.traceparent.clone());
+        let encoded: Vec<EncodedEnvelope> = effects
+            .events
+            .into_iter()
+            .map(|m| {
+                let mut e = Envelope::caused_by(&envelope.meta, m, S::NAME);
+                e.meta.traceparent = traceparent.clone();
+                e.encode()
+            })
+            .collect();
         OutboxStore::enqueue(&mut tx, &encoded).await?;
         tx.commit().await?;
         for observe in effects.on_commit {

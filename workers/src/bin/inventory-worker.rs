@@ -5,7 +5,7 @@ use clap::Parser;
 use choreo_workers::config::CommonArgs;
 use choreo_workers::inventory::{DEFAULT_CATALOGUE, InventoryService, MIGRATIONS, parse_catalogue, seed_catalogue};
 use choreo_workers::runtime::{prepare_database, run_worker, shutdown_on_signals};
-use choreo_workers::telemetry::init_logs;
+use choreo_workers::telemetry;
 use tracing::info;
 
 #[derive(Debug, Parser)]
@@ -24,7 +24,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logs(args.common.log_format);
+    let _telemetry = telemetry::init(args.common.log_format, "inventory-worker");
     let catalogue = parse_catalogue(&args.catalogue).map_err(|e| anyhow!("CHOREO_INVENTORY_CATALOGUE: {e}"))?;
     let options = args.common.database_options("inventory", args.database_url.as_deref()).context("database URL")?;
     let db = prepare_database(&options, args.common.db_pool_size, &MIGRATIONS).await?;

@@ -5,7 +5,7 @@ use clap::Parser;
 use choreo_workers::config::CommonArgs;
 use choreo_workers::order::{MIGRATIONS, OrderService};
 use choreo_workers::runtime::{prepare_database, run_worker, shutdown_on_signals};
-use choreo_workers::telemetry::init_logs;
+use choreo_workers::telemetry;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "choreo order worker")]
@@ -20,7 +20,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logs(args.common.log_format);
+    let _telemetry = telemetry::init(args.common.log_format, "order-worker");
     let options = args.common.database_options("order", args.database_url.as_deref()).context("database URL")?;
     let db = prepare_database(&options, args.common.db_pool_size, &MIGRATIONS).await?;
     run_worker(OrderService, db, &args.common, shutdown_on_signals(), |_| {}).await

@@ -28,6 +28,8 @@ pub struct Cluster {
     publisher: Arc<ConfirmingPublisher>,
     dbs: HashMap<&'static str, PgPool>,
     pub extra_env: Vec<(String, String)>,
+    /// Where each worker serves /metrics and /health.
+    pub metrics_ports: HashMap<&'static str, u16>,
 }
 
 fn binary(worker: &str) -> &'static str {
@@ -59,6 +61,7 @@ impl Cluster {
             publisher,
             dbs: HashMap::new(),
             extra_env,
+            metrics_ports: WORKERS.iter().map(|w| (*w, choreo_testkit::free_port())).collect(),
         };
         for worker in WORKERS {
             cluster.spawn(worker);
@@ -103,7 +106,7 @@ impl Cluster {
             .env("CHOREO_NAMESPACE", &self.namespace)
             .env("CHOREO_LOG_FORMAT", "json")
             .env("CHOREO_RELAY_SWEEP", "200ms")
-            .env("CHOREO_METRICS_ADDR", "127.0.0.1:0")
+            .env("CHOREO_METRICS_ADDR", format!("127.0.0.1:{}", self.metrics_ports[worker]))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -189,9 +192,18 @@ impl Cluster {
     }
 
     pub async fn place(&self, orders: &[PlaceOrder]) -> Vec<Uuid> {
+        self.place_traced(orders, None).await
+    }
+
+    /// Place orders whose `order.place` carries `traceparent`.
+    pub async fn place_traced(&self, orders: &[PlaceOrder], traceparent: Option<&str>) -> Vec<Uuid> {
         let envelopes: Vec<EncodedEnvelope> = orders
             .iter()
-            .map(|o| Envelope::new_command(Message::OrderPlace(o.clone()), "test", Some(o.order_id)).encode())
+            .map(|o| {
+                let mut e = Envelope::new_command(Message::OrderPlace(o.clone()), "test", Some(o.order_id));
+                e.meta.traceparent = traceparent.map(str::to_owned);
+                e.encode()
+            })
             .collect();
         self.publish(&envelopes).await;
         orders.iter().map(|o| o.order_id).collect()
