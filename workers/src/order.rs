@@ -31,6 +31,13 @@ impl Service for OrderService {
         MessageType::PaymentRefunded,
     ];
 
+    fn register_metrics(&self) {
+        metrics::counter!("choreo_saga_outcomes_total", "outcome" => "confirmed", "reason" => "none").increment(0);
+        for reason in [CancelReason::CardDeclined, CancelReason::AmountOverLimit, CancelReason::OutOfStock, CancelReason::UnknownSku] {
+            metrics::counter!("choreo_saga_outcomes_total", "outcome" => "cancelled", "reason" => reason.as_str()).increment(0);
+        }
+    }
+
     async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Effects, ServiceError> {
         let meta = &envelope.meta;
         match &envelope.message {

@@ -88,6 +88,7 @@ pub async fn run_worker<S: Service>(
             ..RelayConfig::default()
         },
     ));
+    service.register_metrics();
     let handler = Arc::new(TransactionalHandler::new(service, db.clone(), relay.waker()));
     started(WorkerHandle { counters: handler.counters() });
 

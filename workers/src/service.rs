@@ -68,6 +68,9 @@ pub trait Service: Send + Sync + 'static {
     /// Message types this worker's queue is bound to.
     const CONSUMES: &'static [MessageType];
 
+    /// Register this service's own metrics at zero, so that rates and increases see their first events.
+    fn register_metrics(&self) {}
+
     /// Apply `envelope` inside `tx` and return the events it causes. Must not commit, publish or call out
     /// to anything that is not idempotent on a key derived from the message.
     fn apply(

@@ -1,0 +1,137 @@
+//! A real Prometheus, started from `monitoring/prometheus/prometheus.yml` (targets pointed at this test's
+//! workers and broker), scrapes a running workload, and every query of every dashboard panel returns data.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use choreo_testkit::{free_port, wait_for};
+use common::{Cluster, mixed_orders};
+use serde_yaml_ng::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The shipped configuration with its targets replaced by this test's.
+fn test_config(cluster: &Cluster, rabbit_port: &str, dir: &std::path::Path) -> String {
+    let shipped = std::fs::read_to_string(repo().join("monitoring/prometheus/prometheus.yml")).expect("prometheus.yml");
+    let mut config: Value = serde_yaml_ng::from_str(&shipped).expect("prometheus.yml is YAML");
+    config["global"]["scrape_interval"] = Value::from("1s");
+    config["global"]["evaluation_interval"] = Value::from("1s");
+    config["rule_files"] = Value::Sequence(vec![Value::from(
+        repo().join("monitoring/prometheus/alerts.yml").display().to_string(),
+    )]);
+    let jobs = config["scrape_configs"].as_sequence_mut().expect("scrape_configs");
+    for job in jobs.iter_mut() {
+        let name = job["job_name"].as_str().unwrap_or_default().to_owned();
+        for target_group in job["static_configs"].as_sequence_mut().expect("static_configs") {
+            let target = match name.as_str() {
+                "choreo-workers" => {
+                    let worker = target_group["labels"]["worker"].as_str().expect("worker label").to_owned();
+                    let worker = common::WORKERS.into_iter().find(|w| *w == worker).expect("known worker");
+                    format!("127.0.0.1:{}", cluster.metrics_ports[worker])
+                }
+                "rabbitmq" => format!("127.0.0.1:{rabbit_port}"),
+                other => panic!("unexpected job {other} in prometheus.yml"),
+            };
+            target_group["targets"] = Value::Sequence(vec![Value::from(target)]);
+        }
+    }
+    let text = serde_yaml_ng::to_string(&config).expect("yaml");
+    let path = dir.join("prometheus.yml");
+    std::fs::write(&path, &text).expect("write config");
+    path.display().to_string()
+}
+
+fn dashboard_queries() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo().join("monitoring/grafana/dashboards/choreo.json")).expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(expr) = target["expr"].as_str() {
+                let title = panel["title"].as_str().unwrap_or("?").to_owned();
+                queries.push((title, expr.replace("$__rate_interval", "30s").replace("$__interval", "5s")));
+            }
+        }
+    }
+    assert!(!queries.is_empty());
+    queries
+}
+
+#[tokio::test]
+async fn prometheus_scrapes_the_workload_and_every_dashboard_query_returns_data() {
+    let rabbit_port = std::env::var("CHOREO_RABBIT_PROMETHEUS_PORT").expect(
+        "CHOREO_RABBIT_PROMETHEUS_PORT (RabbitMQ's Prometheus port) is not set: run through ./scripts/test",
+    );
+    let prometheus_bin = std::env::var("CHOREO_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+    let cluster = Cluster::start().await;
+    let dir = std::env::temp_dir().join(format!("choreo-prom-{}", cluster.namespace));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = test_config(&cluster, &rabbit_port, &dir);
+    let port = free_port();
+    let mut prometheus = tokio::process::Command::new(&prometheus_bin)
+        .arg(format!("--config.file={config}"))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {prometheus_bin} (Debian package `prometheus`): {e}"));
+
+    let client = reqwest::Client::new();
+    let api = format!("http://127.0.0.1:{port}/api/v1/query");
+    let up_query = reqwest::Url::parse_with_params(&api, &[("query", "sum(up)")]).expect("url");
+    wait_for("Prometheus scraping every target", Duration::from_secs(60), || {
+        let client = client.clone();
+        let url = up_query.clone();
+        async move {
+            let reply: serde_json::Value =
+                client.get(url).send().await.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())?;
+            if reply["data"]["result"][0]["value"][1] == "4" { Ok(()) } else { Err(reply.to_string()) }
+        }
+    })
+    .await;
+    let ids = cluster.place(&mixed_orders(60)).await;
+    cluster.wait_terminal(&ids, Duration::from_secs(90)).await;
+    // Keep traffic flowing while Prometheus collects a few samples, so rates have something to show.
+    let more = cluster.place(&mixed_orders(30)).await;
+    cluster.wait_terminal(&more, Duration::from_secs(90)).await;
+
+    for (title, query) in dashboard_queries() {
+        wait_for(&format!("data for panel `{title}`: {query}"), Duration::from_secs(60), || {
+            let client = client.clone();
+            let api = api.clone();
+            let query = query.clone();
+            async move {
+                let reply: serde_json::Value = client
+                    .get(reqwest::Url::parse_with_params(&api, &[("query", query.as_str())]).map_err(|e| e.to_string())?)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let results = reply["data"]["result"].as_array().map(Vec::len).unwrap_or(0);
+                if reply["status"] == "success" && results > 0 { Ok(()) } else { Err(reply.to_string()) }
+            }
+        })
+        .await;
+    }
+    // Every worker is scraped and up.
+    let up: serde_json::Value = client
+        .get(reqwest::Url::parse_with_params(&api, &[("query", "sum(up{job=\"choreo-workers\"})")]).expect("url"))
+        .send()
+        .await
+        .expect("query")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(up["data"]["result"][0]["value"][1], "3", "{up}");
+    prometheus.kill().await.expect("stop prometheus");
+    let _ = std::fs::remove_dir_all(&dir);
+    cluster.shutdown().await;
+}
