@@ -5,6 +5,7 @@
 
 mod orders;
 mod publish;
+mod top;
 
 use std::process::ExitCode;
 
@@ -23,6 +24,8 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Order counts by status, or one order's status and history.
     Orders(orders::OrdersArgs),
+    /// Live figures from the workers' /metrics: throughput, outcomes, latency, retries, dead letters, outbox.
+    Top(top::TopArgs),
 }
 
 #[tokio::main]
@@ -31,6 +34,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Publish(args) => publish::run(args).await,
         Command::Orders(args) => orders::run(args).await,
+        Command::Top(args) => top::run(args).await,
     };
     match result {
         Ok(code) => code,

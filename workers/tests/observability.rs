@@ -167,3 +167,37 @@ async fn metrics_carry_the_catalogue_after_a_workload() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn choreoctl_top_shows_the_live_figures() {
+    let cluster = Cluster::start().await;
+    let ids = cluster.place(&common::mixed_orders(20)).await;
+    cluster.wait_terminal(&ids, Duration::from_secs(60)).await;
+    let targets = common::WORKERS
+        .iter()
+        .map(|w| format!("{w}=127.0.0.1:{}", cluster.metrics_ports[w]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let output = Command::new(common::choreoctl())
+        .args(["top", "--json", "--interval", "300ms", "--targets", &targets])
+        .output()
+        .await
+        .expect("choreoctl top");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let snapshot: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON snapshot");
+    assert_eq!(snapshot["workflows"]["confirmed_total"], 16.0);
+    assert_eq!(snapshot["workflows"]["cancelled_by_reason"]["card_declined"], 2.0);
+    let workers = snapshot["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 3);
+    assert!(workers.iter().all(|w| w["up"] == true && w["ready"] == true), "{snapshot}");
+    cluster.shutdown().await;
+
+    // With nothing to read, it says so and fails.
+    let output = Command::new(common::choreoctl())
+        .args(["top", "--once", "--interval", "100ms", "--targets", &format!("order=127.0.0.1:{}", choreo_testkit::free_port())])
+        .output()
+        .await
+        .expect("choreoctl top");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no worker answered"));
+}

@@ -346,3 +346,15 @@ pub fn mixed_orders(n: usize) -> Vec<PlaceOrder> {
         })
         .collect()
 }
+
+/// The `choreoctl` binary of this build (`scripts/test` builds every binary before the tests).
+pub fn choreoctl() -> std::path::PathBuf {
+    let mut path = std::env::current_exe().expect("test binary path");
+    path.pop();
+    if path.ends_with("deps") {
+        path.pop();
+    }
+    path.push("choreoctl");
+    assert!(path.exists(), "{} is missing: run `cargo build -p choreoctl` (scripts/test does)", path.display());
+    path
+}
