@@ -1,11 +1,17 @@
 //! `choreoctl`: the admin CLI of choreo. Start workflows, watch orders.
 //!
-//! Exit codes: 0 success; 1 failure (the message says what to do); 2 usage error (clap);
-//! 3 `publish --wait` timed out before every order was terminal.
+//! Exit codes: 0 success; 1 failure (the message says what to do); 2 usage error;
+//! 3 `publish --wait` timed out before every order was terminal; 4 some selected dead letters could not be
+//! replayed (they stay in their queue); 5 a purge was not confirmed (nothing deleted).
 
+mod broker;
+mod databases;
+mod dlq;
 mod orders;
+mod outbox;
 mod publish;
 mod top;
+mod trace;
 
 use std::process::ExitCode;
 
@@ -24,8 +30,23 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Order counts by status, or one order's status and history.
     Orders(orders::OrdersArgs),
+    /// Dead letters: list, show, replay, purge, export, import.
+    Dlq(dlq::DlqArgs),
+    /// Outbox backlog of every service.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+    /// The whole story of one workflow across the services, by order id or correlation id.
+    Trace(trace::TraceArgs),
     /// Live figures from the workers' /metrics: throughput, outcomes, latency, retries, dead letters, outbox.
     Top(top::TopArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum OutboxCommand {
+    /// Unpublished rows and the age of the oldest, per service.
+    Status(outbox::OutboxArgs),
 }
 
 #[tokio::main]
@@ -35,6 +56,9 @@ async fn main() -> ExitCode {
         Command::Publish(args) => publish::run(args).await,
         Command::Orders(args) => orders::run(args).await,
         Command::Top(args) => top::run(args).await,
+        Command::Dlq(args) => dlq::run(args).await,
+        Command::Outbox { command: OutboxCommand::Status(args) } => outbox::status(args).await,
+        Command::Trace(args) => trace::run(args).await,
     };
     match result {
         Ok(code) => code,

@@ -25,6 +25,9 @@ use crate::{BrokerError, TopologyError};
 /// Types that end a workflow; they go to the outcomes feed.
 pub const OUTCOME_TYPES: [&str; 2] = ["order.confirmed", "order.cancelled"];
 
+/// Delivery limit of dead-letter queues: effectively none (see `declare_worker`).
+pub const DEAD_LETTER_DELIVERY_LIMIT: i64 = 1_000_000_000;
+
 /// Outcomes kept in the feed; the oldest are dropped first.
 pub const OUTCOMES_MAX_LENGTH: i64 = 100_000;
 
@@ -131,6 +134,9 @@ impl Topology {
         let dlq = self.dead_letter_queue(&queue.worker);
         let mut dlq_args = FieldTable::default();
         dlq_args.insert("x-queue-type".into(), long_string("quorum"));
+        // Reading a dead letter without removing it counts as a delivery on quorum queues (and 4.x drops
+        // messages past a default limit of 20): a limit no operator will reach keeps every dead letter.
+        dlq_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DEAD_LETTER_DELIVERY_LIMIT));
         declare_queue(channel, &dlq, dlq_args).await?;
         bind(channel, &dlq, &self.dead_letter_exchange(), &dlq).await?;
 

@@ -358,3 +358,57 @@ pub fn choreoctl() -> std::path::PathBuf {
     assert!(path.exists(), "{} is missing: run `cargo build -p choreoctl` (scripts/test does)", path.display());
     path
 }
+
+impl Cluster {
+    /// `choreoctl` pointed at this cluster's broker namespace and databases.
+    pub fn choreoctl(&self) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(choreoctl());
+        command
+            .env("AMQP_URL", &self.infra.amqp_url)
+            .env("CHOREO_NAMESPACE", &self.namespace)
+            .env("DATABASE_URL", &self.infra.database_url)
+            .stdin(Stdio::null());
+        for worker in WORKERS {
+            command.env(format!("CHOREO_{}_DATABASE_URL", worker.to_uppercase()), self.database_url(worker));
+        }
+        command
+    }
+
+    /// Run `choreoctl args`, returning (exit code, stdout, stderr).
+    pub async fn run_choreoctl(&self, args: &[&str]) -> (i32, String, String) {
+        let output = self.choreoctl().args(args).output().await.expect("choreoctl runs");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Messages ready in a queue.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let conn = choreo_rabbitmq::lapin::Connection::connect(&self.infra.amqp_url, Default::default()).await.expect("broker");
+        let channel = conn.create_channel().await.expect("channel");
+        let options = choreo_rabbitmq::lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let n = channel.queue_declare(queue.into(), options, Default::default()).await.expect("queue exists").message_count();
+        let _ = conn.close(200, "ok".into()).await;
+        n
+    }
+
+    /// Wait until a queue holds exactly `n` ready messages.
+    pub async fn wait_depth(&self, queue: &str, n: u32) {
+        wait_for(&format!("{n} messages in {queue}"), Duration::from_secs(60), || async {
+            let d = self.depth(queue).await;
+            if d == n { Ok(()) } else { Err(d) }
+        })
+        .await;
+    }
+
+    /// Publish a raw message to the events exchange (bad input for tests).
+    pub async fn publish_raw(&self, routing_key: &str, properties: choreo_rabbitmq::lapin::BasicProperties, body: &[u8]) {
+        let exchange = self.topology.events_exchange();
+        self.publisher
+            .publish(Outgoing { exchange: &exchange, routing_key, properties, body, message_id: String::new() })
+            .await
+            .expect("the broker accepts it");
+    }
+}

@@ -1,0 +1,32 @@
+//! The three service databases, for commands that read across services.
+
+use std::str::FromStr;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+pub const SERVICES: [&str; 3] = ["order", "payment", "inventory"];
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceDbArgs {
+    /// PostgreSQL server URL; service `X` uses database `choreo_X` on it unless `CHOREO_X_DATABASE_URL` is set.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://choreo:choreo@127.0.0.1:5432/postgres", hide_env_values = true)]
+    pub server_database_url: String,
+}
+
+impl ServiceDbArgs {
+    pub async fn connect(&self, service: &str) -> anyhow::Result<PgPool> {
+        let own = std::env::var(format!("CHOREO_{}_DATABASE_URL", service.to_uppercase())).ok();
+        let options = match own {
+            Some(url) => PgConnectOptions::from_str(&url),
+            None => PgConnectOptions::from_str(&self.server_database_url).map(|o| o.database(&format!("choreo_{service}"))),
+        }
+        .with_context(|| format!("{service} database URL"))?;
+        PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("connecting to the {service} database (has {service}-worker run once? check DATABASE_URL)"))
+    }
+}

@@ -1,0 +1,93 @@
+//! Reading a dead-letter queue without taking anything off it.
+//!
+//! RabbitMQ has no "peek". We consume the messages without acknowledging them, then give them back:
+//! the broker returns every unacknowledged message to the queue, in the order they were delivered, which is
+//! their order in the queue (we return them one by one, in order). What it costs: each message travels to us and back; while we hold them, other
+//! consumers of the queue (normally none for a dead-letter queue) do not see them; a quorum queue puts
+//! returned messages at its back, so every command holds the whole queue and gives all of it back in order,
+//! even to show only its head (at most 65,535 messages, the largest AMQP prefetch; a longer queue is read in
+//! part and its head moves to the back); the broker sets the
+//! `redelivered` flag and, on quorum queues, counts one more delivery (`x-delivery-count`). Dead-letter
+//! queues are declared with a delivery limit high enough that reading never drops a message.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use choreo_rabbitmq::BrokerPool;
+use choreo_rabbitmq::connection::open_channel;
+use choreo_rabbitmq::lapin::Channel;
+use choreo_rabbitmq::lapin::message::Delivery;
+use choreo_rabbitmq::lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
+use choreo_rabbitmq::lapin::types::FieldTable;
+use futures_util::StreamExt;
+
+/// Most messages held at once (the AMQP prefetch is a 16-bit number).
+pub const MAX_BROWSE: usize = 65_535;
+
+/// Messages of a queue held unacknowledged on one channel.
+pub struct Browse {
+    pub channel: Channel,
+    /// Our consumer; cancelled before anything is given back, or the broker would hand the first returned
+    /// message straight back to it and the order would change.
+    consumer_tag: Option<String>,
+    pub deliveries: Vec<Delivery>,
+    /// Messages in the queue when the browse started.
+    pub queue_depth: u32,
+}
+
+/// How many messages wait in `queue`; a clear error when it does not exist.
+pub async fn depth(pool: &BrokerPool, queue: &str) -> anyhow::Result<u32> {
+    let channel = open_channel(pool).await?;
+    let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let q = channel
+        .queue_declare(queue.into(), options, FieldTable::default())
+        .await
+        .with_context(|| format!("queue `{queue}` does not exist (check the name and CHOREO_NAMESPACE)"))?;
+    let _ = channel.close(200, "ok".into()).await;
+    Ok(q.message_count())
+}
+
+/// Hold up to `limit` messages of `queue` (all of them by default).
+pub async fn browse(pool: &BrokerPool, queue: &str, limit: Option<usize>) -> anyhow::Result<Browse> {
+    let queue_depth = depth(pool, queue).await?;
+    let wanted = (queue_depth as usize).min(limit.unwrap_or(MAX_BROWSE)).min(MAX_BROWSE);
+    let channel = open_channel(pool).await?;
+    if wanted == 0 {
+        return Ok(Browse { channel, consumer_tag: None, deliveries: Vec::new(), queue_depth });
+    }
+    channel.basic_qos(wanted as u16, BasicQosOptions::default()).await.context("basic.qos")?;
+    let mut consumer = channel
+        .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .with_context(|| format!("reading `{queue}`"))?;
+    let mut deliveries = Vec::with_capacity(wanted);
+    while deliveries.len() < wanted {
+        // Fewer messages than counted (another reader took some): stop once nothing comes for a while.
+        match tokio::time::timeout(Duration::from_secs(3), consumer.next()).await {
+            Ok(Some(Ok(delivery))) => deliveries.push(delivery),
+            Ok(Some(Err(e))) => return Err(e).context("reading the queue"),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let consumer_tag = Some(consumer.tag().to_string());
+    Ok(Browse { channel, consumer_tag, deliveries, queue_depth })
+}
+
+impl Browse {
+    /// Give back every message not acknowledged, one by one in queue order: returned messages go back to
+    /// the head of the queue in the order they are returned (closing the channel would return them in no
+    /// particular order). Acknowledged messages are skipped (lapin does not send a second settlement).
+    pub async fn release(self) {
+        if let Some(tag) = &self.consumer_tag {
+            let _ = self.channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        }
+        let requeue = BasicNackOptions { multiple: false, requeue: true };
+        for delivery in &self.deliveries {
+            if delivery.acker.nack(requeue).await.is_err() {
+                // The channel is gone: the broker returns whatever is left by itself.
+                break;
+            }
+        }
+        let _ = self.channel.close(200, "browse done".into()).await;
+    }
+}

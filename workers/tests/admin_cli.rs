@@ -1,0 +1,188 @@
+//! `choreoctl` against a running cluster: dead-letter list, show, filters, purge, export and import, trace
+//! and outbox status.
+
+mod common;
+
+use std::time::Duration;
+
+use choreo_rabbitmq::lapin::BasicProperties;
+use choreo_rabbitmq::lapin::types::{AMQPValue, FieldTable};
+use common::{Cluster, order};
+use uuid::Uuid;
+
+fn bad(message_type: &str) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert("schema-version".into(), AMQPValue::LongLongInt(1));
+    BasicProperties::default()
+        .with_message_id(Uuid::now_v7().to_string().into())
+        .with_type(message_type.into())
+        .with_content_type("application/json".into())
+        .with_headers(headers)
+}
+
+/// Dead letters: order gets 3 malformed and 2 of unknown type, payment 2 malformed.
+async fn poisoned_cluster() -> Cluster {
+    let cluster = Cluster::start().await;
+    for i in 0..3 {
+        cluster.publish_raw("order.place", bad("order.place"), format!("{{broken {i}").as_bytes()).await;
+    }
+    for i in 0..2 {
+        cluster.publish_raw("order.place", bad("order.teleport"), format!("{{\"n\":{i}}}").as_bytes()).await;
+        cluster.publish_raw("order.created", bad("order.created"), format!("not json {i}").as_bytes()).await;
+    }
+    cluster.wait_depth(&cluster.topology.dead_letter_queue("order"), 5).await;
+    cluster.wait_depth(&cluster.topology.dead_letter_queue("payment"), 2).await;
+    cluster
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+async fn export_lines(cluster: &Cluster, queue: &str) -> Vec<String> {
+    let (code, out, err) = cluster.run_choreoctl(&["dlq", "export", queue, "--all"]).await;
+    assert_eq!(code, 0, "{err}");
+    out.lines().map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn list_show_filters_purge_export_and_import_tell_the_truth_and_lose_nothing() {
+    let cluster = poisoned_cluster().await;
+    let order_dlq = cluster.topology.dead_letter_queue("order");
+    let payment_dlq = cluster.topology.dead_letter_queue("payment");
+
+    // list: counts per queue, and failure groups.
+    let (code, out, err) = cluster.run_choreoctl(&["dlq", "list", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let counts: Vec<(String, u64)> = json(&out)["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .map(|q| (q["queue"].as_str().unwrap_or("").to_owned(), q["messages"].as_u64().unwrap_or(99)))
+        .collect();
+    assert_eq!(counts, vec![(order_dlq.clone(), 5), (payment_dlq.clone(), 2), (cluster.topology.dead_letter_queue("inventory"), 0)]);
+    let (_, out, _) = cluster.run_choreoctl(&["dlq", "list", "--group-by", "error-kind", "--json"]).await;
+    let mut groups: Vec<(String, String, u64)> = json(&out)["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .map(|g| (g["worker"].as_str().unwrap_or("").into(), g["error_kind"].as_str().unwrap_or("").into(), g["messages"].as_u64().unwrap_or(0)))
+        .collect();
+    groups.sort();
+    assert_eq!(
+        groups,
+        vec![("order".into(), "malformed_body".into(), 3), ("order".into(), "unknown_type".into(), 2), ("payment".into(), "malformed_body".into(), 2)]
+    );
+
+    // show: the queue keeps its count and its order.
+    let before = export_lines(&cluster, "order").await;
+    assert_eq!(before.len(), 5);
+    let (code, out, err) = cluster.run_choreoctl(&["dlq", "show", "order", "--limit", "3"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("error kind      malformed_body") && out.contains("showing 3"), "{out}");
+    let first_id = json(&before[0])["properties"]["message_id"].as_str().expect("id").to_owned();
+    let (_, out, _) = cluster.run_choreoctl(&["dlq", "show", "order", "--id", &first_id, "--json"]).await;
+    assert_eq!(json(&out)["shown"][0]["story"]["message_id"], first_id.as_str());
+    assert_eq!(export_lines(&cluster, "order").await, before, "show changed nothing, order included");
+    assert_eq!(cluster.depth(&order_dlq).await, 5);
+
+    // filters select exactly; purge without --yes and without a terminal does nothing.
+    let (_, out, _) = cluster.run_choreoctl(&["dlq", "replay", "order", "--error-kind", "unknown_type", "--dry-run", "--json"]).await;
+    assert_eq!(json(&out)["selected"], 2);
+    let (_, out, _) = cluster.run_choreoctl(&["dlq", "replay", "order", "--id", &first_id, "--dry-run", "--json"]).await;
+    assert_eq!(json(&out)["selected"], 1);
+    let (_, out, _) = cluster.run_choreoctl(&["dlq", "replay", "order", "--type", "order.place", "--older-than", "1h", "--dry-run", "--json"]).await;
+    assert_eq!(json(&out)["selected"], 0, "nothing failed an hour ago");
+    let (code, _, err) = cluster.run_choreoctl(&["dlq", "purge", "order", "--all"]).await;
+    assert!(code != 0 && err.contains("--yes"), "{code} {err}");
+    let (code, _, err) = cluster.run_choreoctl(&["dlq", "purge", "order"]).await;
+    assert!(code != 0 && err.contains("--all"), "no selection, no purge: {err}");
+    assert_eq!(cluster.depth(&order_dlq).await, 5, "nothing was purged");
+    let (code, out, err) = cluster.run_choreoctl(&["dlq", "purge", "order", "--error-kind", "unknown_type", "--yes", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["done"], 2);
+    cluster.wait_depth(&order_dlq, 3).await;
+    let (_, out, _) = cluster.run_choreoctl(&["dlq", "replay", "order", "--error-kind", "malformed_body", "--dry-run", "--json"]).await;
+    assert_eq!(json(&out)["selected"], 3, "only the unknown types went");
+
+    // export, purge, import: headers and bodies come back byte for byte.
+    let exported = export_lines(&cluster, "payment").await;
+    let file = std::env::temp_dir().join(format!("{}-payment.jsonl", cluster.namespace));
+    std::fs::write(&file, exported.join("\n")).expect("write export");
+    let (code, _, err) = cluster.run_choreoctl(&["dlq", "purge", "payment", "--all", "--yes"]).await;
+    assert_eq!(code, 0, "{err}");
+    cluster.wait_depth(&payment_dlq, 0).await;
+    let (code, out, err) = cluster.run_choreoctl(&["dlq", "import", file.to_str().expect("path")]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("imported 2"), "{out}");
+    cluster.wait_depth(&payment_dlq, 2).await;
+    assert_eq!(export_lines(&cluster, "payment").await, exported, "round trip is exact");
+    let _ = std::fs::remove_file(file);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn trace_tells_the_story_of_a_confirmed_and_a_compensated_order() {
+    let cluster = Cluster::start().await;
+    let confirmed = order("cust-1", &[("sku-001", 1, 100)]);
+    let compensated = order("cust-2", &[("sku-001", 1, 100), ("sku-soldout", 1, 100)]);
+    let ids = cluster.place(&[confirmed.clone(), compensated.clone()]).await;
+    cluster.wait_terminal(&ids, Duration::from_secs(60)).await;
+    // The relay publishes the terminal events a moment after the commit.
+    choreo_testkit::wait_for("terminal events published", Duration::from_secs(30), || async {
+        let (_, out, _) = cluster.run_choreoctl(&["outbox", "status", "--json"]).await;
+        let backlog: i64 = json(&out).as_array().map(|rows| rows.iter().filter_map(|r| r["unpublished"].as_i64()).sum()).unwrap_or(-1);
+        if backlog == 0 { Ok(()) } else { Err(backlog) }
+    })
+    .await;
+
+    let story = |id: Uuid| {
+        let cluster = &cluster;
+        async move {
+            let (code, out, err) = cluster.run_choreoctl(&["trace", &id.to_string(), "--json"]).await;
+            assert_eq!(code, 0, "{err}");
+            json(&out)["steps"]
+                .as_array()
+                .expect("steps")
+                .iter()
+                .map(|s| format!("{} {} {}", s["service"].as_str().unwrap_or(""), s["what"].as_str().unwrap_or(""), s["message_type"].as_str().unwrap_or("")))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        story(confirmed.order_id).await,
+        [
+            "order received order.place",
+            "order status PENDING",
+            "order sent order.created",
+            "payment received order.created",
+            "payment sent payment.succeeded",
+            "inventory received payment.succeeded",
+            "inventory sent inventory.reserved",
+            "order received inventory.reserved",
+            "order status CONFIRMED",
+            "order sent order.confirmed",
+        ]
+    );
+    assert_eq!(
+        story(compensated.order_id).await,
+        [
+            "order received order.place",
+            "order status PENDING",
+            "order sent order.created",
+            "payment received order.created",
+            "payment sent payment.succeeded",
+            "inventory received payment.succeeded",
+            "inventory sent inventory.failed",
+            "payment received inventory.failed",
+            "payment sent payment.refunded",
+            "order received payment.refunded",
+            "order status CANCELLED",
+            "order sent order.cancelled",
+        ]
+    );
+    let (code, _, err) = cluster.run_choreoctl(&["trace", &Uuid::now_v7().to_string()]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("nothing is known"), "{err}");
+    cluster.shutdown().await;
+}
