@@ -75,6 +75,9 @@ enum DlqCommand {
         /// instead of only the worker's own queue.
         #[arg(long)]
         via_original_exchange: bool,
+        /// At most this many messages per second, so that a large replay does not swamp the worker.
+        #[arg(long)]
+        rate: Option<f64>,
         #[arg(long)]
         json: bool,
     },
@@ -118,8 +121,9 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         DlqCommand::List { group_by, workers, json } => list(&broker, &workers, group_by, json).await,
         DlqCommand::Show { queue, id, limit, json } => show(&broker, &resolve_queue(&broker, &queue), id, limit, json).await,
-        DlqCommand::Replay { queue, filter, dry_run, via_original_exchange, json } => {
-            replay::replay(&broker, &resolve_queue(&broker, &queue), &filter, dry_run, via_original_exchange, json).await
+        DlqCommand::Replay { queue, filter, dry_run, via_original_exchange, rate, json } => {
+            let options = replay::ReplayOptions { dry_run, via_original_exchange, rate, json };
+            replay::replay(&broker, &resolve_queue(&broker, &queue), &filter, options).await
         }
         DlqCommand::Purge { queue, filter, yes, dry_run, json } => {
             replay::purge(&broker, &resolve_queue(&broker, &queue), &filter, yes, dry_run, json).await

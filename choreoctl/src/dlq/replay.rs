@@ -68,14 +68,17 @@ fn replay_properties(delivery: &Delivery) -> BasicProperties {
     delivery.properties.clone().with_headers(headers)
 }
 
-pub async fn replay(
-    broker: &BrokerArgs,
-    queue: &str,
-    filter: &Filter,
-    dry_run: bool,
-    via_original_exchange: bool,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
+/// How `dlq replay` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayOptions {
+    pub dry_run: bool,
+    pub via_original_exchange: bool,
+    pub rate: Option<f64>,
+    pub json: bool,
+}
+
+pub async fn replay(broker: &BrokerArgs, queue: &str, filter: &Filter, options: ReplayOptions) -> anyhow::Result<ExitCode> {
+    let ReplayOptions { dry_run, via_original_exchange, rate, json } = options;
     filter.require_selection()?;
     let pool = broker.pool()?;
     let topology = broker.topology();
@@ -108,7 +111,15 @@ pub async fn replay(
     } else {
         let bar = progress(selected.len(), "replaying", json);
         let items: Vec<_> = selected.iter().zip(&targets).collect();
-        for chunk in items.chunks(100) {
+        let rate = rate.filter(|r| *r > 0.0);
+        let chunk_size = rate.map(|r| ((r / 10.0).ceil() as usize).clamp(1, 100)).unwrap_or(100);
+        let started = std::time::Instant::now();
+        let mut sent = 0usize;
+        for chunk in items.chunks(chunk_size) {
+            if let Some(rate) = rate {
+                tokio::time::sleep_until((started + Duration::from_secs_f64(sent as f64 / rate)).into()).await;
+            }
+            sent += chunk.len();
             let properties: Vec<BasicProperties> = chunk.iter().map(|(d, _)| replay_properties(d)).collect();
             let mut outgoing = Vec::new();
             let mut sendable = Vec::new();

@@ -98,6 +98,11 @@ impl Cluster {
     }
 
     pub fn spawn(&mut self, worker: &'static str) {
+        self.spawn_with(worker, &[]);
+    }
+
+    /// Start a worker with settings of its own on top of the cluster's.
+    pub fn spawn_with(&mut self, worker: &'static str, own: &[(&str, &str)]) {
         let mut command = Command::new(binary(worker));
         command
             .env("AMQP_URL", &self.infra.amqp_url)
@@ -113,6 +118,9 @@ impl Cluster {
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
         for (k, v) in &self.extra_env {
+            command.env(k, v);
+        }
+        for (k, v) in own {
             command.env(k, v);
         }
         let child = command.spawn().unwrap_or_else(|e| panic!("spawning {worker}-worker: {e}"));
