@@ -12,16 +12,13 @@ const ORDERS: usize = 5_000;
 
 #[tokio::test]
 async fn a_replay_killed_half_way_and_run_again_replays_everything_exactly_once_in_effect() {
-    let mut cluster = Cluster::start_with(
-        [("CHOREO_HANDLER_RETRIES", "0"), ("CHOREO_RETRY_DELAYS", "1ms")]
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
-    )
-    .await;
-    // A payment gateway that is down: every order.created ends in payment's dead-letter queue.
+    let mut cluster = Cluster::start().await;
+    // A payment gateway that is down, and no patience: every order.created ends in payment's dead-letter queue.
     cluster.kill("payment").await;
-    cluster.spawn_with("payment", &[("CHOREO_GATEWAY_TRANSIENT_FAILURE_RATE", "1")]);
+    cluster.spawn_with(
+        "payment",
+        &[("CHOREO_GATEWAY_TRANSIENT_FAILURE_RATE", "1"), ("CHOREO_HANDLER_RETRIES", "0"), ("CHOREO_RETRY_DELAYS", "1ms")],
+    );
     let ids = cluster.place(&mixed_orders(ORDERS)).await;
     let dlq = cluster.topology.dead_letter_queue("payment");
     wait_for("every order.created dead-lettered", Duration::from_secs(300), || async {
@@ -47,19 +44,28 @@ async fn a_replay_killed_half_way_and_run_again_replays_everything_exactly_once_
     })
     .await;
     replay.kill().await.expect("kill the CLI");
-    // What it had not acknowledged is back in the dead-letter queue.
-    let left = wait_for("the unacknowledged dead letters back in the queue", Duration::from_secs(30), || async {
-        let d = cluster.depth(&dlq).await;
-        if d > 0 { Ok(d) } else { Err(d) }
-    })
-    .await;
+    // What it had not acknowledged goes back to the dead-letter queue once the broker has noticed that the
+    // CLI is gone: wait for no consumer and a count that stopped moving.
+    let mut last = u32::MAX;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let left = loop {
+        let (depth, consumers) = cluster.depth_and_consumers(&dlq).await;
+        if consumers == 0 && depth > 0 && depth == last {
+            break depth;
+        }
+        assert!(std::time::Instant::now() < deadline, "the dead letters never settled: {depth} ready, {consumers} consumers");
+        last = depth;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
     assert!((left as usize) < ORDERS, "the first run replayed part of the queue ({left} left)");
 
     // Run it again: it finishes the job.
     let (code, out, err) = cluster.run_choreoctl(&["dlq", "replay", "payment", "--all", "--json"]).await;
     assert_eq!(code, 0, "{out} {err}");
-    cluster.wait_depth(&dlq, 0).await;
+    let (_, groups, _) = cluster.run_choreoctl(&["dlq", "list", "--group-by", "error-kind"]).await;
+    assert_eq!(cluster.depth(&dlq).await, 0, "nothing left behind:\n{groups}");
     cluster.wait_terminal(&ids, Duration::from_secs(600)).await;
+    assert_eq!(cluster.depth(&dlq).await, 0, "and nothing failed again");
     cluster.assert_invariants().await;
     let (payments, distinct): (i64, i64) = sqlx::query_as("SELECT count(*), count(DISTINCT order_id) FROM payments")
         .fetch_one(cluster.db("payment"))

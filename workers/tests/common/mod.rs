@@ -392,6 +392,16 @@ impl Cluster {
         )
     }
 
+    /// Messages ready in a queue, and its consumers.
+    pub async fn depth_and_consumers(&self, queue: &str) -> (u32, u32) {
+        let conn = choreo_rabbitmq::lapin::Connection::connect(&self.infra.amqp_url, Default::default()).await.expect("broker");
+        let channel = conn.create_channel().await.expect("channel");
+        let options = choreo_rabbitmq::lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = channel.queue_declare(queue.into(), options, Default::default()).await.expect("queue exists");
+        let _ = conn.close(200, "ok".into()).await;
+        (q.message_count(), q.consumer_count())
+    }
+
     /// Messages ready in a queue.
     pub async fn depth(&self, queue: &str) -> u32 {
         let conn = choreo_rabbitmq::lapin::Connection::connect(&self.infra.amqp_url, Default::default()).await.expect("broker");

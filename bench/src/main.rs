@@ -1,0 +1,78 @@
+//! `choreo-bench`: how fast the whole workflow runs, measured against the physical ceilings of the same
+//! machine in the same run (see docs/performance.md). It prints figures; it asserts nothing.
+//!
+//! 1. the broker's ceiling: persistent messages through a quorum queue with publisher confirms and consumer
+//!    acks, with the same client library;
+//! 2. the database's ceiling for one saga step: inbox insert + state update + outbox insert in one
+//!    transaction, at the workers' concurrency;
+//! 3. the workflow at its maximum rate, then at 20% and 50% of it, with end-to-end latency and each
+//!    worker's peak memory.
+
+mod broker_ceiling;
+mod db_ceiling;
+mod report;
+mod workflow;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(about = "Workflow throughput and latency against the broker's and database's ceilings")]
+pub struct Args {
+    /// AMQP URL of the broker.
+    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+    amqp_url: String,
+    /// PostgreSQL server URL (databases are created and dropped by the run).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Messages for the broker ceiling.
+    #[arg(long, default_value_t = 40_000)]
+    broker_messages: usize,
+    /// Duration of the database ceiling.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    db_duration: Duration,
+    /// Concurrent saga-step transactions (the workers' database pools together: 3 x 16).
+    #[arg(long, default_value_t = 48)]
+    db_concurrency: usize,
+    /// Orders for the maximum-rate run.
+    #[arg(long, default_value_t = 10_000)]
+    max_rate_orders: usize,
+    /// Duration of each fixed-load run.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    load_duration: Duration,
+    /// Where the JSON results and the SVG chart go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Directory of the worker binaries (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?.parent().context("binary directory")?.to_path_buf(),
+    };
+    eprintln!("[bench] 1/3 broker ceiling: {} persistent messages, quorum queue, confirms and acks", args.broker_messages);
+    let broker = broker_ceiling::measure(&args.amqp_url, args.broker_messages).await?;
+    eprintln!("[bench]     {:.0} messages/s", broker.messages_per_second);
+    eprintln!("[bench] 2/3 database ceiling: saga-step transactions, {} at once, {:?}", args.db_concurrency, args.db_duration);
+    let db = db_ceiling::measure(&args.database_url, args.db_concurrency, args.db_duration).await?;
+    eprintln!("[bench]     {:.0} transactions/s", db.transactions_per_second);
+    eprintln!("[bench] 3/3 workflow: maximum rate, then 20% and 50% of it");
+    let runs = workflow::measure(&args, &bin_dir).await?;
+    let results = report::Results::new(broker, db, runs);
+    report::print(&results);
+    std::fs::create_dir_all(&args.out)?;
+    let json = args.out.join("results.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
+    let svg = args.out.join("workflow.svg");
+    report::chart(&results, &svg)?;
+    eprintln!("[bench] wrote {} and {}", json.display(), svg.display());
+    Ok(())
+}

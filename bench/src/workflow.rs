@@ -1,0 +1,261 @@
+//! The whole workflow on the release worker binaries: the maximum rate, then fixed offered loads.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use choreo_messages::payloads::{OrderLine, PlaceOrder};
+use choreo_messages::{EncodedEnvelope, Envelope, Message};
+use choreo_rabbitmq::publisher::Outgoing;
+use choreo_rabbitmq::{ConfirmingPublisher, Topology, connect_pool};
+use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Executor, PgPool, Row};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+use crate::Args;
+
+const WORKERS: [&str; 3] = ["order", "payment", "inventory"];
+/// Broker messages per happy-path workflow: order.place, order.created, payment.succeeded,
+/// inventory.reserved, order.confirmed.
+pub const MESSAGES_PER_WORKFLOW: f64 = 5.0;
+/// Saga-step transactions per happy-path workflow (one per handled message).
+pub const STEPS_PER_WORKFLOW: f64 = 4.0;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub label: String,
+    pub offered_per_second: Option<f64>,
+    pub orders: usize,
+    pub workflows_per_second: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_max_ms: f64,
+    /// Peak resident memory of each worker so far (VmHWM), in MiB.
+    pub peak_rss_mib: Vec<(String, f64)>,
+}
+
+struct Deployment {
+    namespace: String,
+    server_url: String,
+    children: Vec<(String, Child)>,
+    order_db: PgPool,
+    publisher: ConfirmingPublisher,
+    exchange: String,
+}
+
+pub async fn measure(args: &Args, bin_dir: &Path) -> anyhow::Result<Vec<Run>> {
+    let deployment = Deployment::start(args, bin_dir).await?;
+    let result = runs(args, &deployment).await;
+    deployment.stop(&args.amqp_url).await;
+    result
+}
+
+async fn runs(args: &Args, d: &Deployment) -> anyhow::Result<Vec<Run>> {
+    // Warm up: connections, caches, JIT-free but not cold.
+    d.run_burst(500, "warm-up").await?;
+    let max = d.run_burst(args.max_rate_orders, "maximum").await?;
+    eprintln!("[bench]     maximum: {:.0} workflows/s, p50 {:.1} ms, p99 {:.1} ms", max.workflows_per_second, max.latency_p50_ms, max.latency_p99_ms);
+    let mut runs = vec![max.clone()];
+    for share in [0.2, 0.5] {
+        let rate = max.workflows_per_second * share;
+        let run = d.run_load(rate, args.load_duration, &format!("{:.0}% of maximum", share * 100.0)).await?;
+        eprintln!("[bench]     {}: {:.0} workflows/s offered, p50 {:.1} ms, p99 {:.1} ms", run.label, rate, run.latency_p50_ms, run.latency_p99_ms);
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+fn order(i: usize) -> PlaceOrder {
+    PlaceOrder {
+        order_id: Uuid::now_v7(),
+        customer_id: format!("cust-{}", i % 1000),
+        currency: "EUR".into(),
+        lines: vec![OrderLine { sku: format!("sku-{:03}", i % 10 + 1), quantity: 1, unit_price_cents: 100 + (i % 50) as i64 }],
+    }
+}
+
+fn envelope(o: PlaceOrder) -> EncodedEnvelope {
+    let id = o.order_id;
+    Envelope::new_command(Message::OrderPlace(o), "bench", Some(id)).encode()
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn ready(port: u16) -> bool {
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return false };
+    if s.write_all(b"GET /health/ready HTTP/1.0\r\nHost: localhost\r\n\r\n").await.is_err() {
+        return false;
+    }
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply).await;
+    reply.starts_with(b"HTTP/1.1 200") || reply.starts_with(b"HTTP/1.0 200")
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+impl Deployment {
+    async fn start(args: &Args, bin_dir: &Path) -> anyhow::Result<Deployment> {
+        let namespace = format!("bench{}", &Uuid::new_v4().simple().to_string()[..8]);
+        let server = PgConnectOptions::from_str(&args.database_url)?;
+        let db_url = |w: &str| {
+            let base = args.database_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&args.database_url);
+            format!("{base}/{namespace}_{w}")
+        };
+        let mut children = Vec::new();
+        let mut ports = Vec::new();
+        for w in WORKERS {
+            let port = free_port()?;
+            let binary = bin_dir.join(format!("{w}-worker"));
+            if !binary.exists() {
+                bail!("{} is missing: build with `cargo build --release -p choreo-workers`", binary.display());
+            }
+            let child = Command::new(&binary)
+                .env("AMQP_URL", &args.amqp_url)
+                .env("DATABASE_URL", &args.database_url)
+                .env(format!("CHOREO_{}_DATABASE_URL", w.to_uppercase()), db_url(w))
+                .env("CHOREO_NAMESPACE", &namespace)
+                .env("CHOREO_METRICS_ADDR", format!("127.0.0.1:{port}"))
+                .env("CHOREO_LOG_FORMAT", "json")
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting {}", binary.display()))?;
+            children.push((w.to_owned(), child));
+            ports.push(port);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for port in ports {
+            while !ready(port).await {
+                if Instant::now() > deadline {
+                    bail!("a worker did not become ready within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let order_db = PgPoolOptions::new().max_connections(2).connect_with(server.database(&format!("{namespace}_order"))).await?;
+        let pool = connect_pool(&args.amqp_url, "choreo-bench", 2)?;
+        let publisher = ConfirmingPublisher::new(pool, Duration::from_secs(30));
+        let exchange = Topology::new(namespace.clone()).events_exchange();
+        Ok(Deployment { namespace, server_url: args.database_url.clone(), children, order_db, publisher, exchange })
+    }
+
+    async fn publish(&self, envelopes: &[EncodedEnvelope]) -> anyhow::Result<()> {
+        let outgoing: Vec<Outgoing<'_>> = envelopes.iter().map(|e| Outgoing::envelope(&self.exchange, e)).collect();
+        for r in self.publisher.publish_batch(&outgoing).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Place `n` orders as fast as the broker confirms them.
+    async fn run_burst(&self, n: usize, label: &str) -> anyhow::Result<Run> {
+        let orders: Vec<EncodedEnvelope> = (0..n).map(|i| envelope(order(i))).collect();
+        let ids: Vec<Uuid> = orders.iter().map(|e| e.meta.correlation_id).collect();
+        for chunk in orders.chunks(500) {
+            self.publish(chunk).await?;
+        }
+        self.finish(label, None, &ids).await
+    }
+
+    /// Place orders at `rate` per second for `duration`.
+    async fn run_load(&self, rate: f64, duration: Duration, label: &str) -> anyhow::Result<Run> {
+        let started = Instant::now();
+        let mut ids = Vec::new();
+        let mut i = 0usize;
+        while started.elapsed() < duration {
+            let due = (started.elapsed().as_secs_f64() * rate) as usize;
+            if due > i {
+                let batch: Vec<EncodedEnvelope> = (i..due).map(|k| envelope(order(k))).collect();
+                ids.extend(batch.iter().map(|e| e.meta.correlation_id));
+                self.publish(&batch).await?;
+                i = due;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.finish(label, Some(rate), &ids).await
+    }
+
+    async fn finish(&self, label: &str, offered: Option<f64>, ids: &[Uuid]) -> anyhow::Result<Run> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let done: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE order_id = ANY($1) AND status <> 'PENDING'")
+                .bind(ids)
+                .fetch_one(&self.order_db)
+                .await?;
+            if done as usize == ids.len() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{label}: only {done} of {} orders completed in 10 minutes", ids.len());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let row = sqlx::query(
+            "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(placed_at))::float8 AS wall, \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM completed_at - placed_at))::float8 AS p50, \
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM completed_at - placed_at))::float8 AS p99, \
+                    max(EXTRACT(EPOCH FROM completed_at - placed_at))::float8 AS max \
+             FROM orders WHERE order_id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_one(&self.order_db)
+        .await?;
+        let wall: f64 = row.try_get("wall")?;
+        Ok(Run {
+            label: label.to_owned(),
+            offered_per_second: offered,
+            orders: ids.len(),
+            workflows_per_second: ids.len() as f64 / wall.max(1e-9),
+            latency_p50_ms: row.try_get::<f64, _>("p50")? * 1000.0,
+            latency_p99_ms: row.try_get::<f64, _>("p99")? * 1000.0,
+            latency_max_ms: row.try_get::<f64, _>("max")? * 1000.0,
+            peak_rss_mib: self.children.iter().map(|(w, c)| (w.clone(), c.id().map(peak_rss_mib).unwrap_or(0.0))).collect(),
+        })
+    }
+
+    async fn stop(mut self, amqp_url: &str) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill().await;
+        }
+        self.order_db.close().await;
+        if let Ok(admin) = PgPool::connect(&self.server_url).await {
+            for w in WORKERS {
+                let _ = admin.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{}_{w}\" WITH (FORCE)", self.namespace))).await;
+            }
+        }
+        if let Ok(conn) = choreo_rabbitmq::lapin::Connection::connect(amqp_url, Default::default()).await
+            && let Ok(ch) = conn.create_channel().await
+        {
+            let t = Topology::new(self.namespace.clone());
+            let mut queues = vec![t.outcomes_queue()];
+            for w in WORKERS {
+                queues.push(t.worker_queue(w));
+                queues.push(t.dead_letter_queue(w));
+                for s in [1, 10, 60] {
+                    queues.push(t.retry_queue(w, Duration::from_secs(s)));
+                }
+            }
+            for q in queues {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+            for e in [t.events_exchange(), t.dead_letter_exchange()] {
+                let _ = ch.exchange_delete(e.as_str().into(), Default::default()).await;
+            }
+        }
+    }
+}
