@@ -21,7 +21,7 @@ struct Args {
     catalogue: String,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _telemetry = telemetry::init(args.common.log_format, "inventory-worker");

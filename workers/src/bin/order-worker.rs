@@ -17,7 +17,7 @@ struct Args {
     database_url: Option<String>,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _telemetry = telemetry::init(args.common.log_format, "order-worker");

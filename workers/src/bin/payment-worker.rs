@@ -43,7 +43,7 @@ struct Args {
     gateway_breaker_open: std::time::Duration,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _telemetry = telemetry::init(args.common.log_format, "payment-worker");
