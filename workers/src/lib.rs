@@ -7,7 +7,7 @@
 //! - [`config`]: settings from the environment (and flags), with documented defaults;
 //! - [`runtime`]: wiring: database, broker, consumer, relay, retention, signals;
 //! - [`health`]: `/metrics`, `/health/live`, `/health/ready`;
-//! - [`telemetry`]: logs.
+//! - [`telemetry`]: logs and traces (OTLP when configured).
 //!
 //! **Architecture invariant**: a service changes its own database only, and only through the transaction it
 //! is handed; the events it returns reach the broker through the outbox relay, never directly.

@@ -96,6 +96,7 @@ mod schema {
 
     #[derive(Debug, Deserialize, PartialEq, Eq)]
     #[serde(rename_all = "snake_case")]
+    #[allow(clippy::enum_variant_names, reason = "the names are compose's own values")]
     pub enum Condition {
         ServiceStarted,
         ServiceHealthy,

@@ -192,7 +192,7 @@ async fn list(broker: &BrokerArgs, workers: &[String], group_by: Option<GroupBy>
         }
     }
     let mut groups: Vec<Group> = groups.into_values().collect();
-    groups.sort_by(|a, b| b.messages.cmp(&a.messages));
+    groups.sort_by_key(|g| std::cmp::Reverse(g.messages));
     if json {
         let value = match group_by {
             Some(_) => serde_json::json!({ "queues": summaries, "groups": groups }),
