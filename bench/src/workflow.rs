@@ -84,10 +84,6 @@ fn envelope(o: PlaceOrder) -> EncodedEnvelope {
     Envelope::new_command(Message::OrderPlace(o), "bench", Some(id)).encode()
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 async fn ready(port: u16) -> bool {
     let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return false };
     if s.write_all(b"GET /health/ready HTTP/1.0\r\nHost: localhost\r\n\r\n").await.is_err() {
@@ -117,7 +113,7 @@ impl Deployment {
         let mut children = Vec::new();
         let mut ports = Vec::new();
         for w in WORKERS {
-            let port = free_port()?;
+            let port = choreo_testkit::free_port();
             let binary = bin_dir.join(format!("{w}-worker"));
             if !binary.exists() {
                 bail!("{} is missing: build with `cargo build --release -p choreo-workers`", binary.display());
@@ -248,18 +244,15 @@ impl Deployment {
             && let Ok(ch) = conn.create_channel().await
         {
             let t = Topology::new(self.namespace.clone());
+            let delays = [1, 10, 60].map(Duration::from_secs);
             let mut queues = vec![t.outcomes_queue()];
             for w in WORKERS {
-                queues.push(t.worker_queue(w));
-                queues.push(t.dead_letter_queue(w));
-                for s in [1, 10, 60] {
-                    queues.push(t.retry_queue(w, Duration::from_secs(s)));
-                }
+                queues.extend(t.queue_names(w, &delays));
             }
             for q in queues {
                 let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
             }
-            for e in [t.events_exchange(), t.dead_letter_exchange()] {
+            for e in t.exchange_names() {
                 let _ = ch.exchange_delete(e.as_str().into(), Default::default()).await;
             }
         }

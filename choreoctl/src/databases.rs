@@ -18,15 +18,20 @@ pub struct ServiceDbArgs {
 impl ServiceDbArgs {
     pub async fn connect(&self, service: &str) -> anyhow::Result<PgPool> {
         let own = std::env::var(format!("CHOREO_{}_DATABASE_URL", service.to_uppercase())).ok();
-        let options = match own {
-            Some(url) => PgConnectOptions::from_str(&url),
-            None => PgConnectOptions::from_str(&self.server_database_url).map(|o| o.database(&format!("choreo_{service}"))),
-        }
-        .with_context(|| format!("{service} database URL"))?;
-        PgPoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await
-            .with_context(|| format!("connecting to the {service} database (has {service}-worker run once? check DATABASE_URL)"))
+        connect(service, own.as_deref(), &self.server_database_url).await
     }
+}
+
+/// Service `service`'s database: `own_url` if given, else database `choreo_<service>` on `server_url`.
+pub async fn connect(service: &str, own_url: Option<&str>, server_url: &str) -> anyhow::Result<PgPool> {
+    let options = match own_url {
+        Some(url) => PgConnectOptions::from_str(url),
+        None => PgConnectOptions::from_str(server_url).map(|o| o.database(&format!("choreo_{service}"))),
+    }
+    .with_context(|| format!("{service} database URL"))?;
+    PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .with_context(|| format!("connecting to the {service} database (has {service}-worker run once? check DATABASE_URL)"))
 }

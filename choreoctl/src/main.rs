@@ -9,6 +9,7 @@ mod databases;
 mod dlq;
 mod orders;
 mod outbox;
+mod progress;
 mod publish;
 mod top;
 mod trace;

@@ -1,11 +1,9 @@
 //! `choreoctl orders`: what the order service knows.
 
 use std::process::ExitCode;
-use std::str::FromStr;
 
 use anyhow::Context;
 use serde::Serialize;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
@@ -21,16 +19,7 @@ pub struct DbArgs {
 
 impl DbArgs {
     pub async fn connect(&self) -> anyhow::Result<PgPool> {
-        let options = match &self.order_database_url {
-            Some(url) => PgConnectOptions::from_str(url),
-            None => PgConnectOptions::from_str(&self.server_database_url).map(|o| o.database("choreo_order")),
-        }
-        .context("parsing the order database URL")?;
-        PgPoolOptions::new()
-            .max_connections(2)
-            .connect_with(options)
-            .await
-            .context("connecting to the order database (is order-worker set up? check DATABASE_URL)")
+        crate::databases::connect("order", self.order_database_url.as_deref(), &self.server_database_url).await
     }
 }
 

@@ -10,7 +10,6 @@ use choreo_messages::payloads::{OrderLine, PlaceOrder};
 use choreo_messages::{EncodedEnvelope, Envelope, Message, MessageType};
 use choreo_rabbitmq::publisher::Outgoing;
 use choreo_rabbitmq::{ConfirmingPublisher, Topology, connect_pool};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -18,6 +17,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::orders::DbArgs;
+use crate::progress::bar;
 
 #[derive(Debug, clap::Args)]
 pub struct PublishArgs {
@@ -157,18 +157,6 @@ pub fn new_traceparent() -> String {
     let trace = Uuid::new_v4().simple().to_string();
     let span = Uuid::new_v4().simple().to_string();
     format!("00-{trace}-{}-01", &span[..16])
-}
-
-fn bar(len: u64, what: &str, quiet: bool) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template("{prefix:>9} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})") {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_prefix(what.to_owned());
-    bar
 }
 
 fn build_orders(args: &PublishArgs) -> anyhow::Result<Vec<PlaceOrder>> {

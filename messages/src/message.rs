@@ -48,6 +48,12 @@ impl MessageType {
         }
     }
 
+    /// `text` as a metrics label: the type's name when it is one of the contract, else `unknown`, so that
+    /// whatever a client sends cannot multiply label values.
+    pub fn label_for(text: &str) -> &'static str {
+        text.parse::<MessageType>().map(MessageType::as_str).unwrap_or("unknown")
+    }
+
     /// The schema version this build produces and accepts. A breaking change to a body is a new version;
     /// consumers are upgraded to accept it before producers start sending it.
     pub const fn schema_version(self) -> u32 {
@@ -284,6 +290,8 @@ mod tests {
     #[test]
     fn unknown_type_and_version_are_rejected() {
         assert_eq!("order.teleport".parse::<MessageType>().expect_err("type").kind(), ErrorKind::UnknownType);
+        assert_eq!(MessageType::label_for("order.teleport"), "unknown");
+        assert_eq!(MessageType::label_for("order.place"), "order.place");
         let err = Message::decode(MessageType::OrderPlace, 2, GOOD.as_bytes()).expect_err("version");
         assert_eq!(err.kind(), ErrorKind::UnsupportedSchemaVersion);
     }

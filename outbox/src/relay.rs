@@ -176,7 +176,7 @@ impl OutboxRelay {
         for (row, result) in rows.iter().zip(&failed_flags) {
             let outcome = if *result { "failed" } else { "confirmed" };
             metrics::counter!("choreo_messages_published_total", "worker" => self.config.worker.clone(),
-                "type" => type_label(&row.envelope.meta.message_type), "outcome" => outcome)
+                "type" => choreo_messages::MessageType::label_for(&row.envelope.meta.message_type), "outcome" => outcome)
             .increment(1);
         }
         Ok(CycleReport { claimed: rows.len(), published: published.len(), failed: failed.len() })
@@ -195,10 +195,3 @@ impl OutboxRelay {
     }
 }
 
-/// Label value for a message type: contract types only, so a corrupt row cannot explode label cardinality.
-fn type_label(message_type: &str) -> String {
-    match message_type.parse::<choreo_messages::MessageType>() {
-        Ok(t) => t.as_str().to_owned(),
-        Err(_) => "unknown".to_owned(),
-    }
-}

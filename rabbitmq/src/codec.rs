@@ -109,11 +109,19 @@ pub(crate) fn long(s: &str) -> AMQPValue {
 
 /// A short string from text we control; text longer than AMQP allows is cut at a char boundary.
 pub(crate) fn short(s: &str) -> ShortString {
-    let mut end = s.len().min(255);
-    while !s.is_char_boundary(end) {
+    ShortString::from(truncate_utf8(s, 255))
+}
+
+/// At most `max` bytes of `text`, cut at a char boundary.
+pub(crate) fn truncate_utf8(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    ShortString::from(&s[..end])
+    &text[..end]
 }
 
 /// A header's value as text, whatever string type the client chose.
@@ -141,8 +149,14 @@ pub fn header_i64(table: &FieldTable, key: &str) -> Option<i64> {
     }
 }
 
-fn header_u32(table: &FieldTable, key: &str) -> Option<u32> {
+/// A header's value as a non-negative 32-bit integer.
+pub fn header_u32(table: &FieldTable, key: &str) -> Option<u32> {
     header_i64(table, key).and_then(|v| u32::try_from(v).ok())
+}
+
+/// A header of a message's properties as a non-negative 32-bit integer.
+pub fn properties_header_u32(properties: &BasicProperties, key: &str) -> Option<u32> {
+    properties.headers().as_ref().and_then(|h| header_u32(h, key))
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use tokio_retry2::strategy::{ExponentialFactorBackoff, jitter};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::codec::{decode_delivery, header_i64};
+use crate::codec::{decode_delivery, properties_header_u32};
 use crate::connection::{BrokerPool, open_channel};
 use crate::dead_letter::{Failure, dead_letter, delay_for_retry, recorded_attempts, recorded_retries};
 use crate::publisher::ConfirmingPublisher;
@@ -223,14 +223,13 @@ impl<H: Handler> ConsumerRunner<H> {
             correlation_id = %props.correlation_id().as_ref().map(|m| m.as_str()).unwrap_or("-"),
         );
         let worker = self.config.queue.worker.clone();
-        // Only types of the contract become label values; anything else is `unknown`.
-        let type_label = if message_type.parse::<choreo_messages::MessageType>().is_ok() { message_type } else { "unknown".into() };
+        let type_label = choreo_messages::MessageType::label_for(&message_type);
         let in_flight = metrics::gauge!("choreo_messages_in_flight", "worker" => worker.clone());
         in_flight.increment(1.0);
         let started = Instant::now();
         let settled = self.settle(delivery).instrument(span).await;
         in_flight.decrement(1.0);
-        metrics::histogram!("choreo_handler_duration_seconds", "worker" => worker.clone(), "type" => type_label.clone())
+        metrics::histogram!("choreo_handler_duration_seconds", "worker" => worker.clone(), "type" => type_label)
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("choreo_messages_consumed_total", "worker" => worker, "type" => type_label, "outcome" => settled.as_str())
             .increment(1);
@@ -279,13 +278,7 @@ impl<H: Handler> ConsumerRunner<H> {
 
     /// Attempts so far: recorded by earlier rounds, plus broker redeliveries, plus this round's tries.
     fn attempts(&self, delivery: &Delivery, tries: u32) -> u32 {
-        let redeliveries = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| header_i64(h, "x-delivery-count"))
-            .and_then(|c| u32::try_from(c).ok())
-            .unwrap_or(0);
+        let redeliveries = properties_header_u32(&delivery.properties, "x-delivery-count").unwrap_or(0);
         recorded_attempts(&delivery.properties) + redeliveries + tries
     }
 

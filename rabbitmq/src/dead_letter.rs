@@ -10,7 +10,7 @@ use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 
-use crate::codec::{header_i64, header_string, long};
+use crate::codec::{header_string, long, properties_header_u32, truncate_utf8};
 use crate::publisher::{ConfirmingPublisher, Outgoing};
 use crate::{PublishError, Topology};
 
@@ -49,7 +49,7 @@ pub fn dead_letter_properties(delivery: &Delivery, failure: &Failure<'_>) -> Bas
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
     let first = header_string(&original, headers::FIRST_FAILURE_AT).unwrap_or_else(|| now.clone());
     let mut table: FieldTable = original.clone();
-    table.insert(headers::ERROR.into(), long(truncate(failure.error, MAX_ERROR_BYTES)));
+    table.insert(headers::ERROR.into(), long(truncate_utf8(failure.error, MAX_ERROR_BYTES)));
     table.insert(headers::ERROR_KIND.into(), long(failure.kind.as_str()));
     table.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(failure.attempts)));
     table.insert(headers::WORKER.into(), long(failure.worker));
@@ -65,22 +65,12 @@ pub fn dead_letter_properties(delivery: &Delivery, failure: &Failure<'_>) -> Bas
 
 /// Broker-side retry rounds recorded on a message so far.
 pub fn recorded_retries(properties: &BasicProperties) -> u32 {
-    properties
-        .headers()
-        .as_ref()
-        .and_then(|h| header_i64(h, headers::RETRIES))
-        .and_then(|a| u32::try_from(a).ok())
-        .unwrap_or(0)
+    properties_header_u32(properties, headers::RETRIES).unwrap_or(0)
 }
 
 /// Attempts recorded on a message so far (0 when it never failed).
 pub fn recorded_attempts(properties: &BasicProperties) -> u32 {
-    properties
-        .headers()
-        .as_ref()
-        .and_then(|h| header_i64(h, headers::ATTEMPTS))
-        .and_then(|a| u32::try_from(a).ok())
-        .unwrap_or(0)
+    properties_header_u32(properties, headers::ATTEMPTS).unwrap_or(0)
 }
 
 /// Publish `delivery` to the worker's dead-letter queue and wait for the confirm. Only after this returns
@@ -93,16 +83,7 @@ pub async fn dead_letter(
 ) -> Result<(), PublishError> {
     let exchange = topology.dead_letter_exchange();
     let routing_key = topology.dead_letter_queue(failure.worker);
-    let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
-    publisher
-        .publish(Outgoing {
-            exchange: &exchange,
-            routing_key: &routing_key,
-            properties: dead_letter_properties(delivery, failure),
-            body: &delivery.data,
-            message_id,
-        })
-        .await
+    republish(publisher, &exchange, &routing_key, dead_letter_properties(delivery, failure), delivery).await
 }
 
 /// Send `delivery` to a delay queue for broker-side retry round `round` (1-based), with the failure story.
@@ -118,32 +99,31 @@ pub async fn delay_for_retry(
     let mut table = properties.headers().clone().unwrap_or_default();
     table.insert(headers::RETRIES.into(), AMQPValue::LongLongInt(i64::from(round)));
     properties = properties.with_headers(table);
-    let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
-    publisher
-        .publish(Outgoing { exchange: "", routing_key: retry_queue, properties, body: &delivery.data, message_id })
-        .await
+    republish(publisher, "", retry_queue, properties, delivery).await
 }
 
-fn truncate(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
+/// Publish a delivery's body unchanged, with `properties`, and wait for the confirm.
+async fn republish(
+    publisher: &ConfirmingPublisher,
+    exchange: &str,
+    routing_key: &str,
+    properties: BasicProperties,
+    delivery: &Delivery,
+) -> Result<(), PublishError> {
+    let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
+    publisher.publish(Outgoing { exchange, routing_key, properties, body: &delivery.data, message_id }).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::header_i64;
 
     #[test]
     fn truncation_respects_char_boundaries() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("abc", 10), "abc");
-        assert_eq!(truncate(&"x".repeat(2000), MAX_ERROR_BYTES).len(), MAX_ERROR_BYTES);
+        assert_eq!(truncate_utf8("héllo", 2), "h");
+        assert_eq!(truncate_utf8("abc", 10), "abc");
+        assert_eq!(truncate_utf8(&"x".repeat(2000), MAX_ERROR_BYTES).len(), MAX_ERROR_BYTES);
     }
 
     #[test]

@@ -84,6 +84,19 @@ impl Topology {
         format!("{}.{worker}.dlq", self.namespace)
     }
 
+    /// Every queue declared for one worker: its queue, its delay queues and its dead-letter queue.
+    pub fn queue_names(&self, worker: &str, retry_delays: &[Duration]) -> Vec<String> {
+        let mut names = vec![self.worker_queue(worker)];
+        names.extend(retry_delays.iter().map(|d| self.retry_queue(worker, *d)));
+        names.push(self.dead_letter_queue(worker));
+        names
+    }
+
+    /// The exchanges of the namespace.
+    pub fn exchange_names(&self) -> Vec<String> {
+        vec![self.events_exchange(), self.dead_letter_exchange()]
+    }
+
     /// Arguments of a worker's queue. Changing any of them needs the queue recreated (see the runbook).
     pub fn worker_queue_arguments(&self, queue: &WorkerQueue) -> FieldTable {
         let mut args = FieldTable::default();
@@ -226,6 +239,10 @@ mod tests {
         assert_eq!(t.dead_letter_queue("payment"), "acme.payment.dlq");
         assert_eq!(t.dead_letter_exchange(), "acme.dead-letter");
         assert_eq!(t.retry_queue("payment", Duration::from_secs(10)), "acme.payment.retry.10000ms");
+        assert_eq!(
+            t.queue_names("payment", &[Duration::from_secs(1)]),
+            ["acme.payment", "acme.payment.retry.1000ms", "acme.payment.dlq"]
+        );
         let args = t.retry_queue_arguments("payment", Duration::from_secs(10));
         assert_eq!(args.inner().get("x-message-ttl").cloned(), Some(AMQPValue::LongLongInt(10_000)));
         assert_eq!(args.inner().get("x-dead-letter-routing-key").cloned(), Some(long_string("acme.payment")));

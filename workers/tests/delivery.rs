@@ -178,8 +178,8 @@ async fn a_relay_that_dies_after_publishing_republishes_and_the_consumer_ignores
     infra.drop_databases(&[order_db_name, payment_db_name]).await;
     infra
         .delete_broker_objects(
-            &[topology.worker_queue("payment"), topology.dead_letter_queue("payment"), topology.outcomes_queue()],
-            &[topology.events_exchange(), topology.dead_letter_exchange()],
+            &[topology.queue_names("payment", &[]), vec![topology.outcomes_queue()]].concat(),
+            &topology.exchange_names(),
         )
         .await;
 }
@@ -275,8 +275,8 @@ async fn a_queue_declared_with_other_arguments_is_explained() {
     assert!(text.contains("runbooks/topology-mismatch.md"), "{text}");
     infra
         .delete_broker_objects(
-            &[topology.worker_queue("order"), topology.dead_letter_queue("order"), topology.outcomes_queue()],
-            &[topology.events_exchange(), topology.dead_letter_exchange()],
+            &[topology.queue_names("order", &[]), vec![topology.outcomes_queue()]].concat(),
+            &topology.exchange_names(),
         )
         .await;
 }

@@ -134,11 +134,8 @@ async fn readiness_turns_false_when_the_broker_is_gone_and_true_when_it_returns(
     let t = choreo_rabbitmq::Topology::new(namespace);
     infra
         .delete_broker_objects(
-            &[t.worker_queue("order"), t.dead_letter_queue("order"), t.outcomes_queue()]
-                .into_iter()
-                .chain([1, 10, 60].map(|s| t.retry_queue("order", Duration::from_secs(s))))
-                .collect::<Vec<_>>(),
-            &[t.events_exchange(), t.dead_letter_exchange()],
+            &[t.queue_names("order", &[1, 10, 60].map(Duration::from_secs)), vec![t.outcomes_queue()]].concat(),
+            &t.exchange_names(),
         )
         .await;
 }

@@ -21,6 +21,9 @@ use choreo_rabbitmq::lapin::options::{BasicCancelOptions, BasicConsumeOptions, B
 use choreo_rabbitmq::lapin::types::FieldTable;
 use futures_util::StreamExt;
 
+use super::filter::Filter;
+use super::letter::{Story, story};
+
 /// Most messages held at once (the AMQP prefetch is a 16-bit number).
 pub const MAX_BROWSE: usize = 65_535;
 
@@ -74,6 +77,11 @@ pub async fn browse(pool: &BrokerPool, queue: &str, limit: Option<usize>) -> any
 }
 
 impl Browse {
+    /// The held messages `filter` selects, each with its story, in queue order.
+    pub fn select(&self, filter: &Filter) -> Vec<(&Delivery, Story)> {
+        self.deliveries.iter().map(|d| (d, story(d))).filter(|(_, s)| filter.matches(s)).collect()
+    }
+
     /// Give back every message not acknowledged, one by one in queue order: returned messages go back to
     /// the head of the queue in the order they are returned (closing the channel would return them in no
     /// particular order). Acknowledged messages are skipped (lapin does not send a second settlement).

@@ -17,13 +17,12 @@ use choreo_rabbitmq::lapin::message::Delivery;
 use choreo_rabbitmq::lapin::options::BasicAckOptions;
 use choreo_rabbitmq::lapin::types::{AMQPValue, LongString};
 use choreo_rabbitmq::publisher::Outgoing;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::browse::browse;
 use super::filter::Filter;
-use super::letter::story;
 use crate::broker::BrokerArgs;
+use crate::progress::bar;
 
 /// Exit code when some selected messages could not be replayed (they stay in the dead-letter queue).
 pub const EXIT_PARTIAL: u8 = 4;
@@ -37,18 +36,6 @@ struct Report {
     done: usize,
     failed: Vec<String>,
     dry_run: bool,
-}
-
-fn progress(len: usize, what: &str, quiet: bool) -> ProgressBar {
-    if quiet || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len as u64);
-    if let Ok(style) = ProgressStyle::with_template("{prefix:>9} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})") {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_prefix(what.to_owned());
-    bar
 }
 
 /// The worker a dead-letter queue belongs to: `choreo.payment.dlq` -> `payment`.
@@ -84,13 +71,14 @@ pub async fn replay(broker: &BrokerArgs, queue: &str, filter: &Filter, options: 
     let topology = broker.topology();
     let publisher = ConfirmingPublisher::new(pool.clone(), Duration::from_secs(15));
     let held = browse(&pool, queue, None).await?;
-    let selected: Vec<&Delivery> = held.deliveries.iter().filter(|d| filter.matches(&story(d))).collect();
-    let mut report = Report { queue: queue.to_owned(), selected: selected.len(), done: 0, failed: Vec::new(), dry_run };
+    let chosen = held.select(filter);
+    let mut report = Report { queue: queue.to_owned(), selected: chosen.len(), done: 0, failed: Vec::new(), dry_run };
 
     // Where each message goes back to.
-    let mut targets = Vec::with_capacity(selected.len());
-    for d in &selected {
-        let s = story(d);
+    let mut selected: Vec<&Delivery> = Vec::with_capacity(chosen.len());
+    let mut targets = Vec::with_capacity(chosen.len());
+    for (d, s) in chosen {
+        selected.push(d);
         let target = if via_original_exchange {
             match (s.original_exchange.clone(), s.original_routing_key.clone()) {
                 (Some(e), Some(k)) => Some((e, k)),
@@ -109,7 +97,7 @@ pub async fn replay(broker: &BrokerArgs, queue: &str, filter: &Filter, options: 
             }
         }
     } else {
-        let bar = progress(selected.len(), "replaying", json);
+        let bar = bar(selected.len() as u64, "replaying", json);
         let items: Vec<_> = selected.iter().zip(&targets).collect();
         let rate = rate.filter(|r| *r > 0.0);
         let chunk_size = rate.map(|r| ((r / 10.0).ceil() as usize).clamp(1, 100)).unwrap_or(100);
@@ -170,7 +158,7 @@ pub async fn purge(
     filter.require_selection()?;
     let pool = broker.pool()?;
     let held = browse(&pool, queue, None).await?;
-    let selected: Vec<&Delivery> = held.deliveries.iter().filter(|d| filter.matches(&story(d))).collect();
+    let selected: Vec<&Delivery> = held.select(filter).into_iter().map(|(d, _)| d).collect();
     let mut report = Report { queue: queue.to_owned(), selected: selected.len(), done: 0, failed: Vec::new(), dry_run };
     if dry_run || selected.is_empty() {
         drop(selected);
@@ -199,7 +187,7 @@ pub async fn purge(
             return Ok(ExitCode::from(EXIT_NOT_CONFIRMED));
         }
     }
-    let bar = progress(selected.len(), "purging", json);
+    let bar = bar(selected.len() as u64, "purging", json);
     for d in selected {
         d.acker.ack(BasicAckOptions::default()).await?;
         report.done += 1;

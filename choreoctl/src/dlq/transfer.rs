@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 
 use super::browse::browse;
 use super::filter::Filter;
-use super::letter::story;
 use crate::broker::BrokerArgs;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -34,7 +33,7 @@ pub async fn export(broker: &BrokerArgs, queue: &str, filter: &Filter) -> anyhow
     let held = browse(&pool, queue, None).await?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut n = 0usize;
-    for d in held.deliveries.iter().filter(|d| filter.matches(&story(d))) {
+    for (d, _) in held.select(filter) {
         let line = ExportedLetter { queue: queue.to_owned(), properties: exported_properties(&d.properties), body_base64: STANDARD.encode(&d.data) };
         serde_json::to_writer(&mut out, &line)?;
         out.write_all(b"\n")?;

@@ -317,18 +317,9 @@ impl Cluster {
             .find(|(k, _)| k == "CHOREO_RETRY_DELAYS")
             .map(|(_, v)| v.split(',').filter_map(|d| humantime::parse_duration(d.trim()).ok()).collect())
             .unwrap_or_else(|| vec![std::time::Duration::from_secs(1), std::time::Duration::from_secs(10), std::time::Duration::from_secs(60)]);
-        let mut queues: Vec<String> = WORKERS
-            .iter()
-            .flat_map(|w| [self.topology.worker_queue(w), self.topology.dead_letter_queue(w)])
-            .collect();
-        for w in WORKERS {
-            for d in &delays {
-                queues.push(self.topology.retry_queue(w, *d));
-            }
-        }
+        let mut queues: Vec<String> = WORKERS.iter().flat_map(|w| self.topology.queue_names(w, &delays)).collect();
         queues.push(self.topology.outcomes_queue());
-        let exchanges = vec![self.topology.events_exchange(), self.topology.dead_letter_exchange()];
-        self.infra.delete_broker_objects(&queues, &exchanges).await;
+        self.infra.delete_broker_objects(&queues, &self.topology.exchange_names()).await;
     }
 }
 
@@ -404,12 +395,7 @@ impl Cluster {
 
     /// Messages ready in a queue.
     pub async fn depth(&self, queue: &str) -> u32 {
-        let conn = choreo_rabbitmq::lapin::Connection::connect(&self.infra.amqp_url, Default::default()).await.expect("broker");
-        let channel = conn.create_channel().await.expect("channel");
-        let options = choreo_rabbitmq::lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-        let n = channel.queue_declare(queue.into(), options, Default::default()).await.expect("queue exists").message_count();
-        let _ = conn.close(200, "ok".into()).await;
-        n
+        self.depth_and_consumers(queue).await.0
     }
 
     /// Wait until a queue holds exactly `n` ready messages.
