@@ -1,7 +1,10 @@
 //! [`InboxGuard`]: a message id processed once by a consumer is never processed again by it.
 
+use std::collections::HashSet;
+
 use choreo_messages::Metadata;
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use crate::OutboxError;
 
@@ -37,5 +40,32 @@ impl InboxGuard {
         .await
         .map_err(OutboxError::db("inbox insert"))?;
         Ok(result.rows_affected() == 1)
+    }
+
+    /// [`InboxGuard::first_delivery`] for several messages in one statement: the ids recorded now, i.e. the
+    /// messages never processed before. Rows are written in id order, so that two transactions holding the
+    /// same ids cannot deadlock on them.
+    pub async fn first_deliveries(&self, tx: &mut PgConnection, metas: &[&Metadata]) -> Result<HashSet<Uuid>, OutboxError> {
+        let mut sorted: Vec<&Metadata> = metas.to_vec();
+        sorted.sort_by_key(|m| m.message_id);
+        sorted.dedup_by_key(|m| m.message_id);
+        let ids: Vec<Uuid> = sorted.iter().map(|m| m.message_id).collect();
+        let types: Vec<&str> = sorted.iter().map(|m| m.message_type.as_str()).collect();
+        let correlations: Vec<Uuid> = sorted.iter().map(|m| m.correlation_id).collect();
+        let causations: Vec<Option<Uuid>> = sorted.iter().map(|m| m.causation_id).collect();
+        let fresh: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO inbox (consumer, message_id, message_type, correlation_id, causation_id) \
+             SELECT $1, * FROM UNNEST($2::uuid[], $3::text[], $4::uuid[], $5::uuid[]) \
+             ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id",
+        )
+        .bind(&self.consumer)
+        .bind(ids)
+        .bind(types)
+        .bind(correlations)
+        .bind(causations)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(OutboxError::db("inbox insert"))?;
+        Ok(fresh.into_iter().collect())
     }
 }

@@ -3,6 +3,10 @@
 //!
 //! - Prefetch bounds what the broker pushes; `concurrency` bounds what runs at once (a bulkhead: one slow
 //!   dependency cannot take more than this worker's slots).
+//! - Deliveries that are already waiting when a slot frees are taken together, up to `batch_size`, and given
+//!   to [`Handler::handle_batch`] (one database transaction for all of them). Under light load a batch is a
+//!   single delivery and nothing waits to fill one. When a batch cannot be applied as a whole, each of its
+//!   messages goes through [`Handler::handle`] alone, with the retry and dead-letter rules below.
 //! - A delivery is acked only after the handler returns [`Outcome::Done`], which handlers return only after
 //!   their database transaction committed. A crash at any instant therefore means redelivery, never loss.
 //! - A message that breaks the contract, or that the handler rejects, goes to the dead-letter queue with its
@@ -34,6 +38,9 @@ use crate::dead_letter::{Failure, dead_letter, delay_for_retry, recorded_attempt
 use crate::publisher::ConfirmingPublisher;
 use crate::{BrokerError, Topology, TopologyError, WorkerQueue};
 
+/// Messages of a batch that could not be applied as a whole, handled at once within its slot.
+const ALONE_PER_SLOT: usize = 4;
+
 /// What a handler made of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -50,6 +57,14 @@ pub enum Outcome {
 /// The business side of a worker. Never sees a channel.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, envelope: &Envelope) -> impl Future<Output = Outcome> + Send;
+
+    /// Apply several messages all or nothing: `Some` with one outcome per envelope (in order) once all of them
+    /// took effect, or `None` when nothing did, and the consumer then hands each to [`Handler::handle`] alone.
+    /// The default applies no batch.
+    fn handle_batch(&self, envelopes: &[Envelope]) -> impl Future<Output = Option<Vec<Outcome>>> + Send {
+        let _ = envelopes;
+        std::future::ready(None)
+    }
 }
 
 /// Settings of one consumer.
@@ -58,8 +73,10 @@ pub struct ConsumerConfig {
     pub queue: WorkerQueue,
     /// Unacked deliveries the broker may push at once.
     pub prefetch: u16,
-    /// Handlers running at once.
+    /// Handlers (single messages or batches) running at once.
     pub concurrency: usize,
+    /// Most deliveries applied in one batch; 1 turns batching off.
+    pub batch_size: usize,
     /// Bodies larger than this are dead-lettered unread.
     pub max_body_bytes: usize,
     /// In-process retries of a transient failure before the message goes to a delay queue.
@@ -75,7 +92,8 @@ impl ConsumerConfig {
         ConsumerConfig {
             queue,
             prefetch: 64,
-            concurrency: 32,
+            concurrency: 8,
+            batch_size: 32,
             max_body_bytes: 256 * 1024,
             handler_retries: 3,
             retry_base: Duration::from_millis(50),
@@ -139,6 +157,7 @@ impl<H: Handler> ConsumerRunner<H> {
             metrics::counter!("choreo_dead_lettered_total", "worker" => config.queue.worker.clone(), "error_kind" => kind.as_str())
                 .increment(0);
         }
+        metrics::counter!("choreo_batch_fallbacks_total", "worker" => config.queue.worker.clone()).increment(0);
         for stage in ["in_process", "delayed"] {
             metrics::counter!("choreo_retries_total", "worker" => config.queue.worker.clone(), "stage" => stage).increment(0);
         }
@@ -184,20 +203,25 @@ impl<H: Handler> ConsumerRunner<H> {
             .await
             .map_err(BrokerError::amqp("basic.consume"))?;
         info!(worker = %self.config.queue.worker, %queue, prefetch = self.config.prefetch,
-            concurrency = self.config.concurrency, "consuming");
+            concurrency = self.config.concurrency, batch_size = self.config.batch_size, "consuming");
         self.consuming.store(true, Ordering::SeqCst);
         let stream_error = std::sync::Mutex::new(None::<String>);
         consumer
             .take_until(shutdown.cancelled())
-            .for_each_concurrent(self.config.concurrency, |delivery| async {
-                match delivery {
-                    Ok(delivery) => self.process(delivery).await,
-                    Err(e) => {
-                        if let Ok(mut slot) = stream_error.lock() {
-                            *slot = Some(e.to_string());
+            .ready_chunks(self.config.batch_size.max(1))
+            .for_each_concurrent(self.config.concurrency.max(1), |chunk| async {
+                let mut deliveries = Vec::with_capacity(chunk.len());
+                for delivery in chunk {
+                    match delivery {
+                        Ok(delivery) => deliveries.push(delivery),
+                        Err(e) => {
+                            if let Ok(mut slot) = stream_error.lock() {
+                                *slot = Some(e.to_string());
+                            }
                         }
                     }
                 }
+                self.process_ready(deliveries).await;
             })
             .await;
         self.consuming.store(false, Ordering::SeqCst);
@@ -210,6 +234,71 @@ impl<H: Handler> ConsumerRunner<H> {
         }
         let reason = stream_error.lock().ok().and_then(|mut s| s.take()).unwrap_or_else(|| "cancelled by the broker".into());
         Err(SessionError::StreamEnded(reason))
+    }
+
+    /// Deliveries that were waiting together: one batch when there are several valid ones, else one by one.
+    async fn process_ready(&self, deliveries: Vec<Delivery>) {
+        if deliveries.len() < 2 {
+            for delivery in deliveries {
+                self.process(delivery).await;
+            }
+            return;
+        }
+        let mut valid = Vec::with_capacity(deliveries.len());
+        let mut envelopes = Vec::with_capacity(deliveries.len());
+        let mut alone = Vec::new();
+        for delivery in deliveries {
+            match decode_delivery(&delivery.properties, &delivery.data, self.config.max_body_bytes) {
+                Ok(envelope) => {
+                    envelopes.push(envelope);
+                    valid.push(delivery);
+                }
+                // Dead-lettered with its reason by the single-message path.
+                Err(_) => alone.push(delivery),
+            }
+        }
+        if valid.len() >= 2 {
+            let worker = self.config.queue.worker.clone();
+            let in_flight = metrics::gauge!("choreo_messages_in_flight", "worker" => worker.clone());
+            in_flight.increment(valid.len() as f64);
+            let started = Instant::now();
+            let outcomes = self.handler.handle_batch(&envelopes).await;
+            in_flight.decrement(valid.len() as f64);
+            match outcomes {
+                Some(outcomes) if outcomes.len() == valid.len() => {
+                    metrics::histogram!("choreo_batch_messages", "worker" => worker.clone()).record(valid.len() as f64);
+                    let elapsed = started.elapsed().as_secs_f64();
+                    for ((delivery, envelope), outcome) in valid.iter().zip(&envelopes).zip(outcomes) {
+                        let settled = match outcome {
+                            Outcome::Done => Settled::Processed,
+                            Outcome::Duplicate => Settled::Duplicate,
+                            // A batch that committed has no failures; anything else is the handler's bug.
+                            other => {
+                                error!(message_id = %envelope.meta.message_id, outcome = ?other,
+                                    "a committed batch reported a failure; leaving the message to redelivery");
+                                self.requeue(delivery).await;
+                                continue;
+                            }
+                        };
+                        self.ack(delivery).await;
+                        let type_label = choreo_messages::MessageType::label_for(&envelope.meta.message_type);
+                        metrics::histogram!("choreo_handler_duration_seconds", "worker" => worker.clone(), "type" => type_label)
+                            .record(elapsed);
+                        metrics::counter!("choreo_messages_consumed_total", "worker" => worker.clone(), "type" => type_label, "outcome" => settled.as_str())
+                            .increment(1);
+                    }
+                }
+                _ => {
+                    debug!(worker = %worker, size = valid.len(), "batch not applied as a whole; handling its messages one by one");
+                    metrics::counter!("choreo_batch_fallbacks_total", "worker" => worker.clone()).increment(1);
+                    alone.extend(valid);
+                }
+            }
+        } else {
+            alone.extend(valid);
+        }
+        // One by one, a few at a time: each slot keeps to a bounded share of the database pool.
+        futures_util::stream::iter(alone).for_each_concurrent(ALONE_PER_SLOT, |delivery| self.process(delivery)).await;
     }
 
     async fn process(&self, delivery: Delivery) {

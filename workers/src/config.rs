@@ -25,11 +25,15 @@ pub struct CommonArgs {
     #[arg(long, env = "CHOREO_NAMESPACE", default_value = "choreo")]
     pub namespace: String,
     /// Unacknowledged deliveries the broker may push to this worker.
-    #[arg(long, env = "CHOREO_PREFETCH", default_value_t = 64)]
+    #[arg(long, env = "CHOREO_PREFETCH", default_value_t = 128)]
     pub prefetch: u16,
-    /// Messages handled at once (bulkhead).
-    #[arg(long, env = "CHOREO_CONCURRENCY", default_value_t = 32)]
+    /// Handler transactions run at once (bulkhead); each holds one message or one batch.
+    #[arg(long, env = "CHOREO_CONCURRENCY", default_value_t = 8)]
     pub concurrency: usize,
+    /// Most waiting deliveries applied in one transaction (1: one transaction per message). Batches form
+    /// only from deliveries already waiting: under light load nothing waits to fill one.
+    #[arg(long, env = "CHOREO_BATCH_SIZE", default_value_t = 32)]
+    pub batch_size: usize,
     /// Largest message body accepted, in bytes; larger ones are dead-lettered.
     #[arg(long, env = "CHOREO_MAX_MESSAGE_BYTES", default_value_t = 262_144)]
     pub max_message_bytes: usize,

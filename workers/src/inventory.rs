@@ -4,14 +4,17 @@
 //! |---|---|---|
 //! | `payment.succeeded` | reserve every line, or nothing | `inventory.reserved` or `inventory.failed` |
 //!
-//! Stock rows are locked in sku order, so concurrent reservations never deadlock.
+//! Stock rows are locked in sku order, so concurrent reservations never deadlock. A batch of orders reads
+//! and writes its stock rows once: three statements for the whole batch, so a hot sku's row lock is held
+//! for one batch instead of being handed from order to order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason, InventoryReserved};
+use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason, InventoryReserved, PaymentSucceeded};
 use choreo_messages::{Envelope, Message, MessageType};
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
 
 use crate::service::{Effects, Service, ServiceError};
 
@@ -59,37 +62,80 @@ impl Service for InventoryService {
     const CONSUMES: &'static [MessageType] = &[MessageType::PaymentSucceeded];
 
     async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Effects, ServiceError> {
-        let Message::PaymentSucceeded(paid) = &envelope.message else {
-            return Err(ServiceError::Permanent(format!("inventory does not handle {}", envelope.meta.message_type)));
-        };
+        let mut effects = reserve(tx, &[paid_order(envelope)?]).await?;
+        effects.pop().ok_or_else(|| ServiceError::Permanent("no reservation result".into()))
+    }
+
+    /// The whole batch reads its stock rows once (locked in sku order) and writes them once.
+    async fn apply_batch(
+        &self,
+        tx: &mut PgConnection,
+        batch: &[(&Envelope, tracing::Span)],
+    ) -> Result<Vec<Effects>, ServiceError> {
+        let orders = batch.iter().map(|(e, _)| paid_order(e)).collect::<Result<Vec<_>, _>>()?;
+        reserve(tx, &orders).await
+    }
+}
+
+fn paid_order(envelope: &Envelope) -> Result<&PaymentSucceeded, ServiceError> {
+    match &envelope.message {
+        Message::PaymentSucceeded(paid) => Ok(paid),
+        _ => Err(ServiceError::Permanent(format!("inventory does not handle {}", envelope.meta.message_type))),
+    }
+}
+
+/// Reserve stock for paid orders in the given order, exactly as if one at a time: every line of an order or
+/// none of them. Three statements whatever the number of orders: lock and read the stock rows (in sku
+/// order), update them, record the reservations.
+async fn reserve(tx: &mut PgConnection, orders: &[&PaymentSucceeded]) -> Result<Vec<Effects>, ServiceError> {
+    let mut skus: Vec<&str> = orders.iter().flat_map(|p| p.lines.iter().map(|l| l.sku.as_str())).collect();
+    skus.sort_unstable();
+    skus.dedup();
+    let rows = sqlx::query("SELECT sku, available FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
+        .bind(&skus)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut available: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        available.insert(row.try_get("sku")?, row.try_get("available")?);
+    }
+    let mut taken: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut reservations: (Vec<Uuid>, Vec<&str>, Vec<i64>) = Default::default();
+    let mut effects = Vec::with_capacity(orders.len());
+    for paid in orders {
         let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
         for line in &paid.lines {
             *wanted.entry(line.sku.as_str()).or_default() += i64::from(line.quantity);
         }
-        let skus: Vec<&str> = wanted.keys().copied().collect();
-        let rows = sqlx::query("SELECT sku, available FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
-            .bind(&skus)
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut available = BTreeMap::new();
-        for row in rows {
-            available.insert(row.try_get::<String, _>("sku")?, row.try_get::<i64, _>("available")?);
+        let failure = wanted.iter().find_map(|(sku, quantity)| match available.get(*sku) {
+            None => Some((InventoryFailureReason::UnknownSku, *sku)),
+            Some(units) if units < quantity => Some((InventoryFailureReason::OutOfStock, *sku)),
+            Some(_) => None,
+        });
+        if let Some((reason, sku)) = failure {
+            effects.push(Effects::events(vec![Message::InventoryFailed(InventoryFailed {
+                order_id: paid.order_id,
+                reason,
+                sku: sku.to_owned(),
+            })]));
+            continue;
         }
-        for (sku, quantity) in &wanted {
-            let failure = match available.get(*sku) {
-                None => Some(InventoryFailureReason::UnknownSku),
-                Some(units) if units < quantity => Some(InventoryFailureReason::OutOfStock),
-                Some(_) => None,
-            };
-            if let Some(reason) = failure {
-                return Ok(Effects::events(vec![Message::InventoryFailed(InventoryFailed {
-                    order_id: paid.order_id,
-                    reason,
-                    sku: (*sku).to_owned(),
-                })]));
+        for (sku, quantity) in wanted {
+            if let Some(units) = available.get_mut(sku) {
+                *units -= quantity;
             }
+            *taken.entry(sku).or_default() += quantity;
+            reservations.0.push(paid.order_id);
+            reservations.1.push(sku);
+            reservations.2.push(quantity);
         }
-        let quantities: Vec<i64> = wanted.values().copied().collect();
+        effects.push(Effects::events(vec![Message::InventoryReserved(InventoryReserved {
+            order_id: paid.order_id,
+            lines: paid.lines.clone(),
+        })]));
+    }
+    if !taken.is_empty() {
+        let (skus, quantities): (Vec<&str>, Vec<i64>) = taken.into_iter().unzip();
         sqlx::query(
             "UPDATE stock s SET available = s.available - w.q, reserved = s.reserved + w.q \
              FROM UNNEST($1::text[], $2::bigint[]) AS w(sku, q) WHERE s.sku = w.sku",
@@ -98,19 +144,14 @@ impl Service for InventoryService {
         .bind(&quantities)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO reservations (order_id, sku, quantity) SELECT $1, * FROM UNNEST($2::text[], $3::bigint[])",
-        )
-        .bind(paid.order_id)
-        .bind(&skus)
-        .bind(&quantities)
-        .execute(&mut *tx)
-        .await?;
-        Ok(Effects::events(vec![Message::InventoryReserved(InventoryReserved {
-            order_id: paid.order_id,
-            lines: paid.lines.clone(),
-        })]))
+        sqlx::query("INSERT INTO reservations (order_id, sku, quantity) SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[])")
+            .bind(&reservations.0)
+            .bind(&reservations.1)
+            .bind(&reservations.2)
+            .execute(&mut *tx)
+            .await?;
     }
+    Ok(effects)
 }
 
 #[cfg(test)]

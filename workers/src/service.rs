@@ -4,7 +4,13 @@
 //! For each delivery: begin; record the message id in the inbox (a duplicate stops here, acked with no
 //! effect); apply the service's change; write the events it returns to the outbox; commit; wake the relay.
 //! Only then is the delivery acked (by the consumer runner).
+//!
+//! A batch of deliveries is the same in one transaction: one inbox insert for all ids, the service's change
+//! for each new message in delivery order, one outbox insert for all events, one commit. If any message
+//! fails, the transaction rolls back whole and the consumer handles each message alone, so a batch never
+//! changes what happens to a message, only how many commits it takes.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,6 +77,24 @@ pub trait Service: Send + Sync + 'static {
     /// Register this service's own metrics at zero, so that rates and increases see their first events.
     fn register_metrics(&self) {}
 
+    /// Apply several messages inside `tx`, in order, as if one by one: one [`Effects`] per message. Each
+    /// message's work runs in its own span (its log lines carry its ids). The default calls
+    /// [`Service::apply`] for each; a service whose messages contend on the same rows does better by reading
+    /// and writing them once for the whole batch.
+    fn apply_batch(
+        &self,
+        tx: &mut PgConnection,
+        batch: &[(&Envelope, tracing::Span)],
+    ) -> impl Future<Output = Result<Vec<Effects>, ServiceError>> + Send {
+        async move {
+            let mut all = Vec::with_capacity(batch.len());
+            for (envelope, span) in batch {
+                all.push(self.apply(tx, envelope).instrument(span.clone()).await?);
+            }
+            Ok(all)
+        }
+    }
+
     /// Apply `envelope` inside `tx` and return the events it causes. Must not commit, publish or call out
     /// to anything that is not idempotent on a key derived from the message.
     fn apply(
@@ -110,9 +134,14 @@ impl<S: Service> TransactionalHandler<S> {
         Arc::clone(&self.counters)
     }
 
-    async fn apply_once(&self, envelope: &Envelope) -> Result<bool, ServiceError> {
+    fn handle_span(envelope: &Envelope) -> tracing::Span {
         let span = tracing::info_span!("handle", otel.name = %envelope.meta.message_type, worker = S::NAME);
         crate::telemetry::continue_trace(&span, envelope.meta.traceparent.as_deref());
+        span
+    }
+
+    async fn apply_once(&self, envelope: &Envelope) -> Result<bool, ServiceError> {
+        let span = Self::handle_span(envelope);
         self.apply_in_span(envelope, &span).instrument(span.clone()).await
     }
 
@@ -123,29 +152,90 @@ impl<S: Service> TransactionalHandler<S> {
             return Ok(false);
         }
         let effects = self.service.apply(&mut tx, envelope).await?;
-        // Events carry this handler's span as their parent: one workflow, one trace.
-        let traceparent = crate::telemetry::traceparent_of(span).or_else(|| envelope.meta.traceparent.clone());
-        let encoded: Vec<EncodedEnvelope> = effects
-            .events
-            .into_iter()
-            .map(|m| {
-                let mut e = Envelope::caused_by(&envelope.meta, m, S::NAME);
-                e.meta.traceparent = traceparent.clone();
-                e.encode()
-            })
-            .collect();
-        OutboxStore::enqueue(&mut tx, &encoded).await?;
+        let mut written = Written::new(S::NAME);
+        written.add(envelope, effects, span);
+        OutboxStore::enqueue(&mut tx, &written.events).await?;
         tx.commit().await?;
-        for observe in effects.on_commit {
+        written.committed(&self.waker);
+        Ok(true)
+    }
+
+    /// Apply `envelopes` in one transaction; for each, whether it took effect (`false`: a duplicate).
+    async fn apply_batch(&self, envelopes: &[Envelope]) -> Result<Vec<bool>, ServiceError> {
+        let mut tx = self.db.begin().await?;
+        let metas: Vec<_> = envelopes.iter().map(|e| &e.meta).collect();
+        let fresh = self.inbox.first_deliveries(&mut tx, &metas).await?;
+        // The first delivery of an id in the batch is the one applied.
+        let mut seen = HashSet::with_capacity(envelopes.len());
+        let applied: Vec<bool> =
+            envelopes.iter().map(|e| fresh.contains(&e.meta.message_id) && seen.insert(e.meta.message_id)).collect();
+        // Each message keeps its own span: its log lines carry its ids, its events continue its trace.
+        let batch: Vec<(&Envelope, tracing::Span)> = envelopes
+            .iter()
+            .zip(&applied)
+            .filter(|(_, a)| **a)
+            .map(|(e, _)| (e, crate::telemetry::message_span(S::NAME, &e.meta).in_scope(|| Self::handle_span(e))))
+            .collect();
+        let effects = self.service.apply_batch(&mut tx, &batch).await?;
+        if effects.len() != batch.len() {
+            return Err(ServiceError::Permanent(format!(
+                "{} gave {} results for a batch of {}",
+                S::NAME,
+                effects.len(),
+                batch.len()
+            )));
+        }
+        let mut written = Written::new(S::NAME);
+        for ((envelope, span), effects) in batch.iter().zip(effects) {
+            written.add(envelope, effects, span);
+        }
+        OutboxStore::enqueue(&mut tx, &written.events).await?;
+        tx.commit().await?;
+        written.committed(&self.waker);
+        Ok(applied)
+    }
+
+    fn count_duplicate(envelope: &Envelope) {
+        metrics::counter!("choreo_duplicates_skipped_total", "worker" => S::NAME, "type" => envelope.message.message_type().as_str())
+            .increment(1);
+    }
+}
+
+/// What handled messages wrote: their events for the outbox and what to observe once committed.
+struct Written {
+    producer: &'static str,
+    events: Vec<EncodedEnvelope>,
+    on_commit: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl Written {
+    fn new(producer: &'static str) -> Self {
+        Written { producer, events: Vec::new(), on_commit: Vec::new() }
+    }
+
+    /// Encode `effects.events` as caused by `cause`, each carrying `span` as its parent: one workflow, one
+    /// trace.
+    fn add(&mut self, cause: &Envelope, effects: Effects, span: &tracing::Span) {
+        let traceparent = crate::telemetry::traceparent_of(span).or_else(|| cause.meta.traceparent.clone());
+        for message in effects.events {
+            let mut e = Envelope::caused_by(&cause.meta, message, self.producer);
+            e.meta.traceparent = traceparent.clone();
+            self.events.push(e.encode());
+        }
+        self.on_commit.extend(effects.on_commit);
+    }
+
+    fn committed(self, waker: &OutboxWaker) {
+        for observe in self.on_commit {
             observe();
         }
-        if !encoded.is_empty() {
-            self.waker.wake();
+        if !self.events.is_empty() {
+            waker.wake();
         }
-        for e in &encoded {
-            debug!(emitted = %e.meta.message_type, emitted_id = %e.meta.message_id, "event written to the outbox");
+        for e in &self.events {
+            debug!(emitted = %e.meta.message_type, emitted_id = %e.meta.message_id, correlation_id = %e.meta.correlation_id,
+                "event written to the outbox");
         }
-        Ok(true)
     }
 }
 
@@ -164,13 +254,43 @@ impl<S: Service> choreo_rabbitmq::Handler for TransactionalHandler<S> {
             }
             Ok(false) => {
                 self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("choreo_duplicates_skipped_total", "worker" => S::NAME, "type" => envelope.message.message_type().as_str())
-                    .increment(1);
+                Self::count_duplicate(envelope);
                 info!("duplicate delivery acknowledged with no effect");
                 Outcome::Duplicate
             }
             Err(ServiceError::Transient(reason)) => Outcome::Retry { reason },
             Err(ServiceError::Permanent(reason)) => Outcome::Reject { kind: ErrorKind::Permanent, reason },
+        }
+    }
+
+    async fn handle_batch(&self, envelopes: &[Envelope]) -> Option<Vec<Outcome>> {
+        let handled = |e: &Envelope| S::CONSUMES.iter().any(|t| t.as_str() == e.meta.message_type);
+        if !envelopes.iter().all(handled) {
+            return None;
+        }
+        match self.apply_batch(envelopes).await {
+            Ok(applied) => Some(
+                envelopes
+                    .iter()
+                    .zip(applied)
+                    .map(|(envelope, applied)| {
+                        if applied {
+                            self.counters.processed.fetch_add(1, Ordering::Relaxed);
+                            Outcome::Done
+                        } else {
+                            self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                            Self::count_duplicate(envelope);
+                            info!(message_id = %envelope.meta.message_id, correlation_id = %envelope.meta.correlation_id,
+                                "duplicate delivery acknowledged with no effect");
+                            Outcome::Duplicate
+                        }
+                    })
+                    .collect(),
+            ),
+            Err(e) => {
+                debug!(worker = S::NAME, size = envelopes.len(), error = %e, "batch rolled back; its messages go one by one");
+                None
+            }
         }
     }
 }

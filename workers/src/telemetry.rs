@@ -87,3 +87,15 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     global::get_text_map_propagator(|p| p.inject_context(&context, &mut carrier));
     carrier.remove("traceparent")
 }
+
+/// The span of one message, with the fields every log line about it carries. The consumer opens it for a
+/// message handled alone; a batch opens one per message.
+pub fn message_span(worker: &str, meta: &choreo_messages::Metadata) -> tracing::Span {
+    tracing::info_span!(
+        "message",
+        worker = %worker,
+        message_id = %meta.message_id,
+        message_type = %meta.message_type,
+        correlation_id = %meta.correlation_id,
+    )
+}

@@ -55,6 +55,7 @@ fn args(infra: &Infra, namespace: &str) -> CommonArgs {
         namespace: namespace.to_owned(),
         prefetch: 16,
         concurrency: 4,
+        batch_size: 8,
         max_message_bytes: 262_144,
         delivery_limit: 10,
         handler_retries: 2,

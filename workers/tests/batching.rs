@@ -1,0 +1,107 @@
+//! Batches: deliveries that wait together are applied in one transaction, and nothing about any message's
+//! fate changes. Real broker, real database, real worker binaries.
+
+mod common;
+
+use std::time::Duration;
+
+use choreo_messages::{EncodedEnvelope, Envelope, Message};
+use choreo_testkit::wait_for;
+use common::{Cluster, order};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// The value of one sample of `/metrics` (a line starting with `series`), 0 when absent.
+async fn metric(cluster: &Cluster, worker: &str, series: &str) -> f64 {
+    let url = format!("http://127.0.0.1:{}/metrics", cluster.metrics_ports[worker]);
+    let text = reqwest::get(&url).await.expect("metrics endpoint").text().await.expect("metrics text");
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn waiting_deliveries_are_applied_in_batches_with_exactly_the_effects_of_one_by_one() {
+    let catalogue = format!("{},sku-lim=5", choreo_workers::inventory::DEFAULT_CATALOGUE);
+    let mut cluster = Cluster::start_with(vec![
+        ("CHOREO_INVENTORY_CATALOGUE".into(), catalogue),
+        // Few slots, so that the waiting deliveries are taken many at a time.
+        ("CHOREO_CONCURRENCY".into(), "2".into()),
+    ])
+    .await;
+    for worker in common::WORKERS {
+        cluster.kill(worker).await;
+    }
+
+    // 40 orders: 8 want the last 5 units of `sku-lim`, 10 have a card gateway that fails once per order
+    // (so the payment batches holding them roll back and go one by one), the rest are plain.
+    let orders: Vec<_> = (0..40)
+        .map(|i| match i {
+            0..8 => order(&format!("cust-lim-{i}"), &[("sku-lim", 1, 700)]),
+            8..18 => order(&format!("flaky-1-batch-{i}"), &[("sku-002", 1, 300)]),
+            _ => order(&format!("cust-batch-{i}"), &[("sku-001", 2, 150)]),
+        })
+        .collect();
+    let envelopes: Vec<EncodedEnvelope> = orders
+        .iter()
+        .map(|o| Envelope::new_command(Message::OrderPlace(o.clone()), "test", Some(o.order_id)).encode())
+        .collect();
+    // The first 10 twice, with the same message ids: duplicates, some of them in the same batch.
+    let mut published = envelopes.clone();
+    published.extend(envelopes[..10].iter().cloned());
+    cluster.publish(&published).await;
+
+    let t = cluster.topology.clone();
+    cluster.wait_depth(&t.worker_queue("order"), 50).await;
+    cluster.spawn("order");
+    cluster.wait_depth(&t.worker_queue("payment"), 40).await;
+    cluster.spawn("payment");
+    cluster.wait_depth(&t.worker_queue("inventory"), 40).await;
+    cluster.spawn("inventory");
+    let ids: Vec<_> = orders.iter().map(|o| o.order_id).collect();
+    cluster.wait_terminal(&ids, DEADLINE).await;
+
+    // Exactly the outcomes of one-by-one processing.
+    let (confirmed_lim, cancelled_lim): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'CONFIRMED'), \
+                count(*) FILTER (WHERE status = 'CANCELLED' AND cancel_reason = 'out_of_stock') \
+         FROM orders WHERE customer_id LIKE 'cust-lim-%'",
+    )
+    .fetch_one(cluster.db("order"))
+    .await
+    .expect("limited orders");
+    assert_eq!((confirmed_lim, cancelled_lim), (5, 3), "5 units serve 5 orders; 3 are cancelled and refunded");
+    let (available, reserved): (i64, i64) =
+        sqlx::query_as("SELECT available, reserved FROM stock WHERE sku = 'sku-lim'")
+            .fetch_one(cluster.db("inventory"))
+            .await
+            .expect("sku-lim");
+    assert_eq!((available, reserved), (0, 5));
+    let others: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orders WHERE customer_id NOT LIKE 'cust-lim-%' AND status = 'CONFIRMED'",
+    )
+    .fetch_one(cluster.db("order"))
+    .await
+    .expect("other orders");
+    assert_eq!(others, 32, "every other order, flaky gateway included, is confirmed");
+    let orders_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM order_history WHERE status = 'PENDING'")
+        .fetch_one(cluster.db("order"))
+        .await
+        .expect("history");
+    assert_eq!(orders_rows, 40, "each order was created once although 10 were delivered twice");
+    cluster.assert_invariants().await;
+
+    // And they really went in batches, a rolled-back one included.
+    wait_for("the order worker's duplicate count", DEADLINE, || async {
+        let n = metric(&cluster, "order", "choreo_duplicates_skipped_total{worker=\"order\",type=\"order.place\"}").await;
+        if n == 10.0 { Ok(()) } else { Err(n) }
+    })
+    .await;
+    for worker in common::WORKERS {
+        let batches = metric(&cluster, worker, &format!("choreo_batch_messages_count{{worker=\"{worker}\"}}")).await;
+        assert!(batches >= 1.0, "{worker} applied no batch");
+    }
+    let fallbacks = metric(&cluster, "payment", "choreo_batch_fallbacks_total{worker=\"payment\"}").await;
+    assert!(fallbacks >= 1.0, "a payment batch holding a failing charge went one by one");
+    cluster.shutdown().await;
+}
