@@ -100,21 +100,22 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         _ => 200,
     };
     let ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
-    let envelopes: Vec<EncodedEnvelope> = orders
-        .into_iter()
-        .map(|o| {
-            let correlation = o.order_id;
-            let mut envelope = Envelope::new_command(Message::OrderPlace(o), "choreoctl", Some(correlation));
-            envelope.meta.traceparent = Some(new_traceparent());
-            envelope.encode()
-        })
-        .collect();
     let mut sent = 0usize;
-    for batch in envelopes.chunks(chunk) {
+    for chunk_orders in orders.chunks(chunk) {
         if let Some(rate) = args.rate.filter(|r| *r > 0.0) {
             let due = started + Duration::from_secs_f64(sent as f64 / rate);
             tokio::time::sleep_until(due.into()).await;
         }
+        // Encoded when sent: an order's `occurred-at`, where its end-to-end latency starts, is when it is placed.
+        let batch: Vec<EncodedEnvelope> = chunk_orders
+            .iter()
+            .map(|o| {
+                let mut envelope = Envelope::new_command(Message::OrderPlace(o.clone()), "choreoctl", Some(o.order_id));
+                envelope.meta.traceparent = Some(new_traceparent());
+                envelope.encode()
+            })
+            .collect();
+        let batch = batch.as_slice();
         let outgoing: Vec<Outgoing<'_>> = batch.iter().map(|e| Outgoing::envelope(&exchange, e)).collect();
         for (result, envelope) in publisher.publish_batch(&outgoing).await.into_iter().zip(batch) {
             result.with_context(|| {

@@ -138,13 +138,14 @@ impl OutboxRelay {
 
     /// One claim-publish-mark cycle in one transaction.
     pub async fn cycle(&self) -> Result<CycleReport, OutboxError> {
-        let mut tx = self.db.begin().await.map_err(OutboxError::db("begin"))?;
         // Marking rows published needs no flush to disk before we go on: if the server loses this commit,
-        // the rows are published again and consumers deduplicate them. It saves a WAL flush per cycle.
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
+        // the rows are published again and consumers deduplicate them. It saves a WAL flush per cycle, and
+        // saying so with BEGIN costs no round trip.
+        let mut tx = self
+            .db
+            .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
             .await
-            .map_err(OutboxError::db("synchronous_commit"))?;
+            .map_err(OutboxError::db("begin"))?;
         let rows = OutboxStore::claim_batch(&mut tx, self.config.batch_size).await?;
         if rows.is_empty() {
             tx.commit().await.map_err(OutboxError::db("commit"))?;

@@ -7,12 +7,14 @@
 //! | `payment.failed` | CANCELLED (compensation) | `order.cancelled` |
 //! | `payment.refunded` | CANCELLED (compensation) | `order.cancelled` |
 
-use choreo_messages::payloads::{CancelReason, OrderCancelled, OrderConfirmed, OrderCreated, order_total};
+use std::collections::{HashMap, HashSet};
+
+use choreo_messages::payloads::{CancelReason, OrderCancelled, OrderConfirmed, OrderCreated, PlaceOrder, order_total};
 use choreo_messages::{Envelope, Message, MessageType};
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, Row};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 use uuid::Uuid;
 
 use crate::service::{Effects, Service, ServiceError};
@@ -39,72 +41,257 @@ impl Service for OrderService {
     }
 
     async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Effects, ServiceError> {
-        let meta = &envelope.meta;
-        match &envelope.message {
+        let mut effects = settle(tx, &[(envelope, tracing::Span::current())]).await?;
+        effects.pop().ok_or_else(|| ServiceError::Permanent("no result for the message".into()))
+    }
+
+    /// A batch is a handful of statements whatever its size: one insert of the new orders, one update of
+    /// the settled ones, one insert of their history. Two messages about one order in a batch are applied
+    /// one after the other instead, so that the second sees the first.
+    async fn apply_batch(
+        &self,
+        tx: &mut PgConnection,
+        batch: &[(&Envelope, tracing::Span)],
+    ) -> Result<Vec<Effects>, ServiceError> {
+        let mut seen = HashSet::with_capacity(batch.len());
+        if batch.iter().all(|(e, _)| order_id_of(&e.message).is_none_or(|id| seen.insert(id))) {
+            return settle(tx, batch).await;
+        }
+        let mut all = Vec::with_capacity(batch.len());
+        for (envelope, span) in batch {
+            all.push(self.apply(tx, envelope).instrument(span.clone()).await?);
+        }
+        Ok(all)
+    }
+}
+
+fn order_id_of(message: &Message) -> Option<Uuid> {
+    match message {
+        Message::OrderPlace(m) => Some(m.order_id),
+        Message::InventoryReserved(m) => Some(m.order_id),
+        Message::PaymentFailed(m) => Some(m.order_id),
+        Message::PaymentRefunded(m) => Some(m.order_id),
+        _ => None,
+    }
+}
+
+/// What one message asks of the order service.
+enum Step<'a> {
+    Place { place: &'a PlaceOrder, total: i64, lines: serde_json::Value },
+    Settle { order_id: Uuid, status: &'static str, reason: Option<CancelReason> },
+}
+
+/// Apply messages about distinct orders, in three statements at most, with the effects of applying them one
+/// by one in the given order.
+async fn settle(tx: &mut PgConnection, batch: &[(&Envelope, tracing::Span)]) -> Result<Vec<Effects>, ServiceError> {
+    let steps = batch
+        .iter()
+        .map(|(envelope, _)| match &envelope.message {
             Message::OrderPlace(place) => {
                 let total = order_total(&place.lines).map_err(ServiceError::Permanent)?;
-                let lines = serde_json::to_value(&place.lines)
-                    .map_err(|e| ServiceError::Permanent(format!("lines: {e}")))?;
-                let inserted = sqlx::query(
-                    "INSERT INTO orders (order_id, correlation_id, customer_id, currency, total_cents, lines, \
-                                         status, placed_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', $7) ON CONFLICT (order_id) DO NOTHING",
-                )
-                .bind(place.order_id)
-                .bind(meta.correlation_id)
-                .bind(&place.customer_id)
-                .bind(&place.currency)
-                .bind(total)
-                .bind(lines)
-                .bind(meta.occurred_at)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if inserted == 0 {
+                let lines = serde_json::to_value(&place.lines).map_err(|e| ServiceError::Permanent(format!("lines: {e}")))?;
+                Ok(Step::Place { place, total, lines })
+            }
+            Message::InventoryReserved(m) => Ok(Step::Settle { order_id: m.order_id, status: "CONFIRMED", reason: None }),
+            Message::PaymentFailed(m) => {
+                Ok(Step::Settle { order_id: m.order_id, status: "CANCELLED", reason: Some(m.reason.into()) })
+            }
+            Message::PaymentRefunded(m) => {
+                Ok(Step::Settle { order_id: m.order_id, status: "CANCELLED", reason: Some(m.reason.into()) })
+            }
+            other => Err(ServiceError::Permanent(format!("order does not handle {}", other.message_type()))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let placed = insert_orders(tx, batch, &steps).await?;
+    let settled = transition_orders(tx, &steps).await?;
+
+    let mut history = History::default();
+    let mut effects = Vec::with_capacity(steps.len());
+    for ((envelope, span), step) in batch.iter().zip(&steps) {
+        let _in_message = span.enter();
+        match step {
+            Step::Place { place, total, .. } => {
+                if !placed.contains(&place.order_id) {
                     info!(order_id = %place.order_id, "order already placed; nothing to do");
-                    return Ok(Effects::none());
+                    effects.push(Effects::none());
+                    continue;
                 }
-                history(tx, place.order_id, "PENDING", None, envelope).await?;
-                Ok(Effects::events(vec![Message::OrderCreated(OrderCreated {
+                history.push(place.order_id, "PENDING", None, envelope);
+                effects.push(Effects::events(vec![Message::OrderCreated(OrderCreated {
                     order_id: place.order_id,
                     customer_id: place.customer_id.clone(),
                     currency: place.currency.clone(),
                     lines: place.lines.clone(),
-                    total_cents: total,
-                })]))
+                    total_cents: *total,
+                })]));
             }
-            Message::InventoryReserved(reserved) => {
-                let Some(settled) = transition(tx, reserved.order_id, "CONFIRMED", None).await? else {
-                    return Ok(Effects::none());
+            Step::Settle { order_id, status, reason } => {
+                let Some(done) = settled.get(order_id) else {
+                    effects.push(Effects::none());
+                    continue;
                 };
-                history(tx, reserved.order_id, "CONFIRMED", None, envelope).await?;
-                let confirmed = OrderConfirmed {
-                    order_id: reserved.order_id,
-                    total_cents: settled.total_cents,
-                    currency: settled.currency,
-                };
-                Ok(Effects::events(vec![Message::OrderConfirmed(confirmed)])
-                    .after_commit(move || observe_outcome("confirmed", "none", settled.placed_at)))
+                history.push(*order_id, status, reason.map(|r| r.as_str()), envelope);
+                let placed_at = done.placed_at;
+                effects.push(match *reason {
+                    None => Effects::events(vec![Message::OrderConfirmed(OrderConfirmed {
+                        order_id: *order_id,
+                        total_cents: done.total_cents,
+                        currency: done.currency.clone(),
+                    })])
+                    .after_commit(move || observe_outcome("confirmed", "none", placed_at)),
+                    Some(reason) => Effects::events(vec![Message::OrderCancelled(OrderCancelled { order_id: *order_id, reason })])
+                        .after_commit(move || observe_outcome("cancelled", reason.as_str(), placed_at)),
+                });
             }
-            Message::PaymentFailed(failed) => cancel(tx, failed.order_id, failed.reason.into(), envelope).await,
-            Message::PaymentRefunded(refunded) => cancel(tx, refunded.order_id, refunded.reason.into(), envelope).await,
-            other => Err(ServiceError::Permanent(format!("order does not handle {}", other.message_type()))),
         }
     }
+    history.insert(tx).await?;
+    Ok(effects)
 }
 
-async fn cancel(
+/// Create the orders of the `Place` steps that do not exist yet; the ids created.
+async fn insert_orders(
     tx: &mut PgConnection,
-    order_id: Uuid,
-    reason: CancelReason,
-    envelope: &Envelope,
-) -> Result<Effects, ServiceError> {
-    let Some(settled) = transition(tx, order_id, "CANCELLED", Some(reason.as_str())).await? else {
-        return Ok(Effects::none());
-    };
-    history(tx, order_id, "CANCELLED", Some(reason.as_str()), envelope).await?;
-    Ok(Effects::events(vec![Message::OrderCancelled(OrderCancelled { order_id, reason })])
-        .after_commit(move || observe_outcome("cancelled", reason.as_str(), settled.placed_at)))
+    batch: &[(&Envelope, tracing::Span)],
+    steps: &[Step<'_>],
+) -> Result<HashSet<Uuid>, ServiceError> {
+    let mut ids = Vec::new();
+    let mut correlations = Vec::new();
+    let mut customers = Vec::new();
+    let mut currencies = Vec::new();
+    let mut totals = Vec::new();
+    let mut lines = Vec::new();
+    let mut placed_at = Vec::new();
+    for ((envelope, _), step) in batch.iter().zip(steps) {
+        if let Step::Place { place, total, lines: l } = step {
+            ids.push(place.order_id);
+            correlations.push(envelope.meta.correlation_id);
+            customers.push(place.customer_id.as_str());
+            currencies.push(place.currency.as_str());
+            totals.push(*total);
+            lines.push(l);
+            placed_at.push(envelope.meta.occurred_at);
+        }
+    }
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let created: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO orders (order_id, correlation_id, customer_id, currency, total_cents, lines, placed_at, status) \
+         SELECT *, 'PENDING' FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::jsonb[], \
+                                         $7::timestamptz[]) \
+         ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
+    )
+    .bind(&ids)
+    .bind(&correlations)
+    .bind(&customers)
+    .bind(&currencies)
+    .bind(&totals)
+    .bind(&lines)
+    .bind(&placed_at)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(created.into_iter().collect())
+}
+
+/// Move the orders of the `Settle` steps from PENDING to their terminal status. An order that is no longer
+/// PENDING (a late or repeated event) is logged and left alone; an order we never created is a permanent
+/// error.
+async fn transition_orders(tx: &mut PgConnection, steps: &[Step<'_>]) -> Result<HashMap<Uuid, Settled>, ServiceError> {
+    let mut wanted: Vec<(Uuid, &str, Option<&str>)> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Settle { order_id, status, reason } => Some((*order_id, *status, reason.map(|r| r.as_str()))),
+            Step::Place { .. } => None,
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Ok(HashMap::new());
+    }
+    // Rows are locked in id order, so that two batches cannot deadlock on them.
+    wanted.sort_by_key(|w| w.0);
+    let ids: Vec<Uuid> = wanted.iter().map(|w| w.0).collect();
+    let statuses: Vec<&str> = wanted.iter().map(|w| w.1).collect();
+    let reasons: Vec<Option<&str>> = wanted.iter().map(|w| w.2).collect();
+    let rows = sqlx::query(
+        "UPDATE orders o SET status = t.status, cancel_reason = t.reason, completed_at = now() \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[]) AS t(order_id, status, reason) \
+         WHERE o.order_id = t.order_id AND o.status = 'PENDING' \
+         RETURNING o.order_id, o.total_cents, o.currency, o.placed_at",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&reasons)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut settled = HashMap::with_capacity(rows.len());
+    for row in rows {
+        settled.insert(
+            row.try_get::<Uuid, _>("order_id")?,
+            Settled {
+                total_cents: row.try_get("total_cents")?,
+                currency: row.try_get("currency")?,
+                placed_at: row.try_get("placed_at")?,
+            },
+        );
+    }
+    let missing: Vec<Uuid> = ids.iter().copied().filter(|id| !settled.contains_key(id)).collect();
+    if !missing.is_empty() {
+        let current: HashMap<Uuid, String> =
+            sqlx::query_as::<_, (Uuid, String)>("SELECT order_id, status FROM orders WHERE order_id = ANY($1)")
+                .bind(&missing)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+        for (order_id, wanted_status, _) in wanted.iter().filter(|w| missing.contains(&w.0)) {
+            match current.get(order_id) {
+                Some(status) => {
+                    warn!(%order_id, current = %status, wanted = wanted_status, "order is no longer PENDING; event ignored")
+                }
+                None => return Err(ServiceError::Permanent(format!("order {order_id} is unknown to the order service"))),
+            }
+        }
+    }
+    Ok(settled)
+}
+
+/// Rows for `order_history`, written in one statement.
+#[derive(Default)]
+struct History<'a> {
+    order_ids: Vec<Uuid>,
+    statuses: Vec<&'a str>,
+    details: Vec<Option<&'a str>>,
+    message_ids: Vec<Uuid>,
+    message_types: Vec<&'a str>,
+}
+
+impl<'a> History<'a> {
+    fn push(&mut self, order_id: Uuid, status: &'a str, detail: Option<&'a str>, envelope: &'a Envelope) {
+        self.order_ids.push(order_id);
+        self.statuses.push(status);
+        self.details.push(detail);
+        self.message_ids.push(envelope.meta.message_id);
+        self.message_types.push(&envelope.meta.message_type);
+    }
+
+    async fn insert(self, tx: &mut PgConnection) -> Result<(), ServiceError> {
+        if self.order_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO order_history (order_id, status, detail, message_id, message_type) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[])",
+        )
+        .bind(&self.order_ids)
+        .bind(&self.statuses)
+        .bind(&self.details)
+        .bind(&self.message_ids)
+        .bind(&self.message_types)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
 }
 
 /// What a terminal transition tells the caller.
@@ -119,61 +306,4 @@ fn observe_outcome(outcome: &'static str, reason: &'static str, placed_at: DateT
     metrics::counter!("choreo_saga_outcomes_total", "outcome" => outcome, "reason" => reason).increment(1);
     let seconds = (Utc::now() - placed_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
     metrics::histogram!("choreo_workflow_duration_seconds", "outcome" => outcome).record(seconds);
-}
-
-/// Move a PENDING order to a terminal status. `None` when the order is not PENDING (already terminal: a
-/// late or repeated event, logged and ignored). An order we never created is a permanent error.
-async fn transition(
-    tx: &mut PgConnection,
-    order_id: Uuid,
-    status: &str,
-    reason: Option<&str>,
-) -> Result<Option<Settled>, ServiceError> {
-    let row = sqlx::query(
-        "UPDATE orders SET status = $2, cancel_reason = $3, completed_at = now() \
-         WHERE order_id = $1 AND status = 'PENDING' RETURNING total_cents, currency, placed_at",
-    )
-    .bind(order_id)
-    .bind(status)
-    .bind(reason)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(row) = row {
-        return Ok(Some(Settled {
-            total_cents: row.try_get("total_cents")?,
-            currency: row.try_get("currency")?,
-            placed_at: row.try_get("placed_at")?,
-        }));
-    }
-    let current: Option<String> = sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")
-        .bind(order_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    match current {
-        Some(current) => {
-            warn!(%order_id, %current, wanted = status, "order is no longer PENDING; event ignored");
-            Ok(None)
-        }
-        None => Err(ServiceError::Permanent(format!("order {order_id} is unknown to the order service"))),
-    }
-}
-
-async fn history(
-    tx: &mut PgConnection,
-    order_id: Uuid,
-    status: &str,
-    detail: Option<&str>,
-    envelope: &Envelope,
-) -> Result<(), ServiceError> {
-    sqlx::query(
-        "INSERT INTO order_history (order_id, status, detail, message_id, message_type) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(order_id)
-    .bind(status)
-    .bind(detail)
-    .bind(envelope.meta.message_id)
-    .bind(&envelope.meta.message_type)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
 }
