@@ -7,8 +7,11 @@
 //!   to [`Handler::handle_batch`] (one database transaction for all of them). Under light load a batch is a
 //!   single delivery and nothing waits to fill one. When a batch cannot be applied as a whole, each of its
 //!   messages goes through [`Handler::handle`] alone, with the retry and dead-letter rules below.
-//! - A delivery is acked only after the handler returns [`Outcome::Done`], which handlers return only after
-//!   their database transaction committed. A crash at any instant therefore means redelivery, never loss.
+//! - A redelivered message is never batched: it may be the one that took the process down last time, and
+//!   alone it cannot take innocent messages down with it again (they would be redelivered, and dead-lettered
+//!   once over the delivery limit, through no fault of their own).
+//! - A delivery is acked only after the handler returns [`Outcome::Done`] or [`Outcome::Duplicate`], which
+//!   handlers return only after their database transaction committed. A crash at any instant therefore means redelivery, never loss.
 //! - A message that breaks the contract, or that the handler rejects, goes to the dead-letter queue with its
 //!   story (see [`crate::dead_letter`]) and is acked only once the dead letter is confirmed.
 //! - A transient failure is retried in process with exponential backoff and jitter; then it waits in the
@@ -38,8 +41,9 @@ use crate::dead_letter::{Failure, dead_letter, delay_for_retry, recorded_attempt
 use crate::publisher::ConfirmingPublisher;
 use crate::{BrokerError, Topology, TopologyError, WorkerQueue};
 
-/// Messages of a batch that could not be applied as a whole, handled at once within its slot.
-const ALONE_PER_SLOT: usize = 4;
+/// Messages of a batch that could not be applied as a whole, handled at once within its slot: with the
+/// default 8 slots, 16 transactions at most, the default database pool.
+const ALONE_PER_SLOT: usize = 2;
 
 /// What a handler made of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +60,9 @@ pub enum Outcome {
 
 /// The business side of a worker. Never sees a channel.
 pub trait Handler: Send + Sync + 'static {
+    /// Whether [`Handler::handle_batch`] applies batches; if not, the consumer never forms one.
+    const BATCHES: bool = false;
+
     fn handle(&self, envelope: &Envelope) -> impl Future<Output = Outcome> + Send;
 
     /// Apply several messages all or nothing: `Some` with one outcome per envelope (in order) once all of them
@@ -91,7 +98,7 @@ impl ConsumerConfig {
     pub fn new(queue: WorkerQueue) -> Self {
         ConsumerConfig {
             queue,
-            prefetch: 64,
+            prefetch: 128,
             concurrency: 8,
             batch_size: 32,
             max_body_bytes: 256 * 1024,
@@ -208,7 +215,7 @@ impl<H: Handler> ConsumerRunner<H> {
         let stream_error = std::sync::Mutex::new(None::<String>);
         consumer
             .take_until(shutdown.cancelled())
-            .ready_chunks(self.config.batch_size.max(1))
+            .ready_chunks(if H::BATCHES { self.config.batch_size.max(1) } else { 1 })
             .for_each_concurrent(self.config.concurrency.max(1), |chunk| async {
                 let mut deliveries = Vec::with_capacity(chunk.len());
                 for delivery in chunk {
@@ -248,6 +255,10 @@ impl<H: Handler> ConsumerRunner<H> {
         let mut envelopes = Vec::with_capacity(deliveries.len());
         let mut alone = Vec::new();
         for delivery in deliveries {
+            if delivery.redelivered || properties_header_u32(&delivery.properties, "x-delivery-count").unwrap_or(0) > 0 {
+                alone.push(delivery);
+                continue;
+            }
             match decode_delivery(&delivery.properties, &delivery.data, self.config.max_body_bytes) {
                 Ok(envelope) => {
                     envelopes.push(envelope);
@@ -269,18 +280,21 @@ impl<H: Handler> ConsumerRunner<H> {
                     metrics::histogram!("choreo_batch_messages", "worker" => worker.clone()).record(valid.len() as f64);
                     let elapsed = started.elapsed().as_secs_f64();
                     for ((delivery, envelope), outcome) in valid.iter().zip(&envelopes).zip(outcomes) {
+                        let span = self.delivery_span(delivery);
                         let settled = match outcome {
                             Outcome::Done => Settled::Processed,
                             Outcome::Duplicate => Settled::Duplicate,
                             // A batch that committed has no failures; anything else is the handler's bug.
                             other => {
-                                error!(message_id = %envelope.meta.message_id, outcome = ?other,
-                                    "a committed batch reported a failure; leaving the message to redelivery");
-                                self.requeue(delivery).await;
-                                continue;
+                                span.in_scope(|| error!(outcome = ?other,
+                                    "a committed batch reported a failure; leaving the message to redelivery"));
+                                self.requeue(delivery).instrument(span.clone()).await;
+                                Settled::Requeued
                             }
                         };
-                        self.ack(delivery).await;
+                        if settled != Settled::Requeued {
+                            self.ack(delivery).instrument(span).await;
+                        }
                         let type_label = choreo_messages::MessageType::label_for(&envelope.meta.message_type);
                         metrics::histogram!("choreo_handler_duration_seconds", "worker" => worker.clone(), "type" => type_label)
                             .record(elapsed);
@@ -301,16 +315,22 @@ impl<H: Handler> ConsumerRunner<H> {
         futures_util::stream::iter(alone).for_each_concurrent(ALONE_PER_SLOT, |delivery| self.process(delivery)).await;
     }
 
-    async fn process(&self, delivery: Delivery) {
+    /// The span every log line about `delivery` is written in: its ids, whatever its body holds.
+    fn delivery_span(&self, delivery: &Delivery) -> tracing::Span {
         let props = &delivery.properties;
-        let message_type = props.kind().as_ref().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "-".into());
-        let span = info_span!(
+        info_span!(
             "message",
             worker = %self.config.queue.worker,
             message_id = %props.message_id().as_ref().map(|m| m.as_str()).unwrap_or("-"),
-            message_type = %message_type,
+            message_type = %props.kind().as_ref().map(|m| m.as_str()).unwrap_or("-"),
             correlation_id = %props.correlation_id().as_ref().map(|m| m.as_str()).unwrap_or("-"),
-        );
+        )
+    }
+
+    async fn process(&self, delivery: Delivery) {
+        let message_type =
+            delivery.properties.kind().as_ref().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "-".into());
+        let span = self.delivery_span(&delivery);
         let worker = self.config.queue.worker.clone();
         let type_label = choreo_messages::MessageType::label_for(&message_type);
         let in_flight = metrics::gauge!("choreo_messages_in_flight", "worker" => worker.clone());

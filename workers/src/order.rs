@@ -14,10 +14,10 @@ use choreo_messages::{Envelope, Message, MessageType};
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, Row};
-use tracing::{Instrument, info, warn};
+use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::service::{Effects, Service, ServiceError};
+use crate::service::{Effects, Service, ServiceError, apply_one_by_one};
 
 pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/order");
 
@@ -57,11 +57,7 @@ impl Service for OrderService {
         if batch.iter().all(|(e, _)| order_id_of(&e.message).is_none_or(|id| seen.insert(id))) {
             return settle(tx, batch).await;
         }
-        let mut all = Vec::with_capacity(batch.len());
-        for (envelope, span) in batch {
-            all.push(self.apply(tx, envelope).instrument(span.clone()).await?);
-        }
-        Ok(all)
+        apply_one_by_one(self, tx, batch).await
     }
 }
 
@@ -103,7 +99,7 @@ async fn settle(tx: &mut PgConnection, batch: &[(&Envelope, tracing::Span)]) -> 
         })
         .collect::<Result<Vec<_>, _>>()?;
     let placed = insert_orders(tx, batch, &steps).await?;
-    let settled = transition_orders(tx, &steps).await?;
+    let (settled, no_longer_pending) = transition_orders(tx, &steps).await?;
 
     let mut history = History::default();
     let mut effects = Vec::with_capacity(steps.len());
@@ -127,6 +123,8 @@ async fn settle(tx: &mut PgConnection, batch: &[(&Envelope, tracing::Span)]) -> 
             }
             Step::Settle { order_id, status, reason } => {
                 let Some(done) = settled.get(order_id) else {
+                    let current = no_longer_pending.get(order_id).map_or("?", String::as_str);
+                    warn!(%order_id, %current, wanted = status, "order is no longer PENDING; event ignored");
                     effects.push(Effects::none());
                     continue;
                 };
@@ -194,10 +192,13 @@ async fn insert_orders(
     Ok(created.into_iter().collect())
 }
 
-/// Move the orders of the `Settle` steps from PENDING to their terminal status. An order that is no longer
-/// PENDING (a late or repeated event) is logged and left alone; an order we never created is a permanent
-/// error.
-async fn transition_orders(tx: &mut PgConnection, steps: &[Step<'_>]) -> Result<HashMap<Uuid, Settled>, ServiceError> {
+/// Move the orders of the `Settle` steps from PENDING to their terminal status: the ones moved, and the
+/// current status of those that are no longer PENDING (a late or repeated event, left alone). An order we
+/// never created is a permanent error.
+async fn transition_orders(
+    tx: &mut PgConnection,
+    steps: &[Step<'_>],
+) -> Result<(HashMap<Uuid, Settled>, HashMap<Uuid, String>), ServiceError> {
     let mut wanted: Vec<(Uuid, &str, Option<&str>)> = steps
         .iter()
         .filter_map(|s| match s {
@@ -206,9 +207,10 @@ async fn transition_orders(tx: &mut PgConnection, steps: &[Step<'_>]) -> Result<
         })
         .collect();
     if wanted.is_empty() {
-        return Ok(HashMap::new());
+        return Ok((HashMap::new(), HashMap::new()));
     }
-    // Rows are locked in id order, so that two batches cannot deadlock on them.
+    // Sorted for a stable lock order in the usual plan; should two batches still deadlock, PostgreSQL aborts
+    // one, which rolls back and goes one by one: nothing is lost.
     wanted.sort_by_key(|w| w.0);
     let ids: Vec<Uuid> = wanted.iter().map(|w| w.0).collect();
     let statuses: Vec<&str> = wanted.iter().map(|w| w.1).collect();
@@ -236,24 +238,19 @@ async fn transition_orders(tx: &mut PgConnection, steps: &[Step<'_>]) -> Result<
         );
     }
     let missing: Vec<Uuid> = ids.iter().copied().filter(|id| !settled.contains_key(id)).collect();
+    let mut current = HashMap::new();
     if !missing.is_empty() {
-        let current: HashMap<Uuid, String> =
-            sqlx::query_as::<_, (Uuid, String)>("SELECT order_id, status FROM orders WHERE order_id = ANY($1)")
-                .bind(&missing)
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .collect();
-        for (order_id, wanted_status, _) in wanted.iter().filter(|w| missing.contains(&w.0)) {
-            match current.get(order_id) {
-                Some(status) => {
-                    warn!(%order_id, current = %status, wanted = wanted_status, "order is no longer PENDING; event ignored")
-                }
-                None => return Err(ServiceError::Permanent(format!("order {order_id} is unknown to the order service"))),
-            }
+        current = sqlx::query_as::<_, (Uuid, String)>("SELECT order_id, status FROM orders WHERE order_id = ANY($1)")
+            .bind(&missing)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+        if let Some(unknown) = missing.iter().find(|id| !current.contains_key(*id)) {
+            return Err(ServiceError::Permanent(format!("order {unknown} is unknown to the order service")));
         }
     }
-    Ok(settled)
+    Ok((settled, current))
 }
 
 /// Rows for `order_history`, written in one statement.

@@ -20,7 +20,7 @@ use tracing::{Instrument, info, warn};
 use uuid::Uuid;
 
 use crate::gateway::{Charge, ChargeResult, GatewayError, PaymentGateway};
-use crate::service::{Effects, Service, ServiceError};
+use crate::service::{Effects, Service, ServiceError, apply_one_by_one};
 
 pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/payment");
 
@@ -67,13 +67,15 @@ impl<G: PaymentGateway> PaymentService<G> {
                 .await?
                 .into_iter()
                 .collect();
-        let charges = orders.iter().filter(|o| !existing.contains_key(&o.order_id)).map(|order| {
-            self.gateway.charge(Charge {
-                order_id: order.order_id,
-                customer_id: &order.customer_id,
-                amount_cents: order.total_cents,
-                currency: &order.currency,
-            })
+        let charges = batch.iter().zip(&orders).filter(|(_, o)| !existing.contains_key(&o.order_id)).map(|((_, span), order)| {
+            self.gateway
+                .charge(Charge {
+                    order_id: order.order_id,
+                    customer_id: &order.customer_id,
+                    amount_cents: order.total_cents,
+                    currency: &order.currency,
+                })
+                .instrument(span.clone())
         });
         let mut results = futures_util::future::join_all(charges).await.into_iter();
         let mut rows = Payments::default();
@@ -219,10 +221,6 @@ impl<G: PaymentGateway> Service for PaymentService<G> {
         if charges_only {
             return self.charge_all(tx, batch).await;
         }
-        let mut all = Vec::with_capacity(batch.len());
-        for (envelope, span) in batch {
-            all.push(self.apply(tx, envelope).instrument(span.clone()).await?);
-        }
-        Ok(all)
+        apply_one_by_one(self, tx, batch).await
     }
 }

@@ -68,7 +68,7 @@ impl Effects {
 }
 
 /// A worker's business logic.
-pub trait Service: Send + Sync + 'static {
+pub trait Service: Send + Sync + Sized + 'static {
     /// Worker name: queue, producer and inbox consumer name.
     const NAME: &'static str;
     /// Message types this worker's queue is bound to.
@@ -78,7 +78,8 @@ pub trait Service: Send + Sync + 'static {
     fn register_metrics(&self) {}
 
     /// Apply several messages inside `tx`, in order, as if one by one: one [`Effects`] per message. Each
-    /// message's work runs in its own span (its log lines carry its ids). The default calls
+    /// message comes with its span: whatever is logged about one message must be logged inside it (entered,
+    /// or with `instrument`), so that the line carries the message's ids. The default calls
     /// [`Service::apply`] for each; a service whose messages contend on the same rows does better by reading
     /// and writing them once for the whole batch.
     fn apply_batch(
@@ -86,13 +87,7 @@ pub trait Service: Send + Sync + 'static {
         tx: &mut PgConnection,
         batch: &[(&Envelope, tracing::Span)],
     ) -> impl Future<Output = Result<Vec<Effects>, ServiceError>> + Send {
-        async move {
-            let mut all = Vec::with_capacity(batch.len());
-            for (envelope, span) in batch {
-                all.push(self.apply(tx, envelope).instrument(span.clone()).await?);
-            }
-            Ok(all)
-        }
+        apply_one_by_one(self, tx, batch)
     }
 
     /// Apply `envelope` inside `tx` and return the events it causes. Must not commit, publish or call out
@@ -102,6 +97,21 @@ pub trait Service: Send + Sync + 'static {
         tx: &mut PgConnection,
         envelope: &Envelope,
     ) -> impl Future<Output = Result<Effects, ServiceError>> + Send;
+}
+
+/// [`Service::apply`] for each message of a batch in turn, each in its own span: the default of
+/// [`Service::apply_batch`], and what a batch-aware service falls back to when its messages depend on each
+/// other.
+pub async fn apply_one_by_one<S: Service>(
+    service: &S,
+    tx: &mut PgConnection,
+    batch: &[(&Envelope, tracing::Span)],
+) -> Result<Vec<Effects>, ServiceError> {
+    let mut all = Vec::with_capacity(batch.len());
+    for (envelope, span) in batch {
+        all.push(service.apply(tx, envelope).instrument(span.clone()).await?);
+    }
+    Ok(all)
 }
 
 /// Counters a test or `/metrics` can read.
@@ -240,6 +250,8 @@ impl Written {
 }
 
 impl<S: Service> choreo_rabbitmq::Handler for TransactionalHandler<S> {
+    const BATCHES: bool = true;
+
     async fn handle(&self, envelope: &Envelope) -> Outcome {
         if !S::CONSUMES.iter().any(|t| t.as_str() == envelope.meta.message_type) {
             return Outcome::Reject {
