@@ -21,10 +21,12 @@ pub enum ErrorKind {
     Transient,
     /// A handler failed in a way that no retry will fix.
     Permanent,
+    /// The worker stopped (crashed, was killed, hung until restarted) while handling it, again and again.
+    Crashed,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 10] = [
         ErrorKind::MalformedBody,
         ErrorKind::WrongContentType,
         ErrorKind::MissingMetadata,
@@ -34,6 +36,7 @@ impl ErrorKind {
         ErrorKind::Oversized,
         ErrorKind::Transient,
         ErrorKind::Permanent,
+        ErrorKind::Crashed,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -47,6 +50,7 @@ impl ErrorKind {
             ErrorKind::Oversized => "oversized",
             ErrorKind::Transient => "transient",
             ErrorKind::Permanent => "permanent",
+            ErrorKind::Crashed => "crashed",
         }
     }
 }

@@ -42,6 +42,23 @@ impl InboxGuard {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Record, durably and before handling begins, that this consumer starts handling a redelivered message
+    /// again; returns how many times it has. Runs in its own committed transaction: the count must survive the
+    /// crash it is there to detect.
+    pub async fn record_restart(&self, db: &sqlx::PgPool, meta: &Metadata) -> Result<u32, OutboxError> {
+        let restarts: i32 = sqlx::query_scalar(
+            "INSERT INTO restarts (consumer, message_id, restarts) VALUES ($1, $2, 1) \
+             ON CONFLICT (consumer, message_id) DO UPDATE SET restarts = restarts.restarts + 1, last_at = now() \
+             RETURNING restarts",
+        )
+        .bind(&self.consumer)
+        .bind(meta.message_id)
+        .fetch_one(db)
+        .await
+        .map_err(OutboxError::db("restart count"))?;
+        Ok(u32::try_from(restarts).unwrap_or(0))
+    }
+
     /// [`InboxGuard::first_delivery`] for several messages in one statement: the ids recorded now, i.e. the
     /// messages never processed before. Rows are written in id order, so that two transactions holding the
     /// same ids cannot deadlock on them.

@@ -7,9 +7,12 @@
 //!   to [`Handler::handle_batch`] (one database transaction for all of them). Under light load a batch is a
 //!   single delivery and nothing waits to fill one. When a batch cannot be applied as a whole, each of its
 //!   messages goes through [`Handler::handle`] alone, with the retry and dead-letter rules below.
-//! - A redelivered message is never batched: it may be the one that took the process down last time, and
-//!   alone it cannot take innocent messages down with it again (they would be redelivered, and dead-lettered
-//!   once over the delivery limit, through no fault of their own).
+//! - A redelivered message is never batched, and redelivered messages are handled one at a time: one of them
+//!   may be the message that took the process down last time. Before handling one, the handler counts the
+//!   restart durably ([`Handler::record_restart`]); past `crash_limit` it is dead-lettered as
+//!   [`ErrorKind::Crashed`]. As only the guilty message is in flight when the crash strikes again, only it
+//!   is counted; the broker's delivery limit, which counts every unacked message returned by a crash (started
+//!   or not), stays the backstop.
 //! - A delivery is acked only after the handler returns [`Outcome::Done`] or [`Outcome::Duplicate`], which
 //!   handlers return only after their database transaction committed. A crash at any instant therefore means redelivery, never loss.
 //! - A message that breaks the contract, or that the handler rejects, goes to the dead-letter queue with its
@@ -65,6 +68,13 @@ pub trait Handler: Send + Sync + 'static {
 
     fn handle(&self, envelope: &Envelope) -> impl Future<Output = Outcome> + Send;
 
+    /// Count, durably, that this redelivered message is being handled again, and return the count so far; the
+    /// consumer dead-letters it as [`ErrorKind::Crashed`] past its `crash_limit`. The default counts nothing.
+    fn record_restart(&self, envelope: &Envelope) -> impl Future<Output = Result<u32, String>> + Send {
+        let _ = envelope;
+        std::future::ready(Ok(0))
+    }
+
     /// Apply several messages all or nothing: `Some` with one outcome per envelope (in order) once all of them
     /// took effect, or `None` when nothing did, and the consumer then hands each to [`Handler::handle`] alone.
     /// The default applies no batch.
@@ -92,6 +102,8 @@ pub struct ConsumerConfig {
     pub retry_base: Duration,
     /// Pause before requeueing a message that could not be parked or dead-lettered (broker trouble).
     pub requeue_delay: Duration,
+    /// Times a redelivered message may be started again before it is dead-lettered as `crashed`.
+    pub crash_limit: u32,
 }
 
 impl ConsumerConfig {
@@ -105,6 +117,7 @@ impl ConsumerConfig {
             handler_retries: 3,
             retry_base: Duration::from_millis(50),
             requeue_delay: Duration::from_secs(1),
+            crash_limit: 3,
         }
     }
 }
@@ -149,6 +162,9 @@ pub struct ConsumerRunner<H> {
     config: ConsumerConfig,
     handler: Arc<H>,
     consuming: Arc<AtomicBool>,
+    /// Redelivered messages are handled one at a time: after a crash, only the message that caused it is in
+    /// flight when it strikes again, so only it is counted (see [`Handler::record_restart`]).
+    redelivery_lane: tokio::sync::Semaphore,
 }
 
 impl<H: Handler> ConsumerRunner<H> {
@@ -168,7 +184,15 @@ impl<H: Handler> ConsumerRunner<H> {
         for stage in ["in_process", "delayed"] {
             metrics::counter!("choreo_retries_total", "worker" => config.queue.worker.clone(), "stage" => stage).increment(0);
         }
-        ConsumerRunner { pool, publisher, topology, config, handler, consuming: Arc::new(AtomicBool::new(false)) }
+        ConsumerRunner {
+            pool,
+            publisher,
+            topology,
+            config,
+            handler,
+            consuming: Arc::new(AtomicBool::new(false)),
+            redelivery_lane: tokio::sync::Semaphore::new(1),
+        }
     }
 
     /// True while a consumer is registered with the broker (for readiness).
@@ -255,7 +279,7 @@ impl<H: Handler> ConsumerRunner<H> {
         let mut envelopes = Vec::with_capacity(deliveries.len());
         let mut alone = Vec::new();
         for delivery in deliveries {
-            if delivery.redelivered || properties_header_u32(&delivery.properties, "x-delivery-count").unwrap_or(0) > 0 {
+            if is_redelivery(&delivery) {
                 alone.push(delivery);
                 continue;
             }
@@ -352,6 +376,22 @@ impl<H: Handler> ConsumerRunner<H> {
                 return self.reject(&delivery, e.kind(), &e.to_string(), 1).await;
             }
         };
+        let _alone = if is_redelivery(&delivery) { self.redelivery_lane.acquire().await.ok() } else { None };
+        if is_redelivery(&delivery) {
+            match self.handler.record_restart(&envelope).await {
+                Ok(restarts) if restarts > self.config.crash_limit => {
+                    let reason = format!(
+                        "the worker stopped while handling this message {restarts} times (crash limit {})",
+                        self.config.crash_limit
+                    );
+                    error!(restarts, "message keeps taking the worker down; dead-lettering it");
+                    return self.reject(&delivery, ErrorKind::Crashed, &reason, 0).await;
+                }
+                Ok(_) => {}
+                // Handling it will meet the same trouble and retry; the broker's delivery limit stays the backstop.
+                Err(e) => warn!(error = %e, "cannot record the restart of a redelivered message"),
+            }
+        }
         let mut delays = ExponentialFactorBackoff::from_millis(self.config.retry_base.as_millis() as u64, 2.0)
             .max_delay_millis(5_000)
             .map(jitter)
@@ -452,4 +492,9 @@ impl<H: Handler> ConsumerRunner<H> {
             warn!(error = %e, "nack failed; the message will be redelivered");
         }
     }
+}
+
+/// Whether the broker delivered this message before (to this or another consumer) without an ack.
+fn is_redelivery(delivery: &Delivery) -> bool {
+    delivery.redelivered || properties_header_u32(&delivery.properties, "x-delivery-count").unwrap_or(0) > 0
 }

@@ -40,6 +40,10 @@ pub struct CommonArgs {
     /// Deliveries of one message before the broker dead-letters it (set when the queue is first declared).
     #[arg(long, env = "CHOREO_DELIVERY_LIMIT", default_value_t = 10)]
     pub delivery_limit: u32,
+    /// Times a redelivered message may be started again before it is dead-lettered as `crashed` (a message
+    /// that takes the worker down every time). The broker's delivery limit stays the backstop.
+    #[arg(long, env = "CHOREO_CRASH_LIMIT", default_value_t = 3)]
+    pub crash_limit: u32,
     /// In-process retries of a transient failure, with exponential backoff and jitter.
     #[arg(long, env = "CHOREO_HANDLER_RETRIES", default_value_t = 3)]
     pub handler_retries: usize,

@@ -102,6 +102,7 @@ pub async fn run_worker<S: Service>(
     consumer_config.prefetch = args.prefetch;
     consumer_config.concurrency = args.concurrency;
     consumer_config.batch_size = args.batch_size;
+    consumer_config.crash_limit = args.crash_limit;
     consumer_config.max_body_bytes = args.max_message_bytes;
     let consumer = ConsumerRunner::new(broker.clone(), Arc::clone(&publisher), topology, consumer_config, handler);
     let health = HealthState { worker: S::NAME, consuming: consumer.consuming_flag(), db: db.clone(), metrics };

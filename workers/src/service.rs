@@ -275,6 +275,10 @@ impl<S: Service> choreo_rabbitmq::Handler for TransactionalHandler<S> {
         }
     }
 
+    async fn record_restart(&self, envelope: &Envelope) -> Result<u32, String> {
+        self.inbox.record_restart(&self.db, &envelope.meta).await.map_err(|e| e.to_string())
+    }
+
     async fn handle_batch(&self, envelopes: &[Envelope]) -> Option<Vec<Outcome>> {
         let handled = |e: &Envelope| S::CONSUMES.iter().any(|t| t.as_str() == e.meta.message_type);
         if !envelopes.iter().all(handled) {

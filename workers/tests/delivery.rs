@@ -58,6 +58,7 @@ fn args(infra: &Infra, namespace: &str) -> CommonArgs {
         batch_size: 8,
         max_message_bytes: 262_144,
         delivery_limit: 10,
+        crash_limit: 3,
         handler_retries: 2,
         retry_delays: vec![Duration::from_millis(200), Duration::from_millis(400)],
         metrics_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),

@@ -167,3 +167,49 @@ async fn a_message_that_kills_its_worker_every_time_ends_in_the_dead_letter_queu
     assert_eq!(cluster.status(good.order_id).await.0, "CONFIRMED");
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_message_that_crashes_its_worker_is_dead_lettered_and_the_messages_waiting_behind_it_are_not() {
+    // Each crash returns every unacked delivery and the broker counts it, started or not: with the broker's
+    // limit alone, the 30 orders waiting behind the poison message would pass it too. The worker counts only
+    // what it started again, and dead-letters the poison message after CHOREO_CRASH_LIMIT restarts.
+    let mut cluster =
+        Cluster::start_with(env(&[("CHOREO_CRASH_LIMIT", "2"), ("CHOREO_DELIVERY_LIMIT", "6"), ("CHOREO_CONCURRENCY", "2")])).await;
+    cluster.kill("payment").await;
+    let mut orders: Vec<_> = (0..30).map(|i| order(&format!("cust-behind-{i}"), &[("sku-001", 1, 100)])).collect();
+    let poison = order("crash-every-time", &[("sku-001", 1, 100)]);
+    orders.insert(5, poison.clone());
+    cluster.place(&orders).await;
+    let t = cluster.topology.clone();
+    cluster.wait_depth(&t.worker_queue("payment"), 31).await;
+
+    let dlq = t.dead_letter_queue("payment");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    cluster.spawn("payment");
+    let letter = loop {
+        if cluster.exited("payment") {
+            cluster.spawn("payment");
+        }
+        if let Some(letter) = cluster.get(&dlq).await {
+            break letter;
+        }
+        assert!(std::time::Instant::now() < deadline, "the poison message never reached the dead-letter queue");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let body: serde_json::Value = serde_json::from_slice(&letter.delivery.data).expect("json body");
+    assert_eq!(body["order_id"].as_str(), Some(poison.order_id.to_string().as_str()), "the poison message is the one dead-lettered");
+    let headers = letter.delivery.properties.headers().clone().unwrap_or_default();
+    assert_eq!(header_string(&headers, dl::ERROR_KIND).as_deref(), Some("crashed"));
+    assert!(header_string(&headers, dl::ERROR).is_some_and(|e| e.contains("stopped while handling this message 3 times")));
+
+    if cluster.exited("payment") {
+        cluster.spawn("payment");
+    }
+    let behind: Vec<Uuid> = orders.iter().filter(|o| o.order_id != poison.order_id).map(|o| o.order_id).collect();
+    cluster.wait_terminal(&behind, DEADLINE).await;
+    for id in &behind {
+        assert_eq!(cluster.status(*id).await.0, "CONFIRMED");
+    }
+    assert_eq!(cluster.depth(&dlq).await, 0, "nothing else was dead-lettered");
+    cluster.shutdown().await;
+}

@@ -11,7 +11,7 @@ pub struct Filter {
     /// Only the message with this message id (repeatable).
     #[arg(long = "id")]
     pub ids: Vec<String>,
-    /// Only messages with this error kind (`malformed_body`, `transient`, `delivery_limit`, ...).
+    /// Only messages with this error kind (`malformed_body`, `transient`, `crashed`, `delivery_limit`, ...).
     #[arg(long)]
     pub error_kind: Option<String>,
     /// Only messages of this type (`order.created`, ...).
