@@ -141,26 +141,12 @@ async fn a_message_that_kills_its_worker_every_time_ends_in_the_dead_letter_queu
     let mut cluster = Cluster::start_with(env(&[("CHOREO_DELIVERY_LIMIT", "2")])).await;
     let poison = order("crash-customer", &[("sku-001", 1, 100)]);
     cluster.place(std::slice::from_ref(&poison)).await;
-    let dlq = cluster.topology.dead_letter_queue("payment");
-    let deadline = std::time::Instant::now() + DEADLINE;
-    let letter = loop {
-        if cluster.exited("payment") {
-            cluster.spawn("payment");
-        }
-        if let Some(letter) = cluster.get(&dlq).await {
-            break letter;
-        }
-        assert!(std::time::Instant::now() < deadline, "the poison message never reached the dead-letter queue");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let letter = cluster.respawn_until_dead_letter("payment", DEADLINE).await;
     assert_eq!(letter.delivery.properties.kind().as_ref().map(|t| t.to_string()).as_deref(), Some("order.created"));
     let headers = letter.delivery.properties.headers().clone().unwrap_or_default();
     assert!(headers.inner().contains_key("x-death"), "dead-lettered by the broker's delivery limit");
 
     // The restarted worker goes on with the rest.
-    if cluster.exited("payment") {
-        cluster.spawn("payment");
-    }
     let good = order("cust-after", &[("sku-001", 1, 100)]);
     cluster.place(std::slice::from_ref(&good)).await;
     cluster.wait_terminal(&[good.order_id], DEADLINE).await;
@@ -184,27 +170,14 @@ async fn a_message_that_crashes_its_worker_is_dead_lettered_and_the_messages_wai
     cluster.wait_depth(&t.worker_queue("payment"), 31).await;
 
     let dlq = t.dead_letter_queue("payment");
-    let deadline = std::time::Instant::now() + DEADLINE;
     cluster.spawn("payment");
-    let letter = loop {
-        if cluster.exited("payment") {
-            cluster.spawn("payment");
-        }
-        if let Some(letter) = cluster.get(&dlq).await {
-            break letter;
-        }
-        assert!(std::time::Instant::now() < deadline, "the poison message never reached the dead-letter queue");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let letter = cluster.respawn_until_dead_letter("payment", DEADLINE).await;
     let body: serde_json::Value = serde_json::from_slice(&letter.delivery.data).expect("json body");
     assert_eq!(body["order_id"].as_str(), Some(poison.order_id.to_string().as_str()), "the poison message is the one dead-lettered");
     let headers = letter.delivery.properties.headers().clone().unwrap_or_default();
     assert_eq!(header_string(&headers, dl::ERROR_KIND).as_deref(), Some("crashed"));
     assert!(header_string(&headers, dl::ERROR).is_some_and(|e| e.contains("stopped while handling this message 3 times")));
 
-    if cluster.exited("payment") {
-        cluster.spawn("payment");
-    }
     let behind: Vec<Uuid> = orders.iter().filter(|o| o.order_id != poison.order_id).map(|o| o.order_id).collect();
     cluster.wait_terminal(&behind, DEADLINE).await;
     for id in &behind {

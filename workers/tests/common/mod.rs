@@ -158,6 +158,31 @@ impl Cluster {
         message
     }
 
+    /// Restart `worker` whenever it has exited (a message keeps crashing it) until a message reaches its
+    /// dead-letter queue; return that message, and leave the worker running.
+    pub async fn respawn_until_dead_letter(
+        &mut self,
+        worker: &'static str,
+        timeout: Duration,
+    ) -> choreo_rabbitmq::lapin::message::BasicGetMessage {
+        let dlq = self.topology.dead_letter_queue(worker);
+        let deadline = std::time::Instant::now() + timeout;
+        let letter = loop {
+            if self.exited(worker) {
+                self.spawn(worker);
+            }
+            if let Some(letter) = self.get(&dlq).await {
+                break letter;
+            }
+            assert!(std::time::Instant::now() < deadline, "no message reached {dlq}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if self.exited(worker) {
+            self.spawn(worker);
+        }
+        letter
+    }
+
     /// SIGTERM a worker and return its exit status.
     pub async fn terminate(&mut self, worker: &'static str) -> std::process::ExitStatus {
         let mut child = self.children.remove(worker).expect("worker running");
