@@ -319,11 +319,7 @@ impl<H: Handler> ConsumerRunner<H> {
                         if settled != Settled::Requeued {
                             self.ack(delivery).instrument(span).await;
                         }
-                        let type_label = choreo_messages::MessageType::label_for(&envelope.meta.message_type);
-                        metrics::histogram!("choreo_handler_duration_seconds", "worker" => worker.clone(), "type" => type_label)
-                            .record(elapsed);
-                        metrics::counter!("choreo_messages_consumed_total", "worker" => worker.clone(), "type" => type_label, "outcome" => settled.as_str())
-                            .increment(1);
+                        self.observe_settled(&envelope.meta.message_type, settled, elapsed);
                     }
                 }
                 _ => {
@@ -355,15 +351,20 @@ impl<H: Handler> ConsumerRunner<H> {
         let message_type =
             delivery.properties.kind().as_ref().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "-".into());
         let span = self.delivery_span(&delivery);
-        let worker = self.config.queue.worker.clone();
-        let type_label = choreo_messages::MessageType::label_for(&message_type);
-        let in_flight = metrics::gauge!("choreo_messages_in_flight", "worker" => worker.clone());
+        let in_flight = metrics::gauge!("choreo_messages_in_flight", "worker" => self.config.queue.worker.clone());
         in_flight.increment(1.0);
         let started = Instant::now();
         let settled = self.settle(delivery).instrument(span).await;
         in_flight.decrement(1.0);
+        self.observe_settled(&message_type, settled, started.elapsed().as_secs_f64());
+    }
+
+    /// Duration and outcome of one settled message, alone or in a batch.
+    fn observe_settled(&self, message_type: &str, settled: Settled, seconds: f64) {
+        let worker = self.config.queue.worker.clone();
+        let type_label = choreo_messages::MessageType::label_for(message_type);
         metrics::histogram!("choreo_handler_duration_seconds", "worker" => worker.clone(), "type" => type_label)
-            .record(started.elapsed().as_secs_f64());
+            .record(seconds);
         metrics::counter!("choreo_messages_consumed_total", "worker" => worker, "type" => type_label, "outcome" => settled.as_str())
             .increment(1);
     }
@@ -376,8 +377,9 @@ impl<H: Handler> ConsumerRunner<H> {
                 return self.reject(&delivery, e.kind(), &e.to_string(), 1).await;
             }
         };
-        let _alone = if is_redelivery(&delivery) { self.redelivery_lane.acquire().await.ok() } else { None };
-        if is_redelivery(&delivery) {
+        let redelivered = is_redelivery(&delivery);
+        let _alone = if redelivered { self.redelivery_lane.acquire().await.ok() } else { None };
+        if redelivered {
             match self.handler.record_restart(&envelope).await {
                 Ok(restarts) if restarts > self.config.crash_limit => {
                     let reason = format!(

@@ -205,6 +205,11 @@ impl<S: Service> TransactionalHandler<S> {
         Ok(applied)
     }
 
+    /// Whether this worker's queue is bound to the message's type.
+    fn consumes(envelope: &Envelope) -> bool {
+        S::CONSUMES.iter().any(|t| t.as_str() == envelope.meta.message_type)
+    }
+
     fn count_duplicate(envelope: &Envelope) {
         metrics::counter!("choreo_duplicates_skipped_total", "worker" => S::NAME, "type" => envelope.message.message_type().as_str())
             .increment(1);
@@ -253,7 +258,7 @@ impl<S: Service> choreo_rabbitmq::Handler for TransactionalHandler<S> {
     const BATCHES: bool = true;
 
     async fn handle(&self, envelope: &Envelope) -> Outcome {
-        if !S::CONSUMES.iter().any(|t| t.as_str() == envelope.meta.message_type) {
+        if !Self::consumes(envelope) {
             return Outcome::Reject {
                 kind: ErrorKind::UnknownType,
                 reason: format!("worker `{}` does not handle `{}`", S::NAME, envelope.meta.message_type),
@@ -280,8 +285,7 @@ impl<S: Service> choreo_rabbitmq::Handler for TransactionalHandler<S> {
     }
 
     async fn handle_batch(&self, envelopes: &[Envelope]) -> Option<Vec<Outcome>> {
-        let handled = |e: &Envelope| S::CONSUMES.iter().any(|t| t.as_str() == e.meta.message_type);
-        if !envelopes.iter().all(handled) {
+        if !envelopes.iter().all(Self::consumes) {
             return None;
         }
         match self.apply_batch(envelopes).await {

@@ -88,8 +88,8 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     carrier.remove("traceparent")
 }
 
-/// The span of one message, with the fields every log line about it carries. The consumer opens it for a
-/// message handled alone; a batch opens one per message.
+/// The span of one message of a batch, with the fields every log line about it carries (the same as the
+/// consumer's span of a message handled alone).
 pub fn message_span(worker: &str, meta: &choreo_messages::Metadata) -> tracing::Span {
     tracing::info_span!(
         "message",
