@@ -4,7 +4,8 @@
 //!   same id finds it and has no effect;
 //! - [`store`]: [`OutboxStore`] writes outgoing events in the handler's transaction, and claims, marks and
 //!   inspects rows for the relay;
-//! - [`relay`]: [`OutboxRelay`] publishes committed rows with confirms and marks them only after the confirm;
+//! - [`relay`]: [`OutboxRelay`] publishes committed rows with confirms and marks them only after the confirm:
+//!   rows its own process hands off ([`OutboxHandoff`]) at once, others by a periodic sweep;
 //! - [`retention`]: [`RetentionJob`] deletes published outbox rows and old inbox rows in batches;
 //! - [`migrations`]: the tables, to be combined with a service's own migrations into one set per database.
 //!
@@ -20,6 +21,6 @@ pub mod store;
 
 pub use error::OutboxError;
 pub use inbox::InboxGuard;
-pub use relay::{OutboxRelay, OutboxWaker, RelayConfig};
+pub use relay::{OutboxHandoff, OutboxRelay, RelayConfig};
 pub use retention::{RetentionConfig, RetentionJob};
 pub use store::{OutboxRow, OutboxStore};

@@ -1,5 +1,7 @@
 //! [`OutboxStore`]: the outbox table's operations. Writes happen inside the caller's transaction.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use choreo_messages::{EncodedEnvelope, Metadata};
 use sqlx::{PgConnection, PgPool, Row};
@@ -25,8 +27,18 @@ pub struct Backlog {
 pub struct OutboxStore;
 
 impl OutboxStore {
-    /// Write `envelopes` in the caller's transaction, in one round trip.
+    /// Write `envelopes` in the caller's transaction, in one round trip, for the next sweep of any relay.
     pub async fn enqueue(tx: &mut PgConnection, envelopes: &[EncodedEnvelope]) -> Result<(), OutboxError> {
+        Self::enqueue_held(tx, envelopes, Duration::ZERO).await
+    }
+
+    /// Write `envelopes` in the caller's transaction, in one round trip, out of sweeps for `hold`: the caller
+    /// hands them to its relay once committed (see [`crate::OutboxHandoff`]).
+    pub async fn enqueue_held(
+        tx: &mut PgConnection,
+        envelopes: &[EncodedEnvelope],
+        hold: Duration,
+    ) -> Result<(), OutboxError> {
         if envelopes.is_empty() {
             return Ok(());
         }
@@ -54,9 +66,10 @@ impl OutboxStore {
         }
         sqlx::query(
             "INSERT INTO outbox (message_id, message_type, schema_version, correlation_id, causation_id, \
-                                 producer, occurred_at, traceparent, body) \
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::uuid[], $6::text[], \
-                                  $7::timestamptz[], $8::text[], $9::bytea[])",
+                                 producer, occurred_at, traceparent, body, available_at) \
+             SELECT *, now() + make_interval(secs => $10) \
+             FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::uuid[], $6::text[], \
+                         $7::timestamptz[], $8::text[], $9::bytea[])",
         )
         .bind(ids)
         .bind(types)
@@ -67,6 +80,7 @@ impl OutboxStore {
         .bind(occurred)
         .bind(traceparents)
         .bind(bodies)
+        .bind(hold.as_secs_f64())
         .execute(&mut *tx)
         .await
         .map_err(OutboxError::db("outbox insert"))?;
@@ -121,6 +135,20 @@ impl OutboxStore {
         sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
             .bind(ids)
             .execute(&mut *tx)
+            .await
+            .map_err(OutboxError::db("outbox mark published"))?;
+        Ok(())
+    }
+
+    /// Mark rows published by message id, outside any transaction of the caller. Call only after the broker
+    /// confirmed them.
+    pub async fn mark_published_by_message_id(db: &PgPool, message_ids: &[Uuid]) -> Result<(), OutboxError> {
+        if message_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE message_id = ANY($1) AND published_at IS NULL")
+            .bind(message_ids)
+            .execute(db)
             .await
             .map_err(OutboxError::db("outbox mark published"))?;
         Ok(())

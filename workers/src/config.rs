@@ -61,9 +61,14 @@ pub struct CommonArgs {
     /// Outbox rows published per relay cycle.
     #[arg(long, env = "CHOREO_RELAY_BATCH", default_value_t = 256)]
     pub relay_batch: i64,
-    /// Longest pause of the relay between sweeps for rows left by other processes.
+    /// Longest pause of the relay between sweeps for rows no hand-off published (left by a crash, a failed
+    /// publish or another process).
     #[arg(long, env = "CHOREO_RELAY_SWEEP", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub relay_sweep: Duration,
+    /// How long events a handler committed are left to its own relay's hand-off before any sweep may
+    /// publish them: the longest a crash between commit and publish delays them.
+    #[arg(long, env = "CHOREO_RELAY_HANDOFF_HOLD", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub relay_handoff_hold: Duration,
     /// How long published outbox rows are kept (for tracing workflows).
     #[arg(long, env = "CHOREO_OUTBOX_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub outbox_retention: Duration,

@@ -78,18 +78,19 @@ pub async fn run_worker<S: Service>(
     let publisher = Arc::new(ConfirmingPublisher::new(broker.clone(), Duration::from_secs(10)));
 
     let relay = Arc::new(OutboxRelay::new(
-        db.clone(),
+        &db,
         Arc::clone(&publisher),
         topology.events_exchange(),
         RelayConfig {
             worker: S::NAME.to_owned(),
             batch_size: args.relay_batch,
             sweep_interval: args.relay_sweep,
+            handoff_hold: args.relay_handoff_hold,
             ..RelayConfig::default()
         },
     ));
     service.register_metrics();
-    let handler = Arc::new(TransactionalHandler::new(service, db.clone(), relay.waker()));
+    let handler = Arc::new(TransactionalHandler::new(service, db.clone(), relay.handoff()));
     started(WorkerHandle { counters: handler.counters() });
 
     let mut consumer_config = ConsumerConfig::new(WorkerQueue {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use choreo_messages::{EncodedEnvelope, Envelope, ErrorKind, Message, MessageType};
-use choreo_outbox::{InboxGuard, OutboxError, OutboxStore, OutboxWaker};
+use choreo_outbox::{InboxGuard, OutboxError, OutboxHandoff, OutboxStore};
 use choreo_rabbitmq::Outcome;
 use sqlx::{PgConnection, PgPool};
 use tracing::{Instrument, debug, info};
@@ -125,17 +125,19 @@ pub struct TransactionalHandler<S> {
     service: S,
     db: PgPool,
     inbox: InboxGuard,
-    waker: OutboxWaker,
+    handoff: OutboxHandoff,
     counters: Arc<HandlerCounters>,
 }
 
 impl<S: Service> TransactionalHandler<S> {
-    pub fn new(service: S, db: PgPool, waker: OutboxWaker) -> Self {
+    /// `handoff`: the relay of this process (`OutboxHandoff::default()` when none runs: a sweep then
+    /// publishes what the handler writes).
+    pub fn new(service: S, db: PgPool, handoff: OutboxHandoff) -> Self {
         TransactionalHandler {
             service,
             db,
             inbox: InboxGuard::new(S::NAME),
-            waker,
+            handoff,
             counters: Arc::default(),
         }
     }
@@ -164,9 +166,9 @@ impl<S: Service> TransactionalHandler<S> {
         let effects = self.service.apply(&mut tx, envelope).await?;
         let mut written = Written::new(S::NAME);
         written.add(envelope, effects, span);
-        OutboxStore::enqueue(&mut tx, &written.events).await?;
+        OutboxStore::enqueue_held(&mut tx, &written.events, self.handoff.hold()).await?;
         tx.commit().await?;
-        written.committed(&self.waker);
+        written.committed(&self.handoff).await;
         Ok(true)
     }
 
@@ -199,9 +201,9 @@ impl<S: Service> TransactionalHandler<S> {
         for ((envelope, span), effects) in batch.iter().zip(effects) {
             written.add(envelope, effects, span);
         }
-        OutboxStore::enqueue(&mut tx, &written.events).await?;
+        OutboxStore::enqueue_held(&mut tx, &written.events, self.handoff.hold()).await?;
         tx.commit().await?;
-        written.committed(&self.waker);
+        written.committed(&self.handoff).await;
         Ok(applied)
     }
 
@@ -240,17 +242,15 @@ impl Written {
         self.on_commit.extend(effects.on_commit);
     }
 
-    fn committed(self, waker: &OutboxWaker) {
+    async fn committed(self, handoff: &OutboxHandoff) {
         for observe in self.on_commit {
             observe();
-        }
-        if !self.events.is_empty() {
-            waker.wake();
         }
         for e in &self.events {
             debug!(emitted = %e.meta.message_type, emitted_id = %e.meta.message_id, correlation_id = %e.meta.correlation_id,
                 "event written to the outbox");
         }
+        handoff.committed(self.events).await;
     }
 }
 

@@ -65,6 +65,7 @@ fn args(infra: &Infra, namespace: &str) -> CommonArgs {
         db_pool_size: 4,
         relay_batch: 64,
         relay_sweep: Duration::from_millis(100),
+        relay_handoff_hold: Duration::from_secs(1),
         outbox_retention: Duration::from_secs(3600),
         inbox_retention: Duration::from_secs(3600),
         shutdown_timeout: Duration::from_secs(10),
@@ -123,7 +124,7 @@ async fn a_relay_that_dies_after_publishing_republishes_and_the_consumer_ignores
     tx.commit().await.expect("commit");
 
     let publisher = Arc::new(ConfirmingPublisher::new(broker.clone(), Duration::from_secs(10)));
-    let relay = OutboxRelay::new(order_db.clone(), Arc::clone(&publisher), topology.events_exchange(), RelayConfig::default());
+    let relay = OutboxRelay::new(&order_db, Arc::clone(&publisher), topology.events_exchange(), RelayConfig::default());
     // The relay claims and publishes, then dies before marking: its transaction never commits.
     {
         let mut tx = order_db.begin().await.expect("tx");
@@ -184,6 +185,159 @@ async fn a_relay_that_dies_after_publishing_republishes_and_the_consumer_ignores
             &topology.exchange_names(),
         )
         .await;
+}
+
+/// An order database, a payment queue for the relay to publish into, and a relay built with `config`.
+struct RelayBench {
+    infra: Infra,
+    topology: Topology,
+    db_name: String,
+    db: sqlx::PgPool,
+    channel: choreo_rabbitmq::lapin::Channel,
+    relay: Arc<OutboxRelay>,
+}
+
+impl RelayBench {
+    async fn start(config: RelayConfig) -> Self {
+        let infra = Infra::from_env();
+        let ns = unique_namespace();
+        let topology = Topology::new(ns.clone());
+        let db_name = format!("{ns}_order");
+        let db = database(&infra, &db_name, &choreo_workers::order::MIGRATIONS).await;
+        let broker = connect_pool(&infra.amqp_url, "test", 2).expect("pool");
+        let channel = choreo_rabbitmq::connection::open_channel(&broker).await.expect("channel");
+        let payment_queue = WorkerQueue {
+            worker: "payment".into(),
+            routing_keys: PaymentService::<SimulatedGateway>::CONSUMES.iter().map(|t| t.as_str().to_owned()).collect(),
+            delivery_limit: 10,
+            retry_delays: vec![],
+        };
+        topology.declare_worker(&channel, &payment_queue).await.expect("topology");
+        let publisher = Arc::new(ConfirmingPublisher::new(broker, Duration::from_secs(10)));
+        let relay = Arc::new(OutboxRelay::new(&db, publisher, topology.events_exchange(), config));
+        RelayBench { infra, topology, db_name, db, channel, relay }
+    }
+
+    /// Write `envelope` as a handler does, held for the relay's hand-off, and commit.
+    async fn commit(&self, envelope: &choreo_messages::EncodedEnvelope, hold: Duration) {
+        let mut tx = self.db.begin().await.expect("tx");
+        OutboxStore::enqueue_held(&mut tx, std::slice::from_ref(envelope), hold).await.expect("enqueue");
+        tx.commit().await.expect("commit");
+    }
+
+    async fn queue_depth(&self) -> u32 {
+        self.channel
+            .queue_declare(
+                self.topology.worker_queue("payment").as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare")
+            .message_count()
+    }
+
+    async fn published_at(&self, id: Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
+        sqlx::query_scalar("SELECT published_at FROM outbox WHERE message_id = $1")
+            .bind(id)
+            .fetch_one(&self.db)
+            .await
+            .expect("outbox row")
+    }
+
+    /// Wait until the queue holds `depth` messages and the row of `id` is marked published.
+    async fn wait_published(&self, what: &str, id: Uuid, depth: u32) {
+        wait_for(what, Duration::from_secs(30), || async {
+            match (self.queue_depth().await, self.published_at(id).await) {
+                (d, Some(_)) if d == depth => Ok(()),
+                seen => Err(seen),
+            }
+        })
+        .await;
+    }
+
+    fn run(&self, shutdown: &CancellationToken) -> tokio::task::JoinHandle<()> {
+        let relay = Arc::clone(&self.relay);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { relay.run(shutdown).await })
+    }
+
+    async fn stop(self) {
+        self.db.close().await;
+        self.infra.drop_databases(&[self.db_name]).await;
+        self.infra
+            .delete_broker_objects(
+                &[self.topology.queue_names("payment", &[]), vec![self.topology.outcomes_queue()]].concat(),
+                &self.topology.exchange_names(),
+            )
+            .await;
+    }
+}
+
+/// The fast path and the safety net of the relay. A row handed off is published by the relay at once, with
+/// no sweep able to claim it (its hold is an hour); a held row nobody handed off (its process died after the
+/// commit) is out of every sweep until its hold ends, then the sweep publishes it.
+#[tokio::test]
+async fn handed_off_rows_are_published_at_once_and_rows_left_by_a_crash_wait_for_their_hold() {
+    let hour = Duration::from_secs(3600);
+    let bench = RelayBench::start(RelayConfig {
+        sweep_interval: Duration::from_millis(50),
+        handoff_hold: hour,
+        ..RelayConfig::default()
+    })
+    .await;
+    let handoff = bench.relay.handoff();
+    assert_eq!(handoff.hold(), hour);
+
+    // Left by a crash: written held, committed, never handed off.
+    let orphan = order_created().encode();
+    bench.commit(&orphan, hour).await;
+    assert_eq!(bench.relay.cycle().await.expect("sweep").claimed, 0, "a held row is out of sweeps");
+
+    let shutdown = CancellationToken::new();
+    let running = bench.run(&shutdown);
+    // Handed off: only the hand-off can publish it within the hour.
+    let handed = order_created().encode();
+    bench.commit(&handed, handoff.hold()).await;
+    handoff.committed(vec![handed.clone()]).await;
+    bench.wait_published("the handed-off row published and marked", handed.meta.message_id, 1).await;
+    assert_eq!(bench.published_at(orphan.meta.message_id).await, None, "the orphan waits for its hold");
+
+    // Its hold ends: the running relay's sweep publishes it.
+    sqlx::query("UPDATE outbox SET available_at = now() WHERE message_id = $1")
+        .bind(orphan.meta.message_id)
+        .execute(&bench.db)
+        .await
+        .expect("end the hold");
+    bench.wait_published("the orphan swept, published and marked", orphan.meta.message_id, 2).await;
+    shutdown.cancel();
+    running.await.expect("relay stops");
+    bench.stop().await;
+}
+
+/// With hand-offs turned off (a zero hold), a commit wakes the relay's sweep: nothing waits for the next
+/// sweep interval (an hour here).
+#[tokio::test]
+async fn with_hand_offs_off_a_commit_wakes_the_sweep() {
+    let bench = RelayBench::start(RelayConfig {
+        sweep_interval: Duration::from_secs(3600),
+        handoff_hold: Duration::ZERO,
+        ..RelayConfig::default()
+    })
+    .await;
+    let handoff = bench.relay.handoff();
+    let shutdown = CancellationToken::new();
+    let running = bench.run(&shutdown);
+    // The first row may be taken by the sweep every relay makes when it starts; once it is published, that
+    // sweep is over, and the second row can only be published by a wake-up.
+    for (n, row) in [order_created().encode(), order_created().encode()].into_iter().enumerate() {
+        bench.commit(&row, handoff.hold()).await;
+        handoff.committed(vec![row.clone()]).await;
+        bench.wait_published("the row swept, published and marked", row.meta.message_id, n as u32 + 1).await;
+    }
+    shutdown.cancel();
+    running.await.expect("relay stops");
+    bench.stop().await;
 }
 
 #[tokio::test]
