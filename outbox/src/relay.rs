@@ -30,7 +30,7 @@ use std::time::Duration;
 use choreo_messages::EncodedEnvelope;
 use choreo_rabbitmq::ConfirmingPublisher;
 use choreo_rabbitmq::publisher::Outgoing;
-use sqlx::PgPool;
+use sqlx::{Executor, PgPool};
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::time::Instant;
@@ -87,10 +87,23 @@ impl Default for RelayConfig {
 /// `committed` does nothing.
 #[derive(Debug, Clone, Default)]
 pub struct OutboxHandoff {
-    relay: Option<mpsc::Sender<Vec<EncodedEnvelope>>>,
-    /// With a zero hold: wakes the relay's sweep instead.
-    sweep_now: Option<Arc<Notify>>,
+    relay: Option<Relay>,
     hold: Duration,
+}
+
+/// What a hand-off reaches of its relay.
+#[derive(Debug, Clone)]
+struct Relay {
+    handoffs: mpsc::Sender<HandOff>,
+    sweep_now: Arc<Notify>,
+    db: PgPool,
+}
+
+/// Rows one transaction committed, and when.
+#[derive(Debug)]
+struct HandOff {
+    committed: Instant,
+    rows: Vec<EncodedEnvelope>,
 }
 
 impl OutboxHandoff {
@@ -99,22 +112,30 @@ impl OutboxHandoff {
         self.hold
     }
 
-    /// Give the relay rows whose transaction committed. Waits while the relay is `handoff_capacity`
-    /// hand-offs behind. If the relay has stopped, the rows stay in the outbox for a sweep.
+    /// Give the relay rows whose transaction committed. Never waits for the relay: if it is
+    /// `handoff_capacity` hand-offs behind or has stopped, the rows' hold is lifted (one statement) and its
+    /// sweep woken, so they take the sweep's path at once.
     pub async fn committed(&self, rows: Vec<EncodedEnvelope>) {
+        let Some(relay) = &self.relay else { return };
         if rows.is_empty() {
             return;
         }
         if self.hold.is_zero() {
             // The rows are the sweep's already; a stored permit means no wake-up is lost.
-            if let Some(sweep) = &self.sweep_now {
-                sweep.notify_one();
-            }
-        } else if let Some(relay) = &self.relay
-            && relay.send(rows).await.is_err()
-        {
-            debug!("relay stopped; the rows are published by a sweep once their hold ends");
+            relay.sweep_now.notify_one();
+            return;
         }
+        let Err(refused) = relay.handoffs.try_send(HandOff { committed: Instant::now(), rows }) else { return };
+        let rows = match refused {
+            mpsc::error::TrySendError::Full(h) | mpsc::error::TrySendError::Closed(h) => h.rows,
+        };
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.meta.message_id).collect();
+        match OutboxStore::release_held(&relay.db, &ids).await {
+            Ok(()) => debug!(rows = ids.len(), "relay busy or stopped; rows left to its sweep"),
+            Err(e) => warn!(error = %e, rows = ids.len(),
+                "relay busy or stopped, and the rows' hold could not be lifted; a sweep publishes them once it ends"),
+        }
+        relay.sweep_now.notify_one();
     }
 }
 
@@ -132,24 +153,34 @@ pub struct OutboxRelay {
     exchange: String,
     config: RelayConfig,
     handoff: OutboxHandoff,
-    handoffs: Mutex<Option<mpsc::Receiver<Vec<EncodedEnvelope>>>>,
+    handoffs: Mutex<Option<mpsc::Receiver<HandOff>>>,
     sweep_now: Arc<Notify>,
 }
 
 impl OutboxRelay {
     /// A relay for the outbox of `db`'s database. It opens (lazily) its own two connections to it, which do
-    /// not wait for WAL flushes.
+    /// not wait for WAL flushes; [`OutboxRelay::close`] closes them.
     pub fn new(db: &PgPool, publisher: Arc<ConfirmingPublisher>, exchange: String, config: RelayConfig) -> Self {
-        let options = (*db.connect_options()).clone().options([("synchronous_commit", "off")]);
         let db = PgPoolOptions::new()
             .max_connections(RELAY_CONNECTIONS)
             .acquire_timeout(db.options().get_acquire_timeout())
-            .connect_lazy_with(options);
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("SET synchronous_commit = off").await?;
+                    Ok(())
+                })
+            })
+            .connect_lazy_with((*db.connect_options()).clone());
         let (sender, receiver) = mpsc::channel(config.handoff_capacity.max(1));
         let sweep_now = Arc::new(Notify::new());
-        let handoff =
-            OutboxHandoff { relay: Some(sender), sweep_now: Some(Arc::clone(&sweep_now)), hold: config.handoff_hold };
+        let relay = Relay { handoffs: sender, sweep_now: Arc::clone(&sweep_now), db: db.clone() };
+        let handoff = OutboxHandoff { relay: Some(relay), hold: config.handoff_hold };
         OutboxRelay { db, publisher, exchange, config, handoff, handoffs: Mutex::new(Some(receiver)), sweep_now }
+    }
+
+    /// Close the relay's own connections (after [`OutboxRelay::run`] returned).
+    pub async fn close(&self) {
+        self.db.close().await;
     }
 
     /// The hand-off handlers of this process use.
@@ -174,9 +205,8 @@ impl OutboxRelay {
         let mut next_sweep = Instant::now();
         let mut received = Vec::with_capacity(HANDOFFS_PER_PUBLISH);
         loop {
+            // Unbiased: neither a steady stream of hand-offs nor back-to-back catch-up sweeps starve the other.
             tokio::select! {
-                // A due sweep goes first, so that a steady stream of hand-offs cannot starve it.
-                biased;
                 () = shutdown.cancelled() => break,
                 () = async {
                     tokio::select! {
@@ -195,13 +225,13 @@ impl OutboxRelay {
                     if n == 0 {
                         break;
                     }
-                    self.dispatch(received.drain(..).flatten().collect(), &marks).await;
+                    self.dispatch(&mut received, &marks).await;
                 }
             }
         }
         handoffs.close();
         while handoffs.recv_many(&mut received, HANDOFFS_PER_PUBLISH).await > 0 {
-            self.dispatch(received.drain(..).flatten().collect(), &marks).await;
+            self.dispatch(&mut received, &marks).await;
         }
         drop(marks);
         if let Err(e) = marker.await {
@@ -231,8 +261,18 @@ impl OutboxRelay {
     }
 
     /// Publish handed-off rows and queue the confirmed ones for marking. A row that failed stays held; the
-    /// sweep publishes it once its hold ends, and records its failures from then on.
-    async fn dispatch(&self, rows: Vec<EncodedEnvelope>, marks: &mpsc::Sender<Vec<Uuid>>) {
+    /// sweep publishes it once its hold ends, and records its failures from then on. Rows handed off so long
+    /// ago that their hold is (nearly) over are the sweep's: publishing them here too would send them twice.
+    async fn dispatch(&self, received: &mut Vec<HandOff>, marks: &mpsc::Sender<Vec<Uuid>>) {
+        let fresh_for = self.config.handoff_hold.mul_f64(0.75);
+        let mut rows = Vec::new();
+        for handoff in received.drain(..) {
+            if handoff.committed.elapsed() < fresh_for {
+                rows.extend(handoff.rows);
+            } else {
+                debug!(rows = handoff.rows.len(), "hand-off older than its hold allows; left to the sweep");
+            }
+        }
         if rows.is_empty() {
             return;
         }

@@ -67,7 +67,7 @@ impl OutboxStore {
         sqlx::query(
             "INSERT INTO outbox (message_id, message_type, schema_version, correlation_id, causation_id, \
                                  producer, occurred_at, traceparent, body, available_at) \
-             SELECT *, now() + make_interval(secs => $10) \
+             SELECT *, clock_timestamp() + make_interval(secs => $10) \
              FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::uuid[], $6::text[], \
                          $7::timestamptz[], $8::text[], $9::bytea[])",
         )
@@ -151,6 +151,16 @@ impl OutboxStore {
             .execute(db)
             .await
             .map_err(OutboxError::db("outbox mark published"))?;
+        Ok(())
+    }
+
+    /// Make held rows claimable by sweeps now (their hand-off could not be made).
+    pub async fn release_held(db: &PgPool, message_ids: &[Uuid]) -> Result<(), OutboxError> {
+        sqlx::query("UPDATE outbox SET available_at = now() WHERE message_id = ANY($1) AND published_at IS NULL")
+            .bind(message_ids)
+            .execute(db)
+            .await
+            .map_err(OutboxError::db("outbox release held"))?;
         Ok(())
     }
 

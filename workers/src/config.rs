@@ -55,7 +55,7 @@ pub struct CommonArgs {
     /// :9465 payment, :9466 inventory).
     #[arg(long, env = "CHOREO_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
-    /// Database connections of this worker.
+    /// Database connections of this worker's handlers and jobs (its relay opens two more of its own).
     #[arg(long, env = "CHOREO_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: u32,
     /// Outbox rows published per relay cycle.

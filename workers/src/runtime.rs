@@ -142,6 +142,7 @@ pub async fn run_worker<S: Service>(
     if tokio::time::timeout(args.shutdown_timeout, relay_task).await.is_err() {
         warn!("relay did not stop in time; unpublished rows stay in the outbox");
     }
+    relay.close().await;
     let _ = retention_task.await;
     let _ = backlog_task.await;
     health_token.cancel();

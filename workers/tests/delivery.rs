@@ -315,6 +315,48 @@ async fn handed_off_rows_are_published_at_once_and_rows_left_by_a_crash_wait_for
     bench.stop().await;
 }
 
+/// A relay that falls behind never makes handlers wait, and never publishes a row twice for it: a hand-off
+/// it has no room for is released to the sweep at once, and a hand-off it takes up only after its hold is
+/// (nearly) over is left to the sweep, which by then has published it.
+#[tokio::test]
+async fn hand_offs_a_busy_relay_cannot_take_in_time_go_to_the_sweep_and_are_published_once() {
+    let hold = Duration::from_secs(2);
+    let bench = RelayBench::start(RelayConfig {
+        sweep_interval: Duration::from_secs(3600),
+        handoff_hold: hold,
+        handoff_capacity: 1,
+        ..RelayConfig::default()
+    })
+    .await;
+    let handoff = bench.relay.handoff();
+    // The relay is not running yet: the first hand-off fills its queue, the second finds no room.
+    let queued = order_created().encode();
+    bench.commit(&queued, hold).await;
+    handoff.committed(vec![queued.clone()]).await;
+    let refused = order_created().encode();
+    bench.commit(&refused, hold).await;
+    handoff.committed(vec![refused.clone()]).await;
+    let report = bench.relay.cycle().await.expect("sweep");
+    assert!(report.published >= 1, "the refused hand-off is the sweep's at once: {report:?}");
+    bench.wait_published("the refused row swept", refused.meta.message_id, report.published as u32).await;
+
+    // The queued hand-off waits past its hold; sweeps publish it then.
+    wait_for("the queued row swept once its hold ended", Duration::from_secs(30), || async {
+        bench.relay.cycle().await.expect("sweep");
+        match bench.published_at(queued.meta.message_id).await {
+            Some(_) => Ok(()),
+            None => Err("held"),
+        }
+    })
+    .await;
+    // Now the relay runs and stops at once: it takes the stale hand-off from its queue and leaves it.
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    bench.run(&shutdown).await.expect("relay stops");
+    assert_eq!(bench.queue_depth().await, 2, "each row published once");
+    bench.stop().await;
+}
+
 /// With hand-offs turned off (a zero hold), a commit wakes the relay's sweep: nothing waits for the next
 /// sweep interval (an hour here).
 #[tokio::test]

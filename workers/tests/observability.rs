@@ -162,6 +162,12 @@ async fn metrics_carry_the_catalogue_after_a_workload() {
     ] {
         assert!(order_metrics.contains(needle), "missing `{needle}` in:\n{order_metrics}");
     }
+    // No worker crashed and no publish failed: every event went out by its handler's hand-off, none by a sweep.
+    for worker in common::WORKERS {
+        let metrics = get(&format!("http://127.0.0.1:{}/metrics", cluster.metrics_ports[worker])).await.expect("metrics").1;
+        let needle = format!("choreo_relay_swept_total{{worker=\"{worker}\"}} 0");
+        assert!(metrics.contains(&needle), "missing `{needle}` in:\n{metrics}");
+    }
     cluster.shutdown().await;
 }
 
