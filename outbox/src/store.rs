@@ -94,7 +94,7 @@ impl OutboxStore {
             "SELECT id, message_id, message_type, schema_version, correlation_id, causation_id, producer, \
                     occurred_at, traceparent, body, publish_attempts \
              FROM outbox \
-             WHERE published_at IS NULL AND available_at <= now() \
+             WHERE published_at IS NULL AND available_at <= clock_timestamp() \
              ORDER BY id \
              LIMIT $1 \
              FOR UPDATE SKIP LOCKED",
