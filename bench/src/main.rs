@@ -40,6 +40,10 @@ pub struct Args {
     /// Orders for the maximum-rate run.
     #[arg(long, default_value_t = 10_000)]
     max_rate_orders: usize,
+    /// Offered rate of a last, light run (workflows/s): the service time of a workflow without queueing, to
+    /// set beside the loaded runs (0 skips it).
+    #[arg(long, default_value_t = 100.0)]
+    light_rate: f64,
     /// Duration of each fixed-load run.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     load_duration: Duration,
@@ -64,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("[bench] 2/3 database ceiling: saga-step transactions, {} at once, {:?}", args.db_concurrency, args.db_duration);
     let db = db_ceiling::measure(&args.database_url, args.db_concurrency, args.db_duration).await?;
     eprintln!("[bench]     {:.0} transactions/s", db.transactions_per_second);
-    eprintln!("[bench] 3/3 workflow: maximum rate, then 20% and 50% of it");
+    eprintln!("[bench] 3/3 workflow: maximum rate, then 20% and 50% of it, then {} workflows/s", args.light_rate);
     let runs = workflow::measure(&args, &bin_dir).await?;
     let results = report::Results::new(broker, db, runs);
     report::print(&results);

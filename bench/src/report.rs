@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::broker_ceiling::BrokerCeiling;
 use crate::db_ceiling::DbCeiling;
-use crate::workflow::{MESSAGES_PER_WORKFLOW, Run, STEPS_PER_WORKFLOW};
+use crate::workflow::{HOPS, MESSAGES_PER_WORKFLOW, Run, STEPS_PER_WORKFLOW};
 
 pub const TARGET_WORKFLOWS_PER_SECOND: f64 = 1_000.0;
 pub const TARGET_P50_MS: f64 = 15.0;
@@ -62,6 +62,20 @@ pub fn print(r: &Results) {
             run.latency_max_ms,
             rss.join(" / ")
         );
+    }
+    println!();
+    println!("where the time goes: p50 of each hop of a confirmed order, ms (from each handler's transaction start)");
+    print!("{:<16}", "run");
+    for hop in HOPS {
+        print!(" {hop:>22}");
+    }
+    println!();
+    for run in &r.runs {
+        print!("{:<16}", run.label);
+        for (_, ms) in &run.hops_p50_ms {
+            print!(" {ms:>22.1}");
+        }
+        println!();
     }
     let max = r.runs.first();
     let half = r.runs.iter().find(|run| run.label.starts_with("50%"));

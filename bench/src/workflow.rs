@@ -37,13 +37,27 @@ pub struct Run {
     pub latency_max_ms: f64,
     /// Peak resident memory of each worker so far (VmHWM), in MiB.
     pub peak_rss_mib: Vec<(String, f64)>,
+    /// Median time of each hop of the happy path, in ms: where the latency is.
+    pub hops_p50_ms: Vec<(String, f64)>,
 }
+
+/// The hops of a confirmed order, between the moments each handler's transaction started
+/// (`inbox.received_at`), and from the last one to the order's terminal state.
+pub const HOPS: [&str; 5] = [
+    "placed -> order worker",
+    "order -> payment",
+    "payment -> inventory",
+    "inventory -> order",
+    "order -> confirmed",
+];
 
 struct Deployment {
     namespace: String,
     server_url: String,
     children: Vec<(String, Child)>,
     order_db: PgPool,
+    payment_db: PgPool,
+    inventory_db: PgPool,
     publisher: ConfirmingPublisher,
     exchange: String,
 }
@@ -65,6 +79,11 @@ async fn runs(args: &Args, d: &Deployment) -> anyhow::Result<Vec<Run>> {
         let rate = max.workflows_per_second * share;
         let run = d.run_load(rate, args.load_duration, &format!("{:.0}% of maximum", share * 100.0)).await?;
         eprintln!("[bench]     {}: {:.0} workflows/s offered, p50 {:.1} ms, p99 {:.1} ms", run.label, rate, run.latency_p50_ms, run.latency_p99_ms);
+        runs.push(run);
+    }
+    if args.light_rate > 0.0 {
+        let run = d.run_load(args.light_rate, args.load_duration, &format!("light ({:.0}/s)", args.light_rate)).await?;
+        eprintln!("[bench]     {}: p50 {:.1} ms, p99 {:.1} ms", run.label, run.latency_p50_ms, run.latency_p99_ms);
         runs.push(run);
     }
     Ok(runs)
@@ -143,11 +162,25 @@ impl Deployment {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let order_db = PgPoolOptions::new().max_connections(2).connect_with(server.database(&format!("{namespace}_order"))).await?;
+        let connect = |w: &str| {
+            PgPoolOptions::new().max_connections(2).connect_with(server.clone().database(&format!("{namespace}_{w}")))
+        };
+        let order_db = connect("order").await?;
+        let payment_db = connect("payment").await?;
+        let inventory_db = connect("inventory").await?;
         let pool = connect_pool(&args.amqp_url, "choreo-bench", 2)?;
         let publisher = ConfirmingPublisher::new(pool, Duration::from_secs(30));
         let exchange = Topology::new(namespace.clone()).events_exchange();
-        Ok(Deployment { namespace, server_url: args.database_url.clone(), children, order_db, publisher, exchange })
+        Ok(Deployment {
+            namespace,
+            server_url: args.database_url.clone(),
+            children,
+            order_db,
+            payment_db,
+            inventory_db,
+            publisher,
+            exchange,
+        })
     }
 
     async fn publish(&self, envelopes: &[EncodedEnvelope]) -> anyhow::Result<()> {
@@ -227,7 +260,53 @@ impl Deployment {
             latency_p99_ms: row.try_get::<f64, _>("p99")? * 1000.0,
             latency_max_ms: row.try_get::<f64, _>("max")? * 1000.0,
             peak_rss_mib: self.children.iter().map(|(w, c)| (w.clone(), c.id().map(peak_rss_mib).unwrap_or(0.0))).collect(),
+            hops_p50_ms: self.hops_p50_ms(ids).await?,
         })
+    }
+
+    /// Median of each hop over the confirmed orders of `ids` (their correlation ids).
+    async fn hops_p50_ms(&self, ids: &[Uuid]) -> anyhow::Result<Vec<(String, f64)>> {
+        type Stamps = std::collections::HashMap<Uuid, f64>;
+        async fn started(db: &PgPool, message_type: &str, ids: &[Uuid]) -> anyhow::Result<Stamps> {
+            let rows: Vec<(Uuid, f64)> = sqlx::query_as(
+                "SELECT correlation_id, EXTRACT(EPOCH FROM received_at)::float8 FROM inbox \
+                 WHERE correlation_id = ANY($1) AND message_type = $2",
+            )
+            .bind(ids)
+            .bind(message_type)
+            .fetch_all(db)
+            .await?;
+            Ok(rows.into_iter().collect())
+        }
+        let ends: Vec<(Uuid, f64, f64)> = sqlx::query_as(
+            "SELECT correlation_id, EXTRACT(EPOCH FROM placed_at)::float8, EXTRACT(EPOCH FROM completed_at)::float8 \
+             FROM orders WHERE correlation_id = ANY($1) AND status = 'CONFIRMED'",
+        )
+        .bind(ids)
+        .fetch_all(&self.order_db)
+        .await?;
+        let steps = [
+            started(&self.order_db, "order.place", ids).await?,
+            started(&self.payment_db, "order.created", ids).await?,
+            started(&self.inventory_db, "payment.succeeded", ids).await?,
+            started(&self.order_db, "inventory.reserved", ids).await?,
+        ];
+        let mut hops: Vec<Vec<f64>> = vec![Vec::with_capacity(ends.len()); HOPS.len()];
+        for (id, placed, completed) in ends {
+            let Some(times) = steps.iter().map(|s| s.get(&id).copied()).collect::<Option<Vec<f64>>>() else { continue };
+            let points: Vec<f64> = std::iter::once(placed).chain(times).chain(std::iter::once(completed)).collect();
+            for (hop, pair) in hops.iter_mut().zip(points.windows(2)) {
+                hop.push((pair[1] - pair[0]) * 1000.0);
+            }
+        }
+        Ok(HOPS
+            .iter()
+            .zip(hops)
+            .map(|(name, mut times)| {
+                times.sort_by(f64::total_cmp);
+                (name.to_string(), times.get(times.len() / 2).copied().unwrap_or(f64::NAN))
+            })
+            .collect())
     }
 
     async fn stop(mut self, amqp_url: &str) {
@@ -235,6 +314,8 @@ impl Deployment {
             let _ = child.kill().await;
         }
         self.order_db.close().await;
+        self.payment_db.close().await;
+        self.inventory_db.close().await;
         if let Ok(admin) = PgPool::connect(&self.server_url).await {
             for w in WORKERS {
                 let _ = admin.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{}_{w}\" WITH (FORCE)", self.namespace))).await;

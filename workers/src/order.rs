@@ -216,7 +216,7 @@ async fn transition_orders(
     let statuses: Vec<&str> = wanted.iter().map(|w| w.1).collect();
     let reasons: Vec<Option<&str>> = wanted.iter().map(|w| w.2).collect();
     let rows = sqlx::query(
-        "UPDATE orders o SET status = t.status, cancel_reason = t.reason, completed_at = now() \
+        "UPDATE orders o SET status = t.status, cancel_reason = t.reason, completed_at = clock_timestamp() \
          FROM UNNEST($1::uuid[], $2::text[], $3::text[]) AS t(order_id, status, reason) \
          WHERE o.order_id = t.order_id AND o.status = 'PENDING' \
          RETURNING o.order_id, o.total_cents, o.currency, o.placed_at",
