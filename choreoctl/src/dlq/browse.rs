@@ -26,6 +26,10 @@ use super::letter::{Story, story};
 
 /// Most messages held at once (the AMQP prefetch is a 16-bit number).
 pub const MAX_BROWSE: usize = 65_535;
+/// A pause in deliveries after which the queue is looked at again.
+const IDLE: Duration = Duration::from_secs(3);
+/// Longest a read of the queue goes on while messages are still ready for it.
+const READ_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Messages of a queue held unacknowledged on one channel.
 pub struct Browse {
@@ -64,12 +68,29 @@ pub async fn browse(pool: &BrokerPool, queue: &str, limit: Option<usize>) -> any
         .await
         .with_context(|| format!("reading `{queue}`"))?;
     let mut deliveries = Vec::with_capacity(wanted);
+    let deadline = tokio::time::Instant::now() + READ_DEADLINE;
     while deliveries.len() < wanted {
-        // Fewer messages than counted (another reader took some): stop once nothing comes for a while.
-        match tokio::time::timeout(Duration::from_secs(3), consumer.next()).await {
+        match tokio::time::timeout(IDLE, consumer.next()).await {
             Ok(Some(Ok(delivery))) => deliveries.push(delivery),
             Ok(Some(Err(e))) => return Err(e).context("reading the queue"),
-            Ok(None) | Err(_) => break,
+            Ok(None) => break,
+            // Nothing for a while. Fewer messages than counted is normal when another reader took some: stop
+            // when the queue has none ready left for us. A busy broker can pause longer than `IDLE`: while
+            // messages are still ready, keep reading (until the deadline).
+            Err(_) => {
+                let ready = depth(pool, queue).await?;
+                if ready == 0 || tokio::time::Instant::now() >= deadline {
+                    if ready > 0 {
+                        eprintln!(
+                            "warning: read {} of {wanted} messages of `{queue}` in {} s while {ready} are still \
+                             ready; the rest is left in the queue (run the command again)",
+                            deliveries.len(),
+                            READ_DEADLINE.as_secs()
+                        );
+                    }
+                    break;
+                }
+            }
         }
     }
     let consumer_tag = Some(consumer.tag().to_string());
