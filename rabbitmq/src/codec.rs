@@ -159,6 +159,18 @@ pub fn properties_header_u32(properties: &BasicProperties, key: &str) -> Option<
     properties.headers().as_ref().and_then(|h| header_u32(h, key))
 }
 
+/// The header in which a quorum queue tells a consumer how many times it delivered the message before.
+pub const DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// The headers of a delivery, to publish again elsewhere: without [`DELIVERY_COUNT`], which counts
+/// deliveries out of the queue it came from (reads of a dead-letter queue included) and, copied into a
+/// new message, would make its first delivery look like a redelivery.
+pub fn headers_to_republish(properties: &BasicProperties) -> FieldTable {
+    let mut inner = properties.headers().clone().unwrap_or_default().inner().clone();
+    inner.remove(DELIVERY_COUNT);
+    inner.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

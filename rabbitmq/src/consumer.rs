@@ -38,7 +38,7 @@ use tokio_retry2::strategy::{ExponentialFactorBackoff, jitter};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::codec::{decode_delivery, properties_header_u32};
+use crate::codec::{DELIVERY_COUNT, decode_delivery, properties_header_u32};
 use crate::connection::{BrokerPool, open_channel};
 use crate::dead_letter::{Failure, dead_letter, delay_for_retry, recorded_attempts, recorded_retries};
 use crate::publisher::ConfirmingPublisher;
@@ -429,7 +429,7 @@ impl<H: Handler> ConsumerRunner<H> {
 
     /// Attempts so far: recorded by earlier rounds, plus broker redeliveries, plus this round's tries.
     fn attempts(&self, delivery: &Delivery, tries: u32) -> u32 {
-        let redeliveries = properties_header_u32(&delivery.properties, "x-delivery-count").unwrap_or(0);
+        let redeliveries = properties_header_u32(&delivery.properties, DELIVERY_COUNT).unwrap_or(0);
         recorded_attempts(&delivery.properties) + redeliveries + tries
     }
 
@@ -498,5 +498,5 @@ impl<H: Handler> ConsumerRunner<H> {
 
 /// Whether the broker delivered this message before (to this or another consumer) without an ack.
 fn is_redelivery(delivery: &Delivery) -> bool {
-    delivery.redelivered || properties_header_u32(&delivery.properties, "x-delivery-count").unwrap_or(0) > 0
+    delivery.redelivered || properties_header_u32(&delivery.properties, DELIVERY_COUNT).unwrap_or(0) > 0
 }

@@ -10,7 +10,7 @@ use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 
-use crate::codec::{header_string, long, properties_header_u32, truncate_utf8};
+use crate::codec::{header_string, headers_to_republish, long, properties_header_u32, truncate_utf8};
 use crate::publisher::{ConfirmingPublisher, Outgoing};
 use crate::{PublishError, Topology};
 
@@ -45,7 +45,7 @@ pub struct Failure<'a> {
 
 /// Properties of a failed message (dead letter or delayed retry): the original ones plus the failure headers.
 pub fn dead_letter_properties(delivery: &Delivery, failure: &Failure<'_>) -> BasicProperties {
-    let original = delivery.properties.headers().clone().unwrap_or_default();
+    let original = headers_to_republish(&delivery.properties);
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
     let first = header_string(&original, headers::FIRST_FAILURE_AT).unwrap_or_else(|| now.clone());
     let mut table: FieldTable = original.clone();
@@ -147,5 +147,16 @@ mod tests {
         let h2 = again.headers().clone().unwrap_or_default();
         assert_eq!(header_string(&h2, headers::FIRST_FAILURE_AT), first);
         assert_eq!(header_string(&h2, headers::ORIGINAL_EXCHANGE).as_deref(), Some("ns.events"));
+    }
+
+    #[test]
+    fn the_broker_delivery_count_is_not_copied_into_the_dead_letter_or_the_retry() {
+        let mut delivery = Delivery::mock(1, "ns.events".into(), "order.place".into(), true, b"{}".to_vec());
+        let mut h = FieldTable::default();
+        h.insert(crate::codec::DELIVERY_COUNT.into(), AMQPValue::LongLongInt(4));
+        delivery.properties = BasicProperties::default().with_headers(h);
+        let failure = Failure { worker: "order", kind: ErrorKind::Transient, error: "down", attempts: 1 };
+        let props = dead_letter_properties(&delivery, &failure);
+        assert!(!props.headers().clone().unwrap_or_default().contains_key(crate::codec::DELIVERY_COUNT));
     }
 }

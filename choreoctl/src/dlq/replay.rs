@@ -15,7 +15,8 @@ use choreo_rabbitmq::dead_letter::headers as dl;
 use choreo_rabbitmq::lapin::BasicProperties;
 use choreo_rabbitmq::lapin::message::Delivery;
 use choreo_rabbitmq::lapin::options::BasicAckOptions;
-use choreo_rabbitmq::lapin::types::{AMQPValue, LongString};
+use choreo_rabbitmq::codec::headers_to_republish;
+use choreo_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString};
 use choreo_rabbitmq::publisher::Outgoing;
 use serde::Serialize;
 
@@ -44,12 +45,13 @@ fn worker_of(queue: &str, namespace: &str) -> Option<String> {
 }
 
 /// The replayed copy's properties: the original ones, marked as a replay, with the broker-retry round
-/// count reset so that transient failures get every delay level again.
+/// count reset so that transient failures get every delay level again, and without the dead-letter queue's
+/// delivery count, which would make the worker take the replay for a redelivery after a crash (handled
+/// alone, counted against the crash limit).
 fn replay_properties(delivery: &Delivery) -> BasicProperties {
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    let mut inner = headers.inner().clone();
+    let mut inner = headers_to_republish(&delivery.properties).inner().clone();
     inner.remove(dl::RETRIES);
-    headers = inner.into();
+    let mut headers: FieldTable = inner.into();
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
     headers.insert(dl::REPLAYED_AT.into(), AMQPValue::LongString(LongString::from(now)));
     delivery.properties.clone().with_headers(headers)
@@ -223,5 +225,20 @@ mod tests {
         assert_eq!(worker_of("choreo.payment.dlq", "choreo").as_deref(), Some("payment"));
         assert_eq!(worker_of("other.payment.dlq", "choreo"), None);
         assert_eq!(worker_of("choreo.payment", "choreo"), None);
+    }
+
+    #[test]
+    fn a_replay_is_a_first_delivery_with_every_retry_level_again() {
+        let mut delivery = Delivery::mock(7, "".into(), "choreo.payment.dlq".into(), true, b"{}".to_vec());
+        let mut headers = FieldTable::default();
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
+        headers.insert(dl::RETRIES.into(), AMQPValue::LongLongInt(3));
+        headers.insert(dl::ERROR_KIND.into(), AMQPValue::LongString("transient".into()));
+        delivery.properties = BasicProperties::default().with_headers(headers);
+        let replayed = replay_properties(&delivery).headers().clone().unwrap_or_default();
+        assert!(!replayed.contains_key("x-delivery-count"), "reads of the dead-letter queue are not redeliveries");
+        assert!(!replayed.contains_key(dl::RETRIES));
+        assert!(replayed.contains_key(dl::REPLAYED_AT));
+        assert!(replayed.contains_key(dl::ERROR_KIND), "the story stays");
     }
 }

@@ -13,6 +13,7 @@ use anyhow::Context;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use choreo_rabbitmq::ConfirmingPublisher;
+use choreo_rabbitmq::codec::headers_to_republish;
 use choreo_rabbitmq::lapin::BasicProperties;
 use choreo_rabbitmq::publisher::Outgoing;
 use serde::{Deserialize, Serialize};
@@ -45,17 +46,10 @@ pub async fn export(broker: &BrokerArgs, queue: &str, filter: &Filter) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
-/// The message's own properties: without `x-delivery-count`, which the broker adds when it delivers from a
+/// The message's own properties: without the delivery count the broker adds when it delivers from a
 /// quorum queue (it counts our reads, not anything about the message).
 fn exported_properties(properties: &BasicProperties) -> BasicProperties {
-    match properties.headers() {
-        Some(headers) if headers.contains_key("x-delivery-count") => {
-            let mut inner = headers.inner().clone();
-            inner.remove("x-delivery-count");
-            properties.clone().with_headers(inner.into())
-        }
-        _ => properties.clone(),
-    }
+    properties.clone().with_headers(headers_to_republish(properties))
 }
 
 pub async fn import(broker: &BrokerArgs, file: &Path, queue: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
