@@ -101,30 +101,17 @@ async fn the_same_message_id_twice_changes_nothing_the_second_time() {
 
 #[tokio::test]
 async fn a_relay_that_dies_after_publishing_republishes_and_the_consumer_ignores_the_duplicate() {
-    let infra = Infra::from_env();
-    let ns = unique_namespace();
-    let topology = Topology::new(ns.clone());
-    let order_db_name = format!("{ns}_order");
+    let bench = RelayBench::start(RelayConfig::default()).await;
+    let (infra, order_db, relay) = (&bench.infra, &bench.db, &bench.relay);
+    let ns = bench.topology.namespace().to_owned();
     let payment_db_name = format!("{ns}_payment");
-    let order_db = database(&infra, &order_db_name, &choreo_workers::order::MIGRATIONS).await;
-    let payment_db = database(&infra, &payment_db_name, &payment::MIGRATIONS).await;
-    let broker = connect_pool(&infra.amqp_url, "test", 2).expect("pool");
-    let channel = choreo_rabbitmq::connection::open_channel(&broker).await.expect("channel");
-    let payment_queue = WorkerQueue {
-        worker: "payment".into(),
-        routing_keys: PaymentService::<SimulatedGateway>::CONSUMES.iter().map(|t| t.as_str().to_owned()).collect(),
-        delivery_limit: 10,
-        retry_delays: vec![],
-    };
-    topology.declare_worker(&channel, &payment_queue).await.expect("topology");
+    let payment_db = database(infra, &payment_db_name, &payment::MIGRATIONS).await;
 
     let envelope = order_created();
     let mut tx = order_db.begin().await.expect("tx");
     OutboxStore::enqueue(&mut tx, &[envelope.encode()]).await.expect("enqueue");
     tx.commit().await.expect("commit");
 
-    let publisher = Arc::new(ConfirmingPublisher::new(broker.clone(), Duration::from_secs(10)));
-    let relay = OutboxRelay::new(&order_db, Arc::clone(&publisher), topology.events_exchange(), RelayConfig::default());
     // The relay claims and publishes, then dies before marking: its transaction never commits.
     {
         let mut tx = order_db.begin().await.expect("tx");
@@ -134,23 +121,18 @@ async fn a_relay_that_dies_after_publishing_republishes_and_the_consumer_ignores
         drop(tx);
     }
     let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-        .fetch_one(&order_db)
+        .fetch_one(order_db)
         .await
         .expect("count");
     assert_eq!(unpublished, 1, "the row is still unpublished after the crash");
     let report = relay.cycle().await.expect("cycle");
     assert_eq!((report.claimed, report.published), (1, 1), "the next relay publishes it again");
-    let depth = channel
-        .queue_declare(topology.worker_queue("payment").as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
-        .await
-        .expect("passive declare")
-        .message_count();
-    assert_eq!(depth, 2, "the broker holds both copies");
+    assert_eq!(bench.queue_depth().await, 2, "the broker holds both copies");
 
     let shutdown = CancellationToken::new();
     let (tx_counters, rx_counters) = tokio::sync::oneshot::channel();
     let worker = tokio::spawn({
-        let args = args(&infra, &ns);
+        let args = args(infra, &ns);
         let db = payment_db.clone();
         let shutdown = shutdown.clone();
         async move {
@@ -172,19 +154,13 @@ async fn a_relay_that_dies_after_publishing_republishes_and_the_consumer_ignores
     shutdown.cancel();
     worker.await.expect("join").expect("worker stops cleanly");
     // The worker closed its pool on shutdown; look with a fresh one.
-    let payment_db = database(&infra, &payment_db_name, &payment::MIGRATIONS).await;
+    let payment_db = database(infra, &payment_db_name, &payment::MIGRATIONS).await;
     let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&payment_db).await.expect("count");
     assert_eq!(payments, 1, "the duplicate had no second effect");
 
-    order_db.close().await;
     payment_db.close().await;
-    infra.drop_databases(&[order_db_name, payment_db_name]).await;
-    infra
-        .delete_broker_objects(
-            &[topology.queue_names("payment", &[]), vec![topology.outcomes_queue()]].concat(),
-            &topology.exchange_names(),
-        )
-        .await;
+    infra.drop_databases(&[payment_db_name]).await;
+    bench.stop().await;
 }
 
 /// An order database, a payment queue for the relay to publish into, and a relay built with `config`.

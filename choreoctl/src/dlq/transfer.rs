@@ -49,7 +49,10 @@ pub async fn export(broker: &BrokerArgs, queue: &str, filter: &Filter) -> anyhow
 /// The message's own properties: without the delivery count the broker adds when it delivers from a
 /// quorum queue (it counts our reads, not anything about the message).
 fn exported_properties(properties: &BasicProperties) -> BasicProperties {
-    properties.clone().with_headers(headers_to_republish(properties))
+    match properties.headers() {
+        Some(_) => properties.clone().with_headers(headers_to_republish(properties)),
+        None => properties.clone(),
+    }
 }
 
 pub async fn import(broker: &BrokerArgs, file: &Path, queue: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
