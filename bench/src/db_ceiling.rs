@@ -1,5 +1,6 @@
-//! The database's ceiling for one saga step: the transaction every handler runs (inbox insert, a state
-//! update, an outbox insert, commit), at the workers' concurrency, with full durability.
+//! The database's ceiling for one saga step: the transaction every handler runs (a state update, then the
+//! inbox and outbox insert in one statement, commit), on a pool set up as the workers' is, at the workers'
+//! concurrency, with full durability.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -8,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use choreo_messages::payloads::OrderConfirmed;
 use choreo_messages::{Envelope, Message};
-use choreo_outbox::{InboxGuard, OutboxStore};
+use choreo_outbox::InboxGuard;
 use serde::Serialize;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{Executor, PgPool};
 
 #[derive(Debug, Clone, Serialize)]
@@ -25,7 +26,7 @@ pub async fn measure(server_url: &str, concurrency: usize, duration: Duration) -
     let name = format!("bench_ceiling_{}", uuid::Uuid::new_v4().simple());
     let admin = PgPool::connect_with(PgConnectOptions::from_str(server_url)?).await?;
     admin.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).await?;
-    let db = PgPoolOptions::new()
+    let db = choreo_outbox::hot_path_pool_options()
         .max_connections(concurrency as u32)
         .connect_with(PgConnectOptions::from_str(server_url)?.database(&name))
         .await?;
@@ -53,12 +54,11 @@ pub async fn measure(server_url: &str, concurrency: usize, duration: Duration) -
                 );
                 let outgoing = Envelope::caused_by(&incoming.meta, incoming.message.clone(), "bench").encode();
                 let mut tx = db.begin().await?;
-                inbox.first_delivery(&mut tx, &incoming.meta).await?;
                 sqlx::query("UPDATE state SET version = version + 1 WHERE id = $1")
                     .bind(((worker as u64 * 7919 + i * 104_729) % 10_000 + 1) as i32)
                     .execute(&mut *tx)
                     .await?;
-                OutboxStore::enqueue(&mut tx, &[outgoing]).await?;
+                inbox.record_handled(&mut tx, &[&incoming.meta], &[outgoing], Duration::ZERO).await?;
                 tx.commit().await?;
                 done.fetch_add(1, Ordering::Relaxed);
             }

@@ -9,6 +9,7 @@
 //!    worker's peak memory.
 
 mod broker_ceiling;
+mod cpu;
 mod db_ceiling;
 mod report;
 mod workflow;
@@ -44,6 +45,10 @@ pub struct Args {
     /// set beside the loaded runs (0 skips it).
     #[arg(long, default_value_t = 100.0)]
     light_rate: f64,
+    /// Further fixed offered rates to run after the others (workflows/s, comma-separated), e.g. to compare
+    /// two builds at the same load.
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<f64>,
     /// Duration of each fixed-load run.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     load_duration: Duration,

@@ -6,6 +6,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::broker_ceiling::BrokerCeiling;
+use crate::cpu::PARTS;
 use crate::db_ceiling::DbCeiling;
 use crate::workflow::{HOPS, MESSAGES_PER_WORKFLOW, Run, STEPS_PER_WORKFLOW};
 
@@ -76,6 +77,20 @@ pub fn print(r: &Results) {
             print!(" {ms:>22.1}");
         }
         println!();
+    }
+    println!();
+    println!("where the CPU goes: ms of processor time per workflow (postgres and rabbitmq: 0 if not on this machine)");
+    print!("{:<16}", "run");
+    for part in PARTS {
+        print!(" {part:>9}");
+    }
+    println!(" {:>9} {:>12}", "total", "cores busy");
+    for run in &r.runs {
+        print!("{:<16}", run.label);
+        for (_, ms) in &run.cpu.ms_per_workflow {
+            print!(" {ms:>9.2}");
+        }
+        println!(" {:>9.2} {:>12.2}", run.cpu.total_ms_per_workflow(), run.cpu.cores_busy);
     }
     let max = r.runs.first();
     let half = r.runs.iter().find(|run| run.label.starts_with("50%"));

@@ -18,6 +18,7 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 use crate::Args;
+use crate::cpu::{self, CpuUse, Snapshot};
 
 const WORKERS: [&str; 3] = ["order", "payment", "inventory"];
 /// Broker messages per happy-path workflow: order.place, order.created, payment.succeeded,
@@ -39,6 +40,8 @@ pub struct Run {
     pub peak_rss_mib: Vec<(String, f64)>,
     /// Median time of each hop of the happy path, in ms: where the latency is.
     pub hops_p50_ms: Vec<(String, f64)>,
+    /// Processor time per workflow, by part: where the CPU is.
+    pub cpu: CpuUse,
 }
 
 /// The hops of a confirmed order, between the moments each handler's transaction started
@@ -81,6 +84,11 @@ async fn runs(args: &Args, d: &Deployment) -> anyhow::Result<Vec<Run>> {
         eprintln!("[bench]     {}: {:.0} workflows/s offered, p50 {:.1} ms, p99 {:.1} ms", run.label, rate, run.latency_p50_ms, run.latency_p99_ms);
         runs.push(run);
     }
+    for rate in &args.rates {
+        let run = d.run_load(*rate, args.load_duration, &format!("{rate:.0}/s")).await?;
+        eprintln!("[bench]     {}: p50 {:.1} ms, p99 {:.1} ms", run.label, run.latency_p50_ms, run.latency_p99_ms);
+        runs.push(run);
+    }
     if args.light_rate > 0.0 {
         let run = d.run_load(args.light_rate, args.load_duration, &format!("light ({:.0}/s)", args.light_rate)).await?;
         eprintln!("[bench]     {}: p50 {:.1} ms, p99 {:.1} ms", run.label, run.latency_p50_ms, run.latency_p99_ms);
@@ -111,14 +119,6 @@ async fn ready(port: u16) -> bool {
     let mut reply = Vec::new();
     let _ = s.read_to_end(&mut reply).await;
     reply.starts_with(b"HTTP/1.1 200") || reply.starts_with(b"HTTP/1.0 200")
-}
-
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(0.0)
 }
 
 impl Deployment {
@@ -193,16 +193,18 @@ impl Deployment {
 
     /// Place `n` orders as fast as the broker confirms them.
     async fn run_burst(&self, n: usize, label: &str) -> anyhow::Result<Run> {
+        let cpu = self.cpu();
         let orders: Vec<EncodedEnvelope> = (0..n).map(|i| envelope(order(i))).collect();
         let ids: Vec<Uuid> = orders.iter().map(|e| e.meta.correlation_id).collect();
         for chunk in orders.chunks(500) {
             self.publish(chunk).await?;
         }
-        self.finish(label, None, &ids).await
+        self.finish(label, None, &ids, cpu).await
     }
 
     /// Place orders at `rate` per second for `duration`.
     async fn run_load(&self, rate: f64, duration: Duration, label: &str) -> anyhow::Result<Run> {
+        let cpu = self.cpu();
         let started = Instant::now();
         let mut ids = Vec::new();
         let mut i = 0usize;
@@ -216,10 +218,16 @@ impl Deployment {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.finish(label, Some(rate), &ids).await
+        self.finish(label, Some(rate), &ids, cpu).await
     }
 
-    async fn finish(&self, label: &str, offered: Option<f64>, ids: &[Uuid]) -> anyhow::Result<Run> {
+    /// CPU time used so far by the workers, the servers and the benchmark.
+    fn cpu(&self) -> Snapshot {
+        let pids: Vec<u32> = self.children.iter().filter_map(|(_, c)| c.id()).collect();
+        Snapshot::take(&pids)
+    }
+
+    async fn finish(&self, label: &str, offered: Option<f64>, ids: &[Uuid], cpu_before: Snapshot) -> anyhow::Result<Run> {
         let deadline = Instant::now() + Duration::from_secs(600);
         // Runs follow each other, so "this run is done" is "every order of this run exists and none is
         // pending": two cheap counts instead of a lookup of every id, which would load the database we measure.
@@ -240,6 +248,7 @@ impl Deployment {
                 bail!("{label}: only {done} of {} orders completed in 10 minutes", ids.len());
             }
         }
+        let cpu = cpu_before.until(&self.cpu(), ids.len());
         let row = sqlx::query(
             "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(placed_at))::float8 AS wall, \
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM completed_at - placed_at))::float8 AS p50, \
@@ -259,8 +268,9 @@ impl Deployment {
             latency_p50_ms: row.try_get::<f64, _>("p50")? * 1000.0,
             latency_p99_ms: row.try_get::<f64, _>("p99")? * 1000.0,
             latency_max_ms: row.try_get::<f64, _>("max")? * 1000.0,
-            peak_rss_mib: self.children.iter().map(|(w, c)| (w.clone(), c.id().map(peak_rss_mib).unwrap_or(0.0))).collect(),
+            peak_rss_mib: self.children.iter().map(|(w, c)| (w.clone(), c.id().map(cpu::peak_rss_mib).unwrap_or(0.0))).collect(),
             hops_p50_ms: self.hops_p50_ms(ids).await?,
+            cpu,
         })
     }
 

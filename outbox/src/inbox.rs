@@ -2,11 +2,16 @@
 
 use std::collections::HashSet;
 
-use choreo_messages::Metadata;
-use sqlx::PgConnection;
+use std::time::Duration;
+
+use choreo_messages::{EncodedEnvelope, Metadata};
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use crate::OutboxError;
+#[cfg(doc)]
+use crate::OutboxStore;
+use crate::store::OutboxColumns;
 
 /// Records processed messages per consumer, inside the consumer's transaction.
 #[derive(Debug, Clone)]
@@ -23,23 +28,64 @@ impl InboxGuard {
         &self.consumer
     }
 
-    /// Record `meta` as processed in the caller's transaction. Returns `false` when the message was processed
-    /// before: the caller must then change nothing and acknowledge. A concurrent delivery of the same id
-    /// waits on the row lock and then sees `false`.
-    pub async fn first_delivery(&self, tx: &mut PgConnection, meta: &Metadata) -> Result<bool, OutboxError> {
-        let result = sqlx::query(
-            "INSERT INTO inbox (consumer, message_id, message_type, correlation_id, causation_id) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consumer, message_id) DO NOTHING",
-        )
-        .bind(&self.consumer)
-        .bind(meta.message_id)
-        .bind(&meta.message_type)
-        .bind(meta.correlation_id)
-        .bind(meta.causation_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(OutboxError::db("inbox insert"))?;
-        Ok(result.rows_affected() == 1)
+    /// Record the messages of `handled` as processed and write the `events` they caused to the outbox, held
+    /// out of sweeps for `hold` (see [`OutboxStore::enqueue_held`]): one statement, the last of the caller's
+    /// transaction before its commit. Returns the ids recorded now. An id missing from them was processed
+    /// before, or by a concurrent delivery that committed first (this statement waits for it): the caller
+    /// must roll back, so that its changes and events are undone, and acknowledge that message with no
+    /// effect.
+    ///
+    /// Recording at the end rather than first saves the transaction a round trip; the price is that a
+    /// duplicate is seen only after the service applied it, which the rollback undoes (the service's contract
+    /// already asks it to call out only idempotently).
+    pub async fn record_handled(
+        &self,
+        tx: &mut PgConnection,
+        handled: &[&Metadata],
+        events: &[EncodedEnvelope],
+        hold: Duration,
+    ) -> Result<HashSet<Uuid>, OutboxError> {
+        // Sorted: transactions that record overlapping ids lock them in the same order.
+        let mut sorted: Vec<&Metadata> = handled.to_vec();
+        sorted.sort_by_key(|m| m.message_id);
+        sorted.dedup_by_key(|m| m.message_id);
+        let ids: Vec<Uuid> = sorted.iter().map(|m| m.message_id).collect();
+        let types: Vec<&str> = sorted.iter().map(|m| m.message_type.as_str()).collect();
+        let correlations: Vec<Uuid> = sorted.iter().map(|m| m.correlation_id).collect();
+        let causations: Vec<Option<Uuid>> = sorted.iter().map(|m| m.causation_id).collect();
+        let rows = OutboxColumns::of(events)
+            .bind(sqlx::query(
+                "WITH events AS ( \
+                     INSERT INTO outbox (message_id, message_type, schema_version, correlation_id, causation_id, \
+                                         producer, occurred_at, traceparent, body, available_at) \
+                     SELECT *, clock_timestamp() + make_interval(secs => $10) \
+                     FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::uuid[], $6::text[], \
+                                 $7::timestamptz[], $8::text[], $9::bytea[])) \
+                 INSERT INTO inbox (consumer, message_id, message_type, correlation_id, causation_id) \
+                 SELECT $11, * FROM UNNEST($12::uuid[], $13::text[], $14::uuid[], $15::uuid[]) \
+                 ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id",
+            ))
+            .bind(hold.as_secs_f64())
+            .bind(&self.consumer)
+            .bind(ids)
+            .bind(types)
+            .bind(correlations)
+            .bind(causations)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(OutboxError::db("inbox and outbox insert"))?;
+        rows.iter().map(|row| row.try_get::<Uuid, _>(0).map_err(OutboxError::db("inbox row"))).collect()
+    }
+
+    /// Whether `message_id` was recorded as processed (committed). A handler whose service failed asks this:
+    /// a message processed before is acknowledged with no effect, whatever the service made of it again.
+    pub async fn processed(&self, db: &sqlx::PgPool, message_id: Uuid) -> Result<bool, OutboxError> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM inbox WHERE consumer = $1 AND message_id = $2)")
+            .bind(&self.consumer)
+            .bind(message_id)
+            .fetch_one(db)
+            .await
+            .map_err(OutboxError::db("inbox lookup"))
     }
 
     /// Record, durably and before handling begins, that this consumer starts handling a redelivered message
@@ -57,32 +103,5 @@ impl InboxGuard {
         .await
         .map_err(OutboxError::db("restart count"))?;
         Ok(u32::try_from(restarts).unwrap_or(0))
-    }
-
-    /// [`InboxGuard::first_delivery`] for several messages in one statement: the ids recorded now, i.e. the
-    /// messages never processed before. Rows are written in id order, so that two transactions holding the
-    /// same ids cannot deadlock on them.
-    pub async fn first_deliveries(&self, tx: &mut PgConnection, metas: &[&Metadata]) -> Result<HashSet<Uuid>, OutboxError> {
-        let mut sorted: Vec<&Metadata> = metas.to_vec();
-        sorted.sort_by_key(|m| m.message_id);
-        sorted.dedup_by_key(|m| m.message_id);
-        let ids: Vec<Uuid> = sorted.iter().map(|m| m.message_id).collect();
-        let types: Vec<&str> = sorted.iter().map(|m| m.message_type.as_str()).collect();
-        let correlations: Vec<Uuid> = sorted.iter().map(|m| m.correlation_id).collect();
-        let causations: Vec<Option<Uuid>> = sorted.iter().map(|m| m.causation_id).collect();
-        let fresh: Vec<Uuid> = sqlx::query_scalar(
-            "INSERT INTO inbox (consumer, message_id, message_type, correlation_id, causation_id) \
-             SELECT $1, * FROM UNNEST($2::uuid[], $3::text[], $4::uuid[], $5::uuid[]) \
-             ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id",
-        )
-        .bind(&self.consumer)
-        .bind(ids)
-        .bind(types)
-        .bind(correlations)
-        .bind(causations)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(OutboxError::db("inbox insert"))?;
-        Ok(fresh.into_iter().collect())
     }
 }

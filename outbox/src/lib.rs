@@ -15,12 +15,14 @@
 pub mod error;
 pub mod inbox;
 pub mod migrations;
+pub mod pool;
 pub mod relay;
 pub mod retention;
 pub mod store;
 
 pub use error::OutboxError;
 pub use inbox::InboxGuard;
+pub use pool::hot_path_pool_options;
 pub use relay::{OutboxHandoff, OutboxRelay, RelayConfig};
 pub use retention::{RetentionConfig, RetentionJob};
 pub use store::{OutboxRow, OutboxStore};

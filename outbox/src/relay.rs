@@ -31,7 +31,6 @@ use choreo_messages::EncodedEnvelope;
 use choreo_rabbitmq::ConfirmingPublisher;
 use choreo_rabbitmq::publisher::Outgoing;
 use sqlx::{Executor, PgPool};
-use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -161,7 +160,7 @@ impl OutboxRelay {
     /// A relay for the outbox of `db`'s database. It opens (lazily) its own two connections to it, which do
     /// not wait for WAL flushes; [`OutboxRelay::close`] closes them.
     pub fn new(db: &PgPool, publisher: Arc<ConfirmingPublisher>, exchange: String, config: RelayConfig) -> Self {
-        let db = PgPoolOptions::new()
+        let db = crate::pool::hot_path_pool_options()
             .max_connections(RELAY_CONNECTIONS)
             .acquire_timeout(db.options().get_acquire_timeout())
             .after_connect(|conn, _| {

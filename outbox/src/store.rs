@@ -42,48 +42,19 @@ impl OutboxStore {
         if envelopes.is_empty() {
             return Ok(());
         }
-        let n = envelopes.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut types = Vec::with_capacity(n);
-        let mut versions = Vec::with_capacity(n);
-        let mut correlations = Vec::with_capacity(n);
-        let mut causations: Vec<Option<Uuid>> = Vec::with_capacity(n);
-        let mut producers = Vec::with_capacity(n);
-        let mut occurred = Vec::with_capacity(n);
-        let mut traceparents: Vec<Option<String>> = Vec::with_capacity(n);
-        let mut bodies = Vec::with_capacity(n);
-        for e in envelopes {
-            let m = &e.meta;
-            ids.push(m.message_id);
-            types.push(m.message_type.clone());
-            versions.push(i32::try_from(m.schema_version).unwrap_or(i32::MAX));
-            correlations.push(m.correlation_id);
-            causations.push(m.causation_id);
-            producers.push(m.producer.clone());
-            occurred.push(m.occurred_at);
-            traceparents.push(m.traceparent.clone());
-            bodies.push(e.body.clone());
-        }
-        sqlx::query(
-            "INSERT INTO outbox (message_id, message_type, schema_version, correlation_id, causation_id, \
-                                 producer, occurred_at, traceparent, body, available_at) \
-             SELECT *, clock_timestamp() + make_interval(secs => $10) \
-             FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::uuid[], $6::text[], \
-                         $7::timestamptz[], $8::text[], $9::bytea[])",
-        )
-        .bind(ids)
-        .bind(types)
-        .bind(versions)
-        .bind(correlations)
-        .bind(causations)
-        .bind(producers)
-        .bind(occurred)
-        .bind(traceparents)
-        .bind(bodies)
-        .bind(hold.as_secs_f64())
-        .execute(&mut *tx)
-        .await
-        .map_err(OutboxError::db("outbox insert"))?;
+        let columns = OutboxColumns::of(envelopes);
+        columns
+            .bind(sqlx::query(
+                "INSERT INTO outbox (message_id, message_type, schema_version, correlation_id, causation_id, \
+                                     producer, occurred_at, traceparent, body, available_at) \
+                 SELECT *, clock_timestamp() + make_interval(secs => $10) \
+                 FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::uuid[], $6::text[], \
+                             $7::timestamptz[], $8::text[], $9::bytea[])",
+            ))
+            .bind(hold.as_secs_f64())
+            .execute(&mut *tx)
+            .await
+            .map_err(OutboxError::db("outbox insert"))?;
         Ok(())
     }
 
@@ -202,5 +173,65 @@ impl OutboxStore {
         let oldest_age_seconds =
             oldest.map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
         Ok(Backlog { unpublished, oldest_age_seconds })
+    }
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// The outbox columns of a set of envelopes, as arrays for one `UNNEST` insert.
+/// Borrowed from the envelopes: nothing is copied.
+pub(crate) struct OutboxColumns<'a> {
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    versions: Vec<i32>,
+    correlations: Vec<Uuid>,
+    causations: Vec<Option<Uuid>>,
+    producers: Vec<&'a str>,
+    occurred: Vec<DateTime<Utc>>,
+    traceparents: Vec<Option<&'a str>>,
+    bodies: Vec<&'a [u8]>,
+}
+
+impl<'a> OutboxColumns<'a> {
+    pub(crate) fn of(envelopes: &'a [EncodedEnvelope]) -> Self {
+        let n = envelopes.len();
+        let mut c = OutboxColumns {
+            ids: Vec::with_capacity(n),
+            types: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            correlations: Vec::with_capacity(n),
+            causations: Vec::with_capacity(n),
+            producers: Vec::with_capacity(n),
+            occurred: Vec::with_capacity(n),
+            traceparents: Vec::with_capacity(n),
+            bodies: Vec::with_capacity(n),
+        };
+        for e in envelopes {
+            let m = &e.meta;
+            c.ids.push(m.message_id);
+            c.types.push(&m.message_type);
+            c.versions.push(i32::try_from(m.schema_version).unwrap_or(i32::MAX));
+            c.correlations.push(m.correlation_id);
+            c.causations.push(m.causation_id);
+            c.producers.push(&m.producer);
+            c.occurred.push(m.occurred_at);
+            c.traceparents.push(m.traceparent.as_deref());
+            c.bodies.push(&e.body);
+        }
+        c
+    }
+
+    /// Bind the nine arrays, in column order, as the query's next parameters.
+    pub(crate) fn bind(self, query: PgQuery<'a>) -> PgQuery<'a> {
+        query
+            .bind(self.ids)
+            .bind(self.types)
+            .bind(self.versions)
+            .bind(self.correlations)
+            .bind(self.causations)
+            .bind(self.producers)
+            .bind(self.occurred)
+            .bind(self.traceparents)
+            .bind(self.bodies)
     }
 }

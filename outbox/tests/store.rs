@@ -92,10 +92,9 @@ async fn retention_deletes_only_what_is_past_retention() {
     let mut tx = db.begin().await.expect("tx");
     OutboxStore::enqueue(&mut tx, &envelopes).await.expect("enqueue");
     let inbox = InboxGuard::new("test");
-    for e in &envelopes {
-        assert!(inbox.first_delivery(&mut tx, &e.meta).await.expect("inbox"));
-    }
-    assert!(!inbox.first_delivery(&mut tx, &envelopes[0].meta).await.expect("inbox"), "a duplicate is seen");
+    let metas: Vec<_> = envelopes.iter().map(|e| &e.meta).collect();
+    let recorded = inbox.record_handled(&mut tx, &metas, &[], Duration::ZERO).await.expect("inbox");
+    assert_eq!(recorded.len(), 30);
     tx.commit().await.expect("commit");
     // 10 published long ago, 10 published just now, 10 unpublished; 10 inbox rows old.
     sqlx::query("UPDATE outbox SET published_at = now() - interval '10 days' WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 10)")
@@ -130,6 +129,52 @@ async fn retention_deletes_only_what_is_past_retention() {
     assert_eq!(left, (10, 10), "unpublished and recently published rows stay");
     let inbox_left: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox").fetch_one(&db).await.expect("inbox");
     assert_eq!(inbox_left, 20);
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
+
+#[tokio::test]
+async fn handled_messages_and_their_events_are_recorded_in_one_statement_and_a_processed_id_is_reported() {
+    let infra = Infra::from_env();
+    let (name, db) = fresh(&infra).await;
+    let inbox = InboxGuard::new("test");
+    let handled: Vec<_> = (0..3).map(|_| event().encode()).collect();
+    let events: Vec<_> = (0..4).map(|_| event().encode()).collect();
+    let metas: Vec<_> = handled.iter().map(|e| &e.meta).collect();
+
+    let mut tx = db.begin().await.expect("tx");
+    let recorded = inbox.record_handled(&mut tx, &metas, &events, Duration::from_secs(3600)).await.expect("record");
+    assert_eq!(recorded, handled.iter().map(|e| e.meta.message_id).collect(), "every new id is recorded");
+    tx.commit().await.expect("commit");
+    let (written, held): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE available_at > now() + interval '50 minutes') FROM outbox")
+            .fetch_one(&db)
+            .await
+            .expect("outbox");
+    assert_eq!((written, held), (4, 4), "the events are written, held for the hand-off");
+    assert!(inbox.processed(&db, handled[0].meta.message_id).await.expect("lookup"));
+    assert!(!inbox.processed(&db, event().meta.message_id).await.expect("lookup"));
+
+    // Again with one new id and one processed before: only the new one is reported, and the caller, which
+    // must roll back, leaves nothing behind.
+    let again = event().encode();
+    let mut tx = db.begin().await.expect("tx");
+    let recorded = inbox
+        .record_handled(&mut tx, &[&handled[1].meta, &again.meta], &[event().encode()], Duration::ZERO)
+        .await
+        .expect("record");
+    assert_eq!(recorded, [again.meta.message_id].into_iter().collect());
+    tx.rollback().await.expect("rollback");
+    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&db).await.expect("outbox");
+    assert_eq!(written, 4);
+    assert!(!inbox.processed(&db, again.meta.message_id).await.expect("lookup"));
+
+    // Another consumer's inbox is its own.
+    let other = InboxGuard::new("other");
+    let mut tx = db.begin().await.expect("tx");
+    let recorded = other.record_handled(&mut tx, &[&handled[1].meta], &[], Duration::ZERO).await.expect("record");
+    assert_eq!(recorded.len(), 1);
+    tx.commit().await.expect("commit");
     db.close().await;
     infra.drop_databases(&[name]).await;
 }

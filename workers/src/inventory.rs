@@ -85,8 +85,8 @@ fn paid_order(envelope: &Envelope) -> Result<&PaymentSucceeded, ServiceError> {
 }
 
 /// Reserve stock for paid orders in the given order, exactly as if one at a time: every line of an order or
-/// none of them. Three statements whatever the number of orders: lock and read the stock rows (in sku
-/// order), update them, record the reservations.
+/// none of them. Two statements whatever the number of orders: lock and read the stock rows (in sku
+/// order); update them and record the reservations.
 async fn reserve(tx: &mut PgConnection, orders: &[&PaymentSucceeded]) -> Result<Vec<Effects>, ServiceError> {
     let mut skus: Vec<&str> = orders.iter().flat_map(|p| p.lines.iter().map(|l| l.sku.as_str())).collect();
     skus.sort_unstable();
@@ -137,19 +137,19 @@ async fn reserve(tx: &mut PgConnection, orders: &[&PaymentSucceeded]) -> Result<
     if !taken.is_empty() {
         let (skus, quantities): (Vec<&str>, Vec<i64>) = taken.into_iter().unzip();
         sqlx::query(
-            "UPDATE stock s SET available = s.available - w.q, reserved = s.reserved + w.q \
-             FROM UNNEST($1::text[], $2::bigint[]) AS w(sku, q) WHERE s.sku = w.sku",
+            "WITH taken AS ( \
+                 UPDATE stock s SET available = s.available - w.q, reserved = s.reserved + w.q \
+                 FROM UNNEST($1::text[], $2::bigint[]) AS w(sku, q) WHERE s.sku = w.sku) \
+             INSERT INTO reservations (order_id, sku, quantity) \
+             SELECT * FROM UNNEST($3::uuid[], $4::text[], $5::bigint[])",
         )
         .bind(&skus)
         .bind(&quantities)
+        .bind(&reservations.0)
+        .bind(&reservations.1)
+        .bind(&reservations.2)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO reservations (order_id, sku, quantity) SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[])")
-            .bind(&reservations.0)
-            .bind(&reservations.1)
-            .bind(&reservations.2)
-            .execute(&mut *tx)
-            .await?;
     }
     Ok(effects)
 }

@@ -45,8 +45,8 @@ impl Service for OrderService {
         effects.pop().ok_or_else(|| ServiceError::Permanent("no result for the message".into()))
     }
 
-    /// A batch is a handful of statements whatever its size: one insert of the new orders, one update of
-    /// the settled ones, one insert of their history. Two messages about one order in a batch are applied
+    /// A batch is one or two statements whatever its size: one insert of the new orders, one update of the
+    /// settled ones, each writing its history rows too. Two messages about one order in a batch are applied
     /// one after the other instead, so that the second sees the first.
     async fn apply_batch(
         &self,
@@ -77,7 +77,7 @@ enum Step<'a> {
     Settle { order_id: Uuid, status: &'static str, reason: Option<CancelReason> },
 }
 
-/// Apply messages about distinct orders, in three statements at most, with the effects of applying them one
+/// Apply messages about distinct orders, in two statements at most, with the effects of applying them one
 /// by one in the given order.
 async fn settle(tx: &mut PgConnection, batch: &[(&Envelope, tracing::Span)]) -> Result<Vec<Effects>, ServiceError> {
     let steps = batch
@@ -99,11 +99,10 @@ async fn settle(tx: &mut PgConnection, batch: &[(&Envelope, tracing::Span)]) -> 
         })
         .collect::<Result<Vec<_>, _>>()?;
     let placed = insert_orders(tx, batch, &steps).await?;
-    let (settled, no_longer_pending) = transition_orders(tx, &steps).await?;
+    let (settled, no_longer_pending) = transition_orders(tx, batch, &steps).await?;
 
-    let mut history = History::default();
     let mut effects = Vec::with_capacity(steps.len());
-    for ((envelope, span), step) in batch.iter().zip(&steps) {
+    for ((_, span), step) in batch.iter().zip(&steps) {
         let _in_message = span.enter();
         match step {
             Step::Place { place, total, .. } => {
@@ -112,7 +111,6 @@ async fn settle(tx: &mut PgConnection, batch: &[(&Envelope, tracing::Span)]) -> 
                     effects.push(Effects::none());
                     continue;
                 }
-                history.push(place.order_id, "PENDING", None, envelope);
                 effects.push(Effects::events(vec![Message::OrderCreated(OrderCreated {
                     order_id: place.order_id,
                     customer_id: place.customer_id.clone(),
@@ -128,7 +126,6 @@ async fn settle(tx: &mut PgConnection, batch: &[(&Envelope, tracing::Span)]) -> 
                     effects.push(Effects::none());
                     continue;
                 };
-                history.push(*order_id, status, reason.map(|r| r.as_str()), envelope);
                 let placed_at = done.placed_at;
                 effects.push(match *reason {
                     None => Effects::events(vec![Message::OrderConfirmed(OrderConfirmed {
@@ -143,11 +140,11 @@ async fn settle(tx: &mut PgConnection, batch: &[(&Envelope, tracing::Span)]) -> 
             }
         }
     }
-    history.insert(tx).await?;
     Ok(effects)
 }
 
-/// Create the orders of the `Place` steps that do not exist yet; the ids created.
+/// Create the orders of the `Place` steps that do not exist yet, with their first history row, in one
+/// statement; the ids created.
 async fn insert_orders(
     tx: &mut PgConnection,
     batch: &[(&Envelope, tracing::Span)],
@@ -160,8 +157,12 @@ async fn insert_orders(
     let mut totals = Vec::new();
     let mut lines = Vec::new();
     let mut placed_at = Vec::new();
+    let mut message_ids = Vec::new();
+    let mut message_types = Vec::new();
     for ((envelope, _), step) in batch.iter().zip(steps) {
         if let Step::Place { place, total, lines: l } = step {
+            message_ids.push(envelope.meta.message_id);
+            message_types.push(envelope.meta.message_type.as_str());
             ids.push(place.order_id);
             correlations.push(envelope.meta.correlation_id);
             customers.push(place.customer_id.as_str());
@@ -175,10 +176,17 @@ async fn insert_orders(
         return Ok(HashSet::new());
     }
     let created: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO orders (order_id, correlation_id, customer_id, currency, total_cents, lines, placed_at, status) \
-         SELECT *, 'PENDING' FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::jsonb[], \
-                                         $7::timestamptz[]) \
-         ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
+        "WITH created AS ( \
+             INSERT INTO orders (order_id, correlation_id, customer_id, currency, total_cents, lines, placed_at, status) \
+             SELECT *, 'PENDING' FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[], \
+                                             $6::jsonb[], $7::timestamptz[]) \
+             ON CONFLICT (order_id) DO NOTHING RETURNING order_id), \
+         history AS ( \
+             INSERT INTO order_history (order_id, status, message_id, message_type) \
+             SELECT c.order_id, 'PENDING', m.message_id, m.message_type \
+             FROM created c JOIN UNNEST($1::uuid[], $8::uuid[], $9::text[]) AS m(order_id, message_id, message_type) \
+                  USING (order_id)) \
+         SELECT order_id FROM created",
     )
     .bind(&ids)
     .bind(&correlations)
@@ -187,22 +195,26 @@ async fn insert_orders(
     .bind(&totals)
     .bind(&lines)
     .bind(&placed_at)
+    .bind(&message_ids)
+    .bind(&message_types)
     .fetch_all(&mut *tx)
     .await?;
     Ok(created.into_iter().collect())
 }
 
-/// Move the orders of the `Settle` steps from PENDING to their terminal status: the ones moved, and the
-/// current status of those that are no longer PENDING (a late or repeated event, left alone). An order we
+/// Move the orders of the `Settle` steps from PENDING to their terminal status, with a history row for each
+/// move, in one statement: the ones moved, and the current status of those that are no longer PENDING (a late or repeated event, left alone). An order we
 /// never created is a permanent error.
-async fn transition_orders(
+async fn transition_orders<'a>(
     tx: &mut PgConnection,
-    steps: &[Step<'_>],
+    batch: &'a [(&Envelope, tracing::Span)],
+    steps: &'a [Step<'_>],
 ) -> Result<(HashMap<Uuid, Settled>, HashMap<Uuid, String>), ServiceError> {
-    let mut wanted: Vec<(Uuid, &str, Option<&str>)> = steps
+    let mut wanted: Vec<(Uuid, &str, Option<&str>, &'a Envelope)> = batch
         .iter()
-        .filter_map(|s| match s {
-            Step::Settle { order_id, status, reason } => Some((*order_id, *status, reason.map(|r| r.as_str()))),
+        .zip(steps)
+        .filter_map(|((envelope, _), s)| match s {
+            Step::Settle { order_id, status, reason } => Some((*order_id, *status, reason.map(|r| r.as_str()), *envelope)),
             Step::Place { .. } => None,
         })
         .collect();
@@ -215,15 +227,26 @@ async fn transition_orders(
     let ids: Vec<Uuid> = wanted.iter().map(|w| w.0).collect();
     let statuses: Vec<&str> = wanted.iter().map(|w| w.1).collect();
     let reasons: Vec<Option<&str>> = wanted.iter().map(|w| w.2).collect();
+    let message_ids: Vec<Uuid> = wanted.iter().map(|w| w.3.meta.message_id).collect();
+    let message_types: Vec<&str> = wanted.iter().map(|w| w.3.meta.message_type.as_str()).collect();
     let rows = sqlx::query(
-        "UPDATE orders o SET status = t.status, cancel_reason = t.reason, completed_at = clock_timestamp() \
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[]) AS t(order_id, status, reason) \
-         WHERE o.order_id = t.order_id AND o.status = 'PENDING' \
-         RETURNING o.order_id, o.total_cents, o.currency, o.placed_at",
+        "WITH moved AS ( \
+             UPDATE orders o SET status = t.status, cancel_reason = t.reason, completed_at = clock_timestamp() \
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[]) \
+                  AS t(order_id, status, reason, message_id, message_type) \
+             WHERE o.order_id = t.order_id AND o.status = 'PENDING' \
+             RETURNING o.order_id, o.total_cents, o.currency, o.placed_at, t.status, t.reason, t.message_id, \
+                       t.message_type), \
+         history AS ( \
+             INSERT INTO order_history (order_id, status, detail, message_id, message_type) \
+             SELECT order_id, status, reason, message_id, message_type FROM moved) \
+         SELECT order_id, total_cents, currency, placed_at FROM moved",
     )
     .bind(&ids)
     .bind(&statuses)
     .bind(&reasons)
+    .bind(&message_ids)
+    .bind(&message_types)
     .fetch_all(&mut *tx)
     .await?;
     let mut settled = HashMap::with_capacity(rows.len());
@@ -251,44 +274,6 @@ async fn transition_orders(
         }
     }
     Ok((settled, current))
-}
-
-/// Rows for `order_history`, written in one statement.
-#[derive(Default)]
-struct History<'a> {
-    order_ids: Vec<Uuid>,
-    statuses: Vec<&'a str>,
-    details: Vec<Option<&'a str>>,
-    message_ids: Vec<Uuid>,
-    message_types: Vec<&'a str>,
-}
-
-impl<'a> History<'a> {
-    fn push(&mut self, order_id: Uuid, status: &'a str, detail: Option<&'a str>, envelope: &'a Envelope) {
-        self.order_ids.push(order_id);
-        self.statuses.push(status);
-        self.details.push(detail);
-        self.message_ids.push(envelope.meta.message_id);
-        self.message_types.push(&envelope.meta.message_type);
-    }
-
-    async fn insert(self, tx: &mut PgConnection) -> Result<(), ServiceError> {
-        if self.order_ids.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "INSERT INTO order_history (order_id, status, detail, message_id, message_type) \
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[])",
-        )
-        .bind(&self.order_ids)
-        .bind(&self.statuses)
-        .bind(&self.details)
-        .bind(&self.message_ids)
-        .bind(&self.message_types)
-        .execute(&mut *tx)
-        .await?;
-        Ok(())
-    }
 }
 
 /// What a terminal transition tells the caller.

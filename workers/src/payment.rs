@@ -184,6 +184,11 @@ impl<G: PaymentGateway> Service for PaymentService<G> {
                 .await?
                 .ok_or_else(|| ServiceError::Permanent(format!("no payment for order {}", failed.order_id)))?;
                 let status: String = row.try_get("status")?;
+                if status == "REFUNDED" {
+                    // A repeated request: the refund was made (and its event written) the first time.
+                    info!(order_id = %failed.order_id, "payment already refunded; nothing to do");
+                    return Ok(Effects::none());
+                }
                 if status != "CHARGED" {
                     warn!(order_id = %failed.order_id, %status, "refund asked for a payment that is not charged; ignored");
                     return Ok(Effects::none());

@@ -34,7 +34,8 @@ pub async fn prepare_database(
     migrations: &Migrator,
 ) -> anyhow::Result<PgPool> {
     let name = options.get_database().unwrap_or("postgres").to_owned();
-    let pool_options = PgPoolOptions::new().max_connections(pool_size).acquire_timeout(Duration::from_secs(10));
+    let pool_options =
+        choreo_outbox::hot_path_pool_options().max_connections(pool_size).acquire_timeout(Duration::from_secs(10));
     let pool = match pool_options.clone().connect_with(options.clone()).await {
         Ok(pool) => pool,
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {

@@ -1,13 +1,14 @@
 //! [`Service`]: the business side of a worker, and [`TransactionalHandler`], which gives every message
 //! exactly one effect.
 //!
-//! For each delivery: begin; record the message id in the inbox (a duplicate stops here, acked with no
-//! effect); apply the service's change; write the events it returns to the outbox; commit; wake the relay.
-//! Only then is the delivery acked (by the consumer runner).
+//! For each delivery: begin; apply the service's change; in one statement, record the message id in the
+//! inbox and write the events the change returned to the outbox; commit; hand the events to the relay. Only
+//! then is the delivery acked (by the consumer runner). If the inbox already held the id (a redelivery, a
+//! relay re-publish, a replay), the transaction rolls back instead and the delivery is acked with no effect.
 //!
-//! A batch of deliveries is the same in one transaction: one inbox insert for all ids, the service's change
-//! for each new message in delivery order, one outbox insert for all events, one commit. If any message
-//! fails, the transaction rolls back whole and the consumer handles each message alone, so a batch never
+//! A batch of deliveries is the same in one transaction: the service's change for each message in delivery
+//! order, one inbox-and-outbox statement for all, one commit. If any message fails or was processed
+//! before, the transaction rolls back whole and the consumer handles each message alone, so a batch never
 //! changes what happens to a message, only how many commits it takes.
 
 use std::collections::HashSet;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use choreo_messages::{EncodedEnvelope, Envelope, ErrorKind, Message, MessageType};
-use choreo_outbox::{InboxGuard, OutboxError, OutboxHandoff, OutboxStore};
+use choreo_outbox::{InboxGuard, OutboxError, OutboxHandoff};
 use choreo_rabbitmq::Outcome;
 use sqlx::{PgConnection, PgPool};
 use tracing::{Instrument, debug, info};
@@ -159,28 +160,42 @@ impl<S: Service> TransactionalHandler<S> {
 
     async fn apply_in_span(&self, envelope: &Envelope, span: &tracing::Span) -> Result<bool, ServiceError> {
         let mut tx = self.db.begin().await?;
-        if !self.inbox.first_delivery(&mut tx, &envelope.meta).await? {
+        let effects = match self.service.apply(&mut tx, envelope).await {
+            Ok(effects) => effects,
+            Err(e) => {
+                drop(tx); // rolls back
+                return self.processed_before(envelope, e).await;
+            }
+        };
+        let mut written = Written::new(S::NAME);
+        written.add(envelope, effects, span);
+        let fresh = self.inbox.record_handled(&mut tx, &[&envelope.meta], &written.events, self.handoff.hold()).await?;
+        if !fresh.contains(&envelope.meta.message_id) {
             tx.rollback().await?;
             return Ok(false);
         }
-        let effects = self.service.apply(&mut tx, envelope).await?;
-        let mut written = Written::new(S::NAME);
-        written.add(envelope, effects, span);
-        OutboxStore::enqueue_held(&mut tx, &written.events, self.handoff.hold()).await?;
         tx.commit().await?;
         written.committed(&self.handoff).await;
         Ok(true)
     }
 
-    /// Apply `envelopes` in one transaction; for each, whether it took effect (`false`: a duplicate).
+    /// The service failed on `envelope`: `Ok(false)` (a duplicate) if the message was processed before,
+    /// since its effect is then in place whatever the service made of it again; otherwise `failure`.
+    async fn processed_before(&self, envelope: &Envelope, failure: ServiceError) -> Result<bool, ServiceError> {
+        match self.inbox.processed(&self.db, envelope.meta.message_id).await {
+            Ok(true) => Ok(false),
+            Ok(false) | Err(_) => Err(failure),
+        }
+    }
+
+    /// Apply `envelopes` in one transaction; for each, whether it took effect (`false`: a second copy of an
+    /// id in the batch). If a message of the batch was processed before, the transaction rolls back and the
+    /// error sends the batch one by one, where that message is found to be a duplicate.
     async fn apply_batch(&self, envelopes: &[Envelope]) -> Result<Vec<bool>, ServiceError> {
         let mut tx = self.db.begin().await?;
-        let metas: Vec<_> = envelopes.iter().map(|e| &e.meta).collect();
-        let fresh = self.inbox.first_deliveries(&mut tx, &metas).await?;
         // The first delivery of an id in the batch is the one applied.
         let mut seen = HashSet::with_capacity(envelopes.len());
-        let applied: Vec<bool> =
-            envelopes.iter().map(|e| fresh.contains(&e.meta.message_id) && seen.insert(e.meta.message_id)).collect();
+        let applied: Vec<bool> = envelopes.iter().map(|e| seen.insert(e.meta.message_id)).collect();
         // Each message keeps its own span: its log lines carry its ids, its events continue its trace.
         let batch: Vec<(&Envelope, tracing::Span)> = envelopes
             .iter()
@@ -201,7 +216,16 @@ impl<S: Service> TransactionalHandler<S> {
         for ((envelope, span), effects) in batch.iter().zip(effects) {
             written.add(envelope, effects, span);
         }
-        OutboxStore::enqueue_held(&mut tx, &written.events, self.handoff.hold()).await?;
+        let metas: Vec<_> = batch.iter().map(|(e, _)| &e.meta).collect();
+        let fresh = self.inbox.record_handled(&mut tx, &metas, &written.events, self.handoff.hold()).await?;
+        if fresh.len() != metas.len() {
+            tx.rollback().await?;
+            return Err(ServiceError::Transient(format!(
+                "{} of the batch's {} messages were processed before",
+                metas.len() - fresh.len(),
+                metas.len()
+            )));
+        }
         tx.commit().await?;
         written.committed(&self.handoff).await;
         Ok(applied)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use choreo_messages::payloads::{OrderCreated, OrderLine};
+use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason, OrderCreated, OrderLine};
 use choreo_messages::{Envelope, Message};
 use choreo_outbox::{OutboxRelay, OutboxStore, RelayConfig};
 use choreo_rabbitmq::codec::header_string;
@@ -95,6 +95,52 @@ async fn the_same_message_id_twice_changes_nothing_the_second_time() {
     let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&db).await.expect("count");
     let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&db).await.expect("count");
     assert_eq!((payments, outbox), (1, 1), "one charge, one payment.succeeded");
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
+
+/// The inbox is written at the end of the transaction, after the service's change: a copy of a message
+/// processed before is found there, and whatever the service did again is rolled back.
+#[tokio::test]
+async fn a_copy_of_a_processed_message_has_no_effect_even_when_the_service_would_act_or_fail_again() {
+    let infra = Infra::from_env();
+    let name = format!("{}_payment", unique_namespace());
+    let db = database(&infra, &name, &payment::MIGRATIONS).await;
+    let handler = TransactionalHandler::new(PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), db.clone(), Default::default());
+    let created = order_created();
+    let order_id = match &created.message {
+        Message::OrderCreated(o) => o.order_id,
+        _ => unreachable!("built as order.created"),
+    };
+    assert_eq!(handler.handle(&created).await, Outcome::Done);
+
+    // The payment is gone (say, by hand): the service would charge again, but the copy is rolled back.
+    sqlx::query("DELETE FROM payments").execute(&db).await.expect("delete");
+    assert_eq!(handler.handle(&created).await, Outcome::Duplicate);
+    let (payments, outbox): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM payments), (SELECT count(*) FROM outbox)").fetch_one(&db).await.expect("count");
+    assert_eq!((payments, outbox), (0, 1), "no second payment, no second payment.succeeded");
+
+    // A refund whose payment is gone fails for good; a copy of a refund made before is still a duplicate.
+    let failed = Envelope::caused_by(
+        &created.meta,
+        Message::InventoryFailed(InventoryFailed { order_id, reason: InventoryFailureReason::OutOfStock, sku: "sku-001".into() }),
+        "inventory",
+    );
+    assert!(matches!(handler.handle(&failed).await, Outcome::Reject { .. }), "no payment to refund: rejected");
+    let mut other = failed.clone();
+    other.meta.message_id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO inbox (consumer, message_id, message_type, correlation_id) VALUES ('payment', $1, 'inventory.failed', $2)",
+    )
+    .bind(other.meta.message_id)
+    .bind(other.meta.correlation_id)
+    .execute(&db)
+    .await
+    .expect("processed before");
+    assert_eq!(handler.handle(&other).await, Outcome::Duplicate, "processed before: acked with no effect, not dead-lettered");
+    let counters = handler.counters();
+    assert_eq!((counters.processed.load(Ordering::Relaxed), counters.duplicates.load(Ordering::Relaxed)), (1, 2));
     db.close().await;
     infra.drop_databases(&[name]).await;
 }

@@ -1,0 +1,123 @@
+//! Where the CPU goes: the processor time of the workers, of PostgreSQL, of RabbitMQ and of the benchmark
+//! itself over a run, read from `/proc`, per workflow. On a 2-core machine with everything on it, this is
+//! what bounds throughput and, near saturation, latency.
+//!
+//! PostgreSQL and RabbitMQ are counted only when they run on this machine (processes named `postgres` and
+//! `beam.smp`); a server elsewhere shows as 0. Processes that end during a run (a closed connection's
+//! backend) take their time with them: the workers' and the benchmark's connections live for the whole run.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use serde::Serialize;
+
+/// The parts whose CPU time a run reports, in table order.
+pub const PARTS: [&str; 4] = ["workers", "postgres", "rabbitmq", "bench"];
+
+/// CPU seconds used so far by each part, at one instant.
+pub struct Snapshot {
+    at: Instant,
+    seconds: HashMap<&'static str, f64>,
+}
+
+/// CPU time of a run, per workflow.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuUse {
+    /// Milliseconds of CPU per workflow, by part (see [`PARTS`]).
+    pub ms_per_workflow: Vec<(String, f64)>,
+    /// Average number of cores busy over the run, all parts together.
+    pub cores_busy: f64,
+}
+
+impl CpuUse {
+    pub fn total_ms_per_workflow(&self) -> f64 {
+        self.ms_per_workflow.iter().map(|(_, ms)| ms).sum()
+    }
+}
+
+fn part_of(pid: i32, comm: &str, workers: &[u32], own: i32) -> Option<&'static str> {
+    if workers.iter().any(|w| i64::from(*w) == i64::from(pid)) {
+        Some("workers")
+    } else if pid == own {
+        Some("bench")
+    } else if comm == "postgres" {
+        Some("postgres")
+    } else if comm == "beam.smp" {
+        Some("rabbitmq")
+    } else {
+        None
+    }
+}
+
+impl Snapshot {
+    /// Read the CPU time of every process of interest. Processes that vanish while being read are skipped.
+    pub fn take(workers: &[u32]) -> Snapshot {
+        let ticks = procfs::ticks_per_second() as f64;
+        let own = std::process::id() as i32;
+        let mut seconds: HashMap<&'static str, f64> = PARTS.iter().map(|p| (*p, 0.0)).collect();
+        if let Ok(all) = procfs::process::all_processes() {
+            for stat in all.flatten().filter_map(|p| p.stat().ok()) {
+                if let Some(part) = part_of(stat.pid, &stat.comm, workers, own) {
+                    *seconds.entry(part).or_default() += (stat.utime + stat.stime) as f64 / ticks;
+                }
+            }
+        }
+        Snapshot { at: Instant::now(), seconds }
+    }
+
+    /// CPU used between `self` and `later`, for `workflows` workflows.
+    pub fn until(&self, later: &Snapshot, workflows: usize) -> CpuUse {
+        let wall = later.at.duration_since(self.at).as_secs_f64().max(1e-9);
+        let used: Vec<(String, f64)> = PARTS
+            .iter()
+            .map(|p| {
+                let s = later.seconds.get(p).copied().unwrap_or(0.0) - self.seconds.get(p).copied().unwrap_or(0.0);
+                (p.to_string(), s.max(0.0))
+            })
+            .collect();
+        let total: f64 = used.iter().map(|(_, s)| s).sum();
+        CpuUse {
+            ms_per_workflow: used.into_iter().map(|(p, s)| (p, s * 1000.0 / workflows.max(1) as f64)).collect(),
+            cores_busy: total / wall,
+        }
+    }
+}
+
+/// Peak resident memory (VmHWM) of a process, in MiB; 0 if it cannot be read.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.status())
+        .ok()
+        .and_then(|s| s.vmhwm)
+        .map(|kib| kib as f64 / 1024.0)
+        .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_are_counted_by_part() {
+        assert_eq!(part_of(10, "order-worker", &[10, 11], 99), Some("workers"));
+        assert_eq!(part_of(99, "choreo-bench", &[10], 99), Some("bench"));
+        assert_eq!(part_of(5, "postgres", &[10], 99), Some("postgres"));
+        assert_eq!(part_of(6, "beam.smp", &[10], 99), Some("rabbitmq"));
+        assert_eq!(part_of(7, "bash", &[10], 99), None);
+    }
+
+    #[test]
+    fn this_process_uses_cpu_and_memory() {
+        let before = Snapshot::take(&[]);
+        let mut x = 0u64;
+        let start = Instant::now();
+        while start.elapsed().as_millis() < 50 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = Snapshot::take(&[]);
+        let used = before.until(&after, 1);
+        let bench = used.ms_per_workflow.iter().find(|(p, _)| p == "bench").map(|(_, ms)| *ms).unwrap_or(0.0);
+        assert!(bench > 0.0, "a busy loop of 50 ms shows as CPU time of the benchmark: {used:?}");
+        assert!(peak_rss_mib(std::process::id()) > 0.0);
+    }
+}
