@@ -77,15 +77,28 @@ impl InboxGuard {
         rows.iter().map(|row| row.try_get::<Uuid, _>(0).map_err(OutboxError::db("inbox row"))).collect()
     }
 
-    /// Whether `message_id` was recorded as processed (committed). A handler whose service failed asks this:
-    /// a message processed before is acknowledged with no effect, whatever the service made of it again.
-    pub async fn processed(&self, db: &sqlx::PgPool, message_id: Uuid) -> Result<bool, OutboxError> {
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM inbox WHERE consumer = $1 AND message_id = $2)")
-            .bind(&self.consumer)
-            .bind(message_id)
-            .fetch_one(db)
-            .await
-            .map_err(OutboxError::db("inbox lookup"))
+    /// Whether the message of `meta` was recorded as processed. A handler whose service failed asks this: a
+    /// message processed before is acknowledged with no effect, whatever the service made of it again. If a
+    /// copy of the message is being handled at the same moment, this waits for that transaction to end
+    /// (it tries the copy's insert and rolls back), so that a copy that fails because another is committing
+    /// is not taken for a failure. Records nothing.
+    pub async fn processed(&self, db: &sqlx::PgPool, meta: &Metadata) -> Result<bool, OutboxError> {
+        let mut tx = db.begin().await.map_err(OutboxError::db("inbox lookup"))?;
+        let inserted = sqlx::query(
+            "INSERT INTO inbox (consumer, message_id, message_type, correlation_id, causation_id) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consumer, message_id) DO NOTHING",
+        )
+        .bind(&self.consumer)
+        .bind(meta.message_id)
+        .bind(&meta.message_type)
+        .bind(meta.correlation_id)
+        .bind(meta.causation_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(OutboxError::db("inbox lookup"))?
+        .rows_affected();
+        tx.rollback().await.map_err(OutboxError::db("inbox lookup"))?;
+        Ok(inserted == 0)
     }
 
     /// Record, durably and before handling begins, that this consumer starts handling a redelivered message

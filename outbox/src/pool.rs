@@ -5,6 +5,8 @@
 //! the worker (a handler's transaction takes four to five round trips). A connection is tested instead when
 //! it has been idle for [`TEST_IDLE_AFTER`], the case where a restart of the server or a firewall may have
 //! cut it; one that breaks in use fails its transaction, which is retried, and is dropped by the pool.
+//! (sqlx also tests each connection as it comes back to the pool, in the background; that one it does not let
+//! us turn off.)
 
 use std::time::Duration;
 

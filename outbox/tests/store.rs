@@ -6,7 +6,7 @@ use choreo_messages::payloads::OrderCancelled;
 use choreo_messages::{Envelope, Message};
 use choreo_outbox::migrations::OUTBOX_MIGRATOR;
 use choreo_outbox::{InboxGuard, OutboxStore, RetentionConfig, RetentionJob};
-use choreo_testkit::{Infra, unique_namespace};
+use choreo_testkit::{Infra, unique_namespace, wait_for};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -152,8 +152,8 @@ async fn handled_messages_and_their_events_are_recorded_in_one_statement_and_a_p
             .await
             .expect("outbox");
     assert_eq!((written, held), (4, 4), "the events are written, held for the hand-off");
-    assert!(inbox.processed(&db, handled[0].meta.message_id).await.expect("lookup"));
-    assert!(!inbox.processed(&db, event().meta.message_id).await.expect("lookup"));
+    assert!(inbox.processed(&db, &handled[0].meta).await.expect("lookup"));
+    assert!(!inbox.processed(&db, &event().encode().meta).await.expect("lookup"));
 
     // Again with one new id and one processed before: only the new one is reported, and the caller, which
     // must roll back, leaves nothing behind.
@@ -167,7 +167,7 @@ async fn handled_messages_and_their_events_are_recorded_in_one_statement_and_a_p
     tx.rollback().await.expect("rollback");
     let written: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&db).await.expect("outbox");
     assert_eq!(written, 4);
-    assert!(!inbox.processed(&db, again.meta.message_id).await.expect("lookup"));
+    assert!(!inbox.processed(&db, &again.meta).await.expect("lookup"), "the lookup records nothing");
 
     // Another consumer's inbox is its own.
     let other = InboxGuard::new("other");
@@ -175,6 +175,46 @@ async fn handled_messages_and_their_events_are_recorded_in_one_statement_and_a_p
     let recorded = other.record_handled(&mut tx, &[&handled[1].meta], &[], Duration::ZERO).await.expect("record");
     assert_eq!(recorded.len(), 1);
     tx.commit().await.expect("commit");
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
+
+/// A copy that fails while another copy of the same message is committing must not be taken for a failure:
+/// the lookup waits for the transaction in flight.
+#[tokio::test]
+async fn the_processed_lookup_waits_for_a_copy_in_flight() {
+    let infra = Infra::from_env();
+    let (name, db) = fresh(&infra).await;
+    let inbox = InboxGuard::new("test");
+    for commits in [true, false] {
+        let copy = event().encode();
+        let mut in_flight = db.begin().await.expect("tx");
+        inbox.record_handled(&mut in_flight, &[&copy.meta], &[], Duration::ZERO).await.expect("record");
+        let lookup = tokio::spawn({
+            let (inbox, db, meta) = (inbox.clone(), db.clone(), copy.meta.clone());
+            async move { inbox.processed(&db, &meta).await }
+        });
+        wait_for("the lookup to wait on the copy's lock", Duration::from_secs(10), || {
+            let db = db.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&db)
+                .await
+                .map_err(|e| e.to_string())?;
+                if waiting == 1 { Ok(()) } else { Err(format!("{waiting} waiting")) }
+            }
+        })
+        .await;
+        if commits {
+            in_flight.commit().await.expect("commit");
+        } else {
+            in_flight.rollback().await.expect("rollback");
+        }
+        let processed = lookup.await.expect("lookup task").expect("lookup");
+        assert_eq!(processed, commits, "the lookup reports what the copy in flight did");
+    }
     db.close().await;
     infra.drop_databases(&[name]).await;
 }

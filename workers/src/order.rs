@@ -14,7 +14,7 @@ use choreo_messages::{Envelope, Message, MessageType};
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, Row};
-use tracing::{info, warn};
+use tracing::info;
 use uuid::Uuid;
 
 use crate::service::{Effects, Service, ServiceError, apply_one_by_one};
@@ -122,7 +122,9 @@ async fn settle(tx: &mut PgConnection, batch: &[(&Envelope, tracing::Span)]) -> 
             Step::Settle { order_id, status, reason } => {
                 let Some(done) = settled.get(order_id) else {
                     let current = no_longer_pending.get(order_id).map_or("?", String::as_str);
-                    warn!(%order_id, %current, wanted = status, "order is no longer PENDING; event ignored");
+                    // A late event, or a copy of one handled before (the inbox check comes at the end of the
+                    // transaction, and then says so): not a fault.
+                    info!(%order_id, %current, wanted = status, "order is no longer PENDING; event ignored");
                     effects.push(Effects::none());
                     continue;
                 };

@@ -109,7 +109,8 @@ impl<G: PaymentGateway> PaymentService<G> {
     }
 }
 
-/// Rows for `payments`, written in one statement.
+/// Rows for `payments`, written in one statement, in order id order (two batches holding copies of the same
+/// orders take their locks in the same order).
 #[derive(Default)]
 struct Payments<'a> {
     order_ids: Vec<Uuid>,
@@ -149,7 +150,8 @@ impl<'a> Payments<'a> {
             "INSERT INTO payments (order_id, payment_id, correlation_id, customer_id, amount_cents, currency, \
                                    status, decline_reason) \
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bigint[], $6::text[], \
-                                  $7::text[], $8::text[])",
+                                  $7::text[], $8::text[]) \
+             ORDER BY 1",
         )
         .bind(&self.order_ids)
         .bind(&self.payment_ids)

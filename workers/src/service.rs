@@ -20,7 +20,7 @@ use choreo_messages::{EncodedEnvelope, Envelope, ErrorKind, Message, MessageType
 use choreo_outbox::{InboxGuard, OutboxError, OutboxHandoff};
 use choreo_rabbitmq::Outcome;
 use sqlx::{PgConnection, PgPool};
-use tracing::{Instrument, debug, info};
+use tracing::{Instrument, debug, info, warn};
 
 /// Why a service could not apply a message.
 #[derive(Debug, thiserror::Error)]
@@ -180,11 +180,17 @@ impl<S: Service> TransactionalHandler<S> {
     }
 
     /// The service failed on `envelope`: `Ok(false)` (a duplicate) if the message was processed before,
-    /// since its effect is then in place whatever the service made of it again; otherwise `failure`.
+    /// since its effect is then in place whatever the service made of it again; otherwise `failure`. If the
+    /// inbox cannot be read, the failure becomes transient: a processed message must not be dead-lettered
+    /// for want of a lookup.
     async fn processed_before(&self, envelope: &Envelope, failure: ServiceError) -> Result<bool, ServiceError> {
-        match self.inbox.processed(&self.db, envelope.meta.message_id).await {
+        match self.inbox.processed(&self.db, &envelope.meta).await {
             Ok(true) => Ok(false),
-            Ok(false) | Err(_) => Err(failure),
+            Ok(false) => Err(failure),
+            Err(e) => {
+                warn!(error = %e, failure = %failure, "the inbox could not be checked after a failure; the message will be retried");
+                Err(ServiceError::Transient(format!("{failure} (and the inbox could not be checked: {e})")))
+            }
         }
     }
 
