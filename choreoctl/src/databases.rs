@@ -1,10 +1,8 @@
 //! The three service databases, for commands that read across services.
 
-use std::str::FromStr;
-
 use anyhow::Context;
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 
 pub const SERVICES: [&str; 3] = ["order", "payment", "inventory"];
 
@@ -24,11 +22,8 @@ impl ServiceDbArgs {
 
 /// Service `service`'s database: `own_url` if given, else database `choreo_<service>` on `server_url`.
 pub async fn connect(service: &str, own_url: Option<&str>, server_url: &str) -> anyhow::Result<PgPool> {
-    let options = match own_url {
-        Some(url) => PgConnectOptions::from_str(url),
-        None => PgConnectOptions::from_str(server_url).map(|o| o.database(&format!("choreo_{service}"))),
-    }
-    .with_context(|| format!("{service} database URL"))?;
+    let options = choreo_outbox::service_database(service, own_url, server_url)
+        .with_context(|| format!("{service} database URL"))?;
     PgPoolOptions::new()
         .max_connections(2)
         .connect_with(options)

@@ -12,6 +12,7 @@
 //! **Architecture invariant**: only the relay publishes domain events. Handlers write to the outbox; what they
 //! write is on the broker only once their transaction committed.
 
+pub mod database;
 pub mod error;
 pub mod inbox;
 pub mod migrations;
@@ -20,6 +21,7 @@ pub mod relay;
 pub mod retention;
 pub mod store;
 
+pub use database::service_database;
 pub use error::OutboxError;
 pub use inbox::InboxGuard;
 pub use pool::hot_path_pool_options;

@@ -5,7 +5,6 @@
 //! `--help` hides their values and logs redact them.
 
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
@@ -86,9 +85,6 @@ pub struct CommonArgs {
 impl CommonArgs {
     /// The worker's database: `own_url` if given, else database `choreo_<worker>` on the server URL.
     pub fn database_options(&self, worker: &str, own_url: Option<&str>) -> Result<PgConnectOptions, sqlx::Error> {
-        match own_url {
-            Some(url) => PgConnectOptions::from_str(url),
-            None => Ok(PgConnectOptions::from_str(&self.server_database_url)?.database(&format!("choreo_{worker}"))),
-        }
+        choreo_outbox::service_database(worker, own_url, &self.server_database_url)
     }
 }
