@@ -14,10 +14,11 @@ use serde::Serialize;
 /// The parts whose CPU time a run reports, in table order.
 pub const PARTS: [&str; 4] = ["workers", "postgres", "rabbitmq", "bench"];
 
-/// CPU seconds used so far by each part, at one instant.
+/// CPU seconds used so far by each part, and its threads' context switches, at one instant.
 pub struct Snapshot {
     at: Instant,
     seconds: HashMap<&'static str, f64>,
+    switches: HashMap<&'static str, u64>,
 }
 
 /// CPU time of a run, per workflow.
@@ -27,6 +28,10 @@ pub struct CpuUse {
     pub ms_per_workflow: Vec<(String, f64)>,
     /// Average number of cores busy over the run, all parts together.
     pub cores_busy: f64,
+    /// Context switches of all threads per workflow, by part (see [`PARTS`]): each is a thread that went to
+    /// sleep or was put aside, and on a machine where waking a thread costs more than the work it does,
+    /// the figure to bring down.
+    pub switches_per_workflow: Vec<(String, f64)>,
 }
 
 impl CpuUse {
@@ -55,14 +60,19 @@ impl Snapshot {
         let ticks = procfs::ticks_per_second() as f64;
         let own = std::process::id() as i32;
         let mut seconds: HashMap<&'static str, f64> = PARTS.iter().map(|p| (*p, 0.0)).collect();
+        let mut switches: HashMap<&'static str, u64> = PARTS.iter().map(|p| (*p, 0)).collect();
         if let Ok(all) = procfs::process::all_processes() {
-            for stat in all.flatten().filter_map(|p| p.stat().ok()) {
-                if let Some(part) = part_of(stat.pid, &stat.comm, workers, own) {
-                    *seconds.entry(part).or_default() += (stat.utime + stat.stime) as f64 / ticks;
-                }
+            for process in all.flatten() {
+                let Ok(stat) = process.stat() else { continue };
+                let Some(part) = part_of(stat.pid, &stat.comm, workers, own) else { continue };
+                *seconds.entry(part).or_default() += (stat.utime + stat.stime) as f64 / ticks;
+                let threads = process.tasks().into_iter().flatten().flatten().filter_map(|t| t.status().ok());
+                *switches.entry(part).or_default() += threads
+                    .map(|s| s.voluntary_ctxt_switches.unwrap_or(0) + s.nonvoluntary_ctxt_switches.unwrap_or(0))
+                    .sum::<u64>();
             }
         }
-        Snapshot { at: Instant::now(), seconds }
+        Snapshot { at: Instant::now(), seconds, switches }
     }
 
     /// CPU used between `self` and `later`, for `workflows` workflows.
@@ -76,9 +86,18 @@ impl Snapshot {
             })
             .collect();
         let total: f64 = used.iter().map(|(_, s)| s).sum();
+        let n = workflows.max(1) as f64;
         CpuUse {
-            ms_per_workflow: used.into_iter().map(|(p, s)| (p, s * 1000.0 / workflows.max(1) as f64)).collect(),
+            ms_per_workflow: used.into_iter().map(|(p, s)| (p, s * 1000.0 / n)).collect(),
             cores_busy: total / wall,
+            switches_per_workflow: PARTS
+                .iter()
+                .map(|p| {
+                    let before = self.switches.get(p).copied().unwrap_or(0);
+                    let after = later.switches.get(p).copied().unwrap_or(0);
+                    (p.to_string(), after.saturating_sub(before) as f64 / n)
+                })
+                .collect(),
         }
     }
 }
@@ -118,6 +137,12 @@ mod tests {
         let used = before.until(&after, 1);
         let bench = used.ms_per_workflow.iter().find(|(p, _)| p == "bench").map(|(_, ms)| *ms).unwrap_or(0.0);
         assert!(bench > 0.0, "a busy loop of 50 ms shows as CPU time of the benchmark: {used:?}");
+        let before = Snapshot::take(&[]);
+        std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(5))).join().expect("thread");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let slept = before.until(&Snapshot::take(&[]), 1);
+        let switches = slept.switches_per_workflow.iter().find(|(p, _)| p == "bench").map(|(_, n)| *n).unwrap_or(0.0);
+        assert!(switches >= 1.0, "a thread that sleeps is switched out: {slept:?}");
         assert!(peak_rss_mib(std::process::id()) > 0.0);
     }
 }

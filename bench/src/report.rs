@@ -92,6 +92,20 @@ pub fn print(r: &Results) {
         }
         println!(" {:>9.2} {:>12.2}", run.cpu.total_ms_per_workflow(), run.cpu.cores_busy);
     }
+    println!();
+    println!("wake-ups: context switches per workflow, all threads (a wake-up costs more than the work here)");
+    print!("{:<16}", "run");
+    for part in PARTS {
+        print!(" {part:>9}");
+    }
+    println!(" {:>9}", "total");
+    for run in &r.runs {
+        print!("{:<16}", run.label);
+        for (_, n) in &run.cpu.switches_per_workflow {
+            print!(" {n:>9.1}");
+        }
+        println!(" {:>9.1}", run.cpu.switches_per_workflow.iter().map(|(_, n)| n).sum::<f64>());
+    }
     let max = r.runs.first();
     let half = r.runs.iter().find(|run| run.label.starts_with("50%"));
     println!();
