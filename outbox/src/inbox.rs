@@ -77,8 +77,9 @@ impl InboxGuard {
         rows.iter().map(|row| row.try_get::<Uuid, _>(0).map_err(OutboxError::db("inbox row"))).collect()
     }
 
-    /// Whether the message of `meta` was recorded as processed. A handler whose service failed asks this: a
-    /// message processed before is acknowledged with no effect, whatever the service made of it again. If a
+    /// Whether the message of `meta` was recorded as processed. A handler whose service rejected a message
+    /// asks this before dead-lettering it: a message processed before is acknowledged with no effect,
+    /// whatever the service made of it again. If a
     /// copy of the message is being handled at the same moment, this waits for that transaction to end
     /// (it tries the copy's insert and rolls back), so that a copy that fails because another is committing
     /// is not taken for a failure. Records nothing.

@@ -162,10 +162,13 @@ impl<S: Service> TransactionalHandler<S> {
         let mut tx = self.db.begin().await?;
         let effects = match self.service.apply(&mut tx, envelope).await {
             Ok(effects) => effects,
-            Err(e) => {
+            Err(failure @ ServiceError::Permanent(_)) => {
                 drop(tx); // rolls back
-                return self.processed_before(envelope, e).await;
+                return self.processed_before(envelope, failure).await;
             }
+            // Retried: if this is a copy of a message processed meanwhile, the retry finds it in the inbox. No
+            // lookup here, so that an outage of a dependency does not add a transaction per failed message.
+            Err(failure) => return Err(failure),
         };
         let mut written = Written::new(S::NAME);
         written.add(envelope, effects, span);
@@ -179,10 +182,10 @@ impl<S: Service> TransactionalHandler<S> {
         Ok(true)
     }
 
-    /// The service failed on `envelope`: `Ok(false)` (a duplicate) if the message was processed before,
-    /// since its effect is then in place whatever the service made of it again; otherwise `failure`. If the
-    /// inbox cannot be read, the failure becomes transient: a processed message must not be dead-lettered
-    /// for want of a lookup.
+    /// The service rejected `envelope` for good: `Ok(false)` (a duplicate) if the message was processed
+    /// before, since its effect is then in place whatever the service made of it again; otherwise `failure`,
+    /// which dead-letters it. If the inbox cannot be read, the failure becomes transient: a processed message
+    /// must not be dead-lettered for want of a lookup.
     async fn processed_before(&self, envelope: &Envelope, failure: ServiceError) -> Result<bool, ServiceError> {
         match self.inbox.processed(&self.db, &envelope.meta).await {
             Ok(true) => Ok(false),
