@@ -1,7 +1,6 @@
 //! [`InboxGuard`]: a message id processed once by a consumer is never processed again by it.
 
 use std::collections::HashSet;
-
 use std::time::Duration;
 
 use choreo_messages::{EncodedEnvelope, Metadata};
@@ -11,7 +10,7 @@ use uuid::Uuid;
 use crate::OutboxError;
 #[cfg(doc)]
 use crate::OutboxStore;
-use crate::store::OutboxColumns;
+use crate::store::{OutboxColumns, outbox_insert};
 
 /// Records processed messages per consumer, inside the consumer's transaction.
 #[derive(Debug, Clone)]
@@ -54,17 +53,13 @@ impl InboxGuard {
         let correlations: Vec<Uuid> = sorted.iter().map(|m| m.correlation_id).collect();
         let causations: Vec<Option<Uuid>> = sorted.iter().map(|m| m.causation_id).collect();
         let rows = OutboxColumns::of(events)
-            .bind(sqlx::query(
-                "WITH events AS ( \
-                     INSERT INTO outbox (message_id, message_type, schema_version, correlation_id, causation_id, \
-                                         producer, occurred_at, traceparent, body, available_at) \
-                     SELECT *, clock_timestamp() + make_interval(secs => $10) \
-                     FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::uuid[], $6::text[], \
-                                 $7::timestamptz[], $8::text[], $9::bytea[])) \
-                 INSERT INTO inbox (consumer, message_id, message_type, correlation_id, causation_id) \
+            .bind(sqlx::query(concat!(
+                "WITH events AS (",
+                outbox_insert!(),
+                ") INSERT INTO inbox (consumer, message_id, message_type, correlation_id, causation_id) \
                  SELECT $11, * FROM UNNEST($12::uuid[], $13::text[], $14::uuid[], $15::uuid[]) \
                  ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id",
-            ))
+            )))
             .bind(hold.as_secs_f64())
             .bind(&self.consumer)
             .bind(ids)
@@ -79,10 +74,9 @@ impl InboxGuard {
 
     /// Whether the message of `meta` was recorded as processed. A handler whose service rejected a message
     /// asks this before dead-lettering it: a message processed before is acknowledged with no effect,
-    /// whatever the service made of it again. If a
-    /// copy of the message is being handled at the same moment, this waits for that transaction to end
-    /// (it tries the copy's insert and rolls back), so that a copy that fails because another is committing
-    /// is not taken for a failure. Records nothing.
+    /// whatever the service made of it again. If a copy of the message is being handled at the same moment,
+    /// this waits for that transaction to end (it tries the copy's insert and rolls back), so that a copy
+    /// that fails because another is committing is not taken for a failure. Records nothing.
     pub async fn processed(&self, db: &sqlx::PgPool, meta: &Metadata) -> Result<bool, OutboxError> {
         let mut tx = db.begin().await.map_err(OutboxError::db("inbox lookup"))?;
         let inserted = sqlx::query(

@@ -42,15 +42,8 @@ impl OutboxStore {
         if envelopes.is_empty() {
             return Ok(());
         }
-        let columns = OutboxColumns::of(envelopes);
-        columns
-            .bind(sqlx::query(
-                "INSERT INTO outbox (message_id, message_type, schema_version, correlation_id, causation_id, \
-                                     producer, occurred_at, traceparent, body, available_at) \
-                 SELECT *, clock_timestamp() + make_interval(secs => $10) \
-                 FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::uuid[], $6::text[], \
-                             $7::timestamptz[], $8::text[], $9::bytea[])",
-            ))
+        OutboxColumns::of(envelopes)
+            .bind(sqlx::query(outbox_insert!()))
             .bind(hold.as_secs_f64())
             .execute(&mut *tx)
             .await
@@ -177,6 +170,19 @@ impl OutboxStore {
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// The insert of [`OutboxColumns`] into the outbox: `$1`–`$9` are the arrays [`OutboxColumns::bind`] binds,
+/// `$10` the hold in seconds. A macro, so that statements can embed it with `concat!` and stay `'static`.
+macro_rules! outbox_insert {
+    () => {
+        "INSERT INTO outbox (message_id, message_type, schema_version, correlation_id, causation_id, \
+                             producer, occurred_at, traceparent, body, available_at) \
+         SELECT *, clock_timestamp() + make_interval(secs => $10) \
+         FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::uuid[], $6::text[], \
+                     $7::timestamptz[], $8::text[], $9::bytea[])"
+    };
+}
+pub(crate) use outbox_insert;
 
 /// The outbox columns of a set of envelopes, as arrays for one `UNNEST` insert.
 /// Borrowed from the envelopes: nothing is copied.

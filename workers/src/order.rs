@@ -205,8 +205,8 @@ async fn insert_orders(
 }
 
 /// Move the orders of the `Settle` steps from PENDING to their terminal status, with a history row for each
-/// move, in one statement: the ones moved, and the current status of those that are no longer PENDING (a late or repeated event, left alone). An order we
-/// never created is a permanent error.
+/// move, in one statement: the ones moved, and the current status of those that are no longer PENDING (a
+/// late or repeated event, left alone). An order we never created is a permanent error.
 async fn transition_orders<'a>(
     tx: &mut PgConnection,
     batch: &'a [(&Envelope, tracing::Span)],
