@@ -204,6 +204,22 @@ async fn insert_orders(
     Ok(created.into_iter().collect())
 }
 
+/// Moves a batch of orders from PENDING to their terminal status and writes a history row for each move;
+/// returns the moved ones. It finds the orders by primary key (one lookup per order of the batch), however
+/// many others are PENDING: `workers/tests/plans.rs` checks the plan. Public for that test only.
+#[doc(hidden)]
+pub const SETTLE_ORDERS_SQL: &str = "WITH moved AS ( \
+         UPDATE orders o SET status = t.status, cancel_reason = t.reason, completed_at = clock_timestamp() \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[]) \
+              AS t(order_id, status, reason, message_id, message_type) \
+         WHERE o.order_id = t.order_id AND o.status = 'PENDING' \
+         RETURNING o.order_id, o.total_cents, o.currency, o.placed_at, t.status, t.reason, t.message_id, \
+                   t.message_type), \
+     history AS ( \
+         INSERT INTO order_history (order_id, status, detail, message_id, message_type) \
+         SELECT order_id, status, reason, message_id, message_type FROM moved) \
+     SELECT order_id, total_cents, currency, placed_at FROM moved";
+
 /// Move the orders of the `Settle` steps from PENDING to their terminal status, with a history row for each
 /// move, in one statement: the ones moved, and the current status of those that are no longer PENDING (a
 /// late or repeated event, left alone). An order we never created is a permanent error.
@@ -231,19 +247,7 @@ async fn transition_orders<'a>(
     let reasons: Vec<Option<&str>> = wanted.iter().map(|w| w.2).collect();
     let message_ids: Vec<Uuid> = wanted.iter().map(|w| w.3.meta.message_id).collect();
     let message_types: Vec<&str> = wanted.iter().map(|w| w.3.meta.message_type.as_str()).collect();
-    let rows = sqlx::query(
-        "WITH moved AS ( \
-             UPDATE orders o SET status = t.status, cancel_reason = t.reason, completed_at = clock_timestamp() \
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[]) \
-                  AS t(order_id, status, reason, message_id, message_type) \
-             WHERE o.order_id = t.order_id AND o.status = 'PENDING' \
-             RETURNING o.order_id, o.total_cents, o.currency, o.placed_at, t.status, t.reason, t.message_id, \
-                       t.message_type), \
-         history AS ( \
-             INSERT INTO order_history (order_id, status, detail, message_id, message_type) \
-             SELECT order_id, status, reason, message_id, message_type FROM moved) \
-         SELECT order_id, total_cents, currency, placed_at FROM moved",
-    )
+    let rows = sqlx::query(SETTLE_ORDERS_SQL)
     .bind(&ids)
     .bind(&statuses)
     .bind(&reasons)
