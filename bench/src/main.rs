@@ -7,11 +7,15 @@
 //!    transaction, at the workers' concurrency;
 //! 3. the workflow at its maximum rate, then at 20% and 50% of it, with end-to-end latency and each
 //!    worker's peak memory.
+//!
+//! Beside the ceilings it measures what a thread wake-up costs on this machine, on one CPU and across two:
+//! the latency of a workflow, a chain of hand-offs, follows it.
 
 mod broker_ceiling;
 mod cpu;
 mod db_ceiling;
 mod report;
+mod wakeup;
 mod workflow;
 
 use std::path::PathBuf;
@@ -67,6 +71,12 @@ async fn main() -> anyhow::Result<()> {
         Some(d) => d.clone(),
         None => std::env::current_exe()?.parent().context("binary directory")?.to_path_buf(),
     };
+    let wakeup = wakeup::measure()?;
+    eprintln!(
+        "[bench] thread wake-up round trip: {:.1} µs on one CPU, {} across CPUs",
+        wakeup.same_cpu_us,
+        wakeup.across_cpus_us.map(|us| format!("{us:.1} µs")).unwrap_or_else(|| "n/a (one CPU)".into())
+    );
     eprintln!("[bench] 1/3 broker ceiling: {} persistent messages, quorum queue, confirms and acks", args.broker_messages);
     let broker = broker_ceiling::measure(&args.amqp_url, args.broker_messages).await?;
     eprintln!("[bench]     {:.0} messages/s", broker.messages_per_second);
@@ -75,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("[bench]     {:.0} transactions/s", db.transactions_per_second);
     eprintln!("[bench] 3/3 workflow: maximum rate, then 20% and 50% of it, then {} workflows/s", args.light_rate);
     let runs = workflow::measure(&args, &bin_dir).await?;
-    let results = report::Results::new(broker, db, runs);
+    let results = report::Results::new(wakeup, broker, db, runs);
     report::print(&results);
     std::fs::create_dir_all(&args.out)?;
     let json = args.out.join("results.json");
