@@ -115,7 +115,8 @@ fn total(scrape: &Scrape, metric: &str, filter: &[(&str, &str)]) -> f64 {
             Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
             _ => 0.0,
         })
-        .sum()
+        // Not `sum()`: a float sum of no samples is -0.0, which prints as "-0".
+        .fold(0.0, |sum, v| sum + v)
 }
 
 /// Cumulative bucket counts of a histogram, summed over all its series: (upper bound, count).
@@ -292,5 +293,7 @@ mod tests {
         assert!(s.workers[0].ready);
         assert!(!s.workers[1].up);
         assert_eq!(s.workflows.cancelled_by_reason.get("out_of_stock"), Some(&3.0));
+        // A counter the worker has not exported yet (no duplicate seen) is a plain zero, not "-0".
+        assert_eq!(format!("{}", s.workers[0].duplicates_total), "0");
     }
 }
