@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::broker_ceiling::BrokerCeiling;
 use crate::cpu::PARTS;
 use crate::db_ceiling::DbCeiling;
-use crate::wakeup::WakeupCost;
+use crate::wakeup::{WakeupCost, describe};
 use crate::workflow::{HOPS, MESSAGES_PER_WORKFLOW, Run, STEPS_PER_WORKFLOW};
 
 pub const TARGET_WORKFLOWS_PER_SECOND: f64 = 1_000.0;
@@ -19,8 +19,8 @@ pub const TARGET_RSS_MIB: f64 = 64.0;
 
 #[derive(Debug, Serialize)]
 pub struct Results {
-    /// What a thread wake-up costs on this machine.
-    pub wakeup: WakeupCost,
+    /// Round trip of two thread wake-ups on this machine (`None` if it could not be measured).
+    pub wakeup: Option<WakeupCost>,
     pub broker: BrokerCeiling,
     pub database: DbCeiling,
     pub runs: Vec<Run>,
@@ -31,7 +31,7 @@ pub struct Results {
 }
 
 impl Results {
-    pub fn new(wakeup: WakeupCost, broker: BrokerCeiling, database: DbCeiling, runs: Vec<Run>) -> Results {
+    pub fn new(wakeup: Option<WakeupCost>, broker: BrokerCeiling, database: DbCeiling, runs: Vec<Run>) -> Results {
         let max = runs.first().map(|r| r.workflows_per_second).unwrap_or(0.0);
         Results {
             broker_share: max * MESSAGES_PER_WORKFLOW / broker.messages_per_second.max(1e-9),
@@ -53,11 +53,10 @@ pub fn print(r: &Results) {
     println!("ceilings (same machine, same run)");
     println!("  broker   {:>10.0} persistent messages/s through a quorum queue, confirms + acks", r.broker.messages_per_second);
     println!("  database {:>10.0} saga-step transactions/s at {} at once", r.database.transactions_per_second, r.database.concurrency);
-    println!(
-        "  wake-up  {:>10.1} µs per round trip between two threads on one CPU; {} across CPUs",
-        r.wakeup.same_cpu_us,
-        r.wakeup.across_cpus_us.map(|us| format!("{us:.1} µs")).unwrap_or_else(|| "n/a (one CPU)".into())
-    );
+    match &r.wakeup {
+        Some(cost) => println!("  wake-up  round trip (two wake-ups) between two pinned threads: {}", describe(cost)),
+        None => println!("  wake-up  not measured (see the log above)"),
+    }
     println!();
     println!("{:<16} {:>10} {:>10} {:>9} {:>9} {:>9} {:>26}", "run", "offered/s", "workflows/s", "p50 ms", "p99 ms", "max ms", "peak RSS MiB (o/p/i)");
     for run in &r.runs {

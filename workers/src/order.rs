@@ -248,13 +248,13 @@ async fn transition_orders<'a>(
     let message_ids: Vec<Uuid> = wanted.iter().map(|w| w.3.meta.message_id).collect();
     let message_types: Vec<&str> = wanted.iter().map(|w| w.3.meta.message_type.as_str()).collect();
     let rows = sqlx::query(SETTLE_ORDERS_SQL)
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&message_ids)
-    .bind(&message_types)
-    .fetch_all(&mut *tx)
-    .await?;
+        .bind(&ids)
+        .bind(&statuses)
+        .bind(&reasons)
+        .bind(&message_ids)
+        .bind(&message_types)
+        .fetch_all(&mut *tx)
+        .await?;
     let mut settled = HashMap::with_capacity(rows.len());
     for row in rows {
         settled.insert(

@@ -10,11 +10,23 @@ use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::Executor;
 
-/// Every scan of `table` in an `EXPLAIN (FORMAT JSON)` plan, as (node type, index name).
-fn scans_of(plan: &Value, table: &str, found: &mut Vec<(String, Option<String>)>) {
-    if plan.get("Relation Name").and_then(Value::as_str) == Some(table) && plan.get("Node Type").and_then(Value::as_str) != Some("ModifyTable") {
-        let node = plan["Node Type"].as_str().unwrap_or_default().to_owned();
-        found.push((node, plan.get("Index Name").and_then(Value::as_str).map(str::to_owned)));
+/// A scan of a table in an `EXPLAIN (FORMAT JSON)` plan.
+#[derive(Debug)]
+struct Scan {
+    node: String,
+    index: Option<String>,
+    index_cond: Option<String>,
+}
+
+/// Every scan of `table` in a plan.
+fn scans_of(plan: &Value, table: &str, found: &mut Vec<Scan>) {
+    let text = |key: &str| plan.get(key).and_then(Value::as_str).map(str::to_owned);
+    if text("Relation Name").as_deref() == Some(table) && text("Node Type").as_deref() != Some("ModifyTable") {
+        found.push(Scan {
+            node: text("Node Type").unwrap_or_default(),
+            index: text("Index Name"),
+            index_cond: text("Index Cond"),
+        });
     }
     for child in plan.get("Plans").and_then(Value::as_array).into_iter().flatten() {
         scans_of(child, table, found);
@@ -37,6 +49,8 @@ async fn settling_a_batch_finds_its_orders_by_primary_key_however_many_are_pendi
     )
     .await
     .expect("orders");
+    // No autovacuum: an ANALYZE between the update and the EXPLAIN would take away the stale statistics.
+    pool.execute("ALTER TABLE orders SET (autovacuum_enabled = off)").await.expect("autovacuum off");
     pool.execute("ANALYZE orders").await.expect("analyze");
     pool.execute("UPDATE orders SET status = 'PENDING'").await.expect("a burst arrives");
 
@@ -62,10 +76,13 @@ async fn settling_a_batch_finds_its_orders_by_primary_key_however_many_are_pendi
         let mut scans = Vec::new();
         scans_of(&plan[0]["Plan"], "orders", &mut scans);
         assert!(!scans.is_empty(), "{mode}: the plan reads orders somewhere: {plan:#}");
-        for (node, index) in &scans {
+        for scan in &scans {
+            // A lookup per order of the batch: the primary key, searched for the batch's own ids (not a walk
+            // over the whole index under a merge join).
+            let by_batch_id = scan.index_cond.as_deref().is_some_and(|c| c.contains("order_id = t.order_id"));
             assert!(
-                node.starts_with("Index") && index.as_deref() == Some("orders_pkey"),
-                "{mode}: orders are read by {node} {index:?}, not by primary key: {plan:#}"
+                scan.node.starts_with("Index") && scan.index.as_deref() == Some("orders_pkey") && by_batch_id,
+                "{mode}: orders are read by {scan:?}, not by primary-key lookups: {plan:#}"
             );
         }
     }
