@@ -1,7 +1,8 @@
 //! The machine's price of a wake-up, measured in the same run: two threads hand a byte back and forth through
-//! pipes, pinned to one CPU and then to two. Every hop of the workflow is a chain of such hand-offs (runtime
-//! and I/O threads, broker, database), so its latency follows this figure. On a virtual machine a wake-up
-//! across CPUs, which needs an interprocessor interrupt, can cost ten times one on the same CPU.
+//! pipes, pinned to one CPU and then to two; a round trip is two wake-ups. Every hop of the workflow is a
+//! chain of such hand-offs (runtime and I/O threads, broker, database), so the figure is context for its
+//! latency, not a prediction of it. On a virtual machine a wake-up across CPUs, which needs an
+//! interprocessor interrupt, can cost ten times one on the same CPU (docs/performance.md).
 
 use std::io::{Read, Write};
 use std::time::Instant;
