@@ -8,10 +8,14 @@
 //! 3. the workflow at its maximum rate, then at 20% and 50% of it, with end-to-end latency and each
 //!    worker's peak memory.
 //!
+//! 4. the capacity at the latency targets: the highest offered rate whose p50 and p99 meet them, found by
+//!    bisection between the fixed loads.
+//!
 //! Beside the ceilings it measures the round trip of two thread wake-ups on this machine, on one CPU and
 //! across two: a workflow is a chain of such hand-offs.
 
 mod broker_ceiling;
+mod capacity;
 mod cpu;
 mod db_ceiling;
 mod report;
@@ -53,6 +57,10 @@ pub struct Args {
     /// two builds at the same load.
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
+    /// Fixed-load runs that bisect for the highest offered rate meeting the latency targets (p50 and p99),
+    /// after the others (0 skips the search).
+    #[arg(long, default_value_t = 3)]
+    capacity_steps: usize,
     /// Duration of each fixed-load run.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     load_duration: Duration,
@@ -88,9 +96,12 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("[bench] 2/3 database ceiling: saga-step transactions, {} at once, {:?}", args.db_concurrency, args.db_duration);
     let db = db_ceiling::measure(&args.database_url, args.db_concurrency, args.db_duration).await?;
     eprintln!("[bench]     {:.0} transactions/s", db.transactions_per_second);
-    eprintln!("[bench] 3/3 workflow: maximum rate, then 20% and 50% of it, then {} workflows/s", args.light_rate);
-    let runs = workflow::measure(&args, &bin_dir).await?;
-    let results = report::Results::new(wakeup, broker, db, runs);
+    eprintln!(
+        "[bench] 3/3 workflow: maximum rate, then 20% and 50% of it, then {} workflows/s, then {} runs bisecting for the capacity at the latency targets",
+        args.light_rate, args.capacity_steps
+    );
+    let (runs, capacity) = workflow::measure(&args, &bin_dir).await?;
+    let results = report::Results::new(wakeup, broker, db, runs, capacity);
     report::print(&results);
     std::fs::create_dir_all(&args.out)?;
     let json = args.out.join("results.json");

@@ -6,6 +6,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::broker_ceiling::BrokerCeiling;
+use crate::capacity::Bracket;
 use crate::cpu::PARTS;
 use crate::db_ceiling::DbCeiling;
 use crate::wakeup::{WakeupCost, describe};
@@ -28,10 +29,19 @@ pub struct Results {
     pub broker_share: f64,
     /// Saga-step transactions per second at the maximum rate, divided by the database's ceiling.
     pub database_share: f64,
+    /// The highest offered rate found to meet the latency targets, and the lowest above it found not to
+    /// (`None` when the search was skipped).
+    pub capacity_at_latency_targets: Option<Bracket>,
 }
 
 impl Results {
-    pub fn new(wakeup: Option<WakeupCost>, broker: BrokerCeiling, database: DbCeiling, runs: Vec<Run>) -> Results {
+    pub fn new(
+        wakeup: Option<WakeupCost>,
+        broker: BrokerCeiling,
+        database: DbCeiling,
+        runs: Vec<Run>,
+        capacity_at_latency_targets: Option<Bracket>,
+    ) -> Results {
         let max = runs.first().map(|r| r.workflows_per_second).unwrap_or(0.0);
         Results {
             broker_share: max * MESSAGES_PER_WORKFLOW / broker.messages_per_second.max(1e-9),
@@ -40,6 +50,7 @@ impl Results {
             broker,
             database,
             runs,
+            capacity_at_latency_targets,
         }
     }
 }
@@ -129,6 +140,21 @@ pub fn print(r: &Results) {
     }
     println!("  workflow msgs/s / broker    {:>8.3}  (target >= {TARGET_BROKER_SHARE})  {}", r.broker_share, verdict(r.broker_share >= TARGET_BROKER_SHARE));
     println!("  saga steps/s / database     {:>8.3}  (for reference)", r.database_share);
+    if let (Some(b), Some(max)) = (&r.capacity_at_latency_targets, max) {
+        println!();
+        println!("capacity at the latency targets (p50 <= {TARGET_P50_MS:.0} ms and p99 <= {TARGET_P99_MS:.0} ms; one run per rate, an estimate)");
+        if b.meets > 0.0 {
+            println!(
+                "  met up to {:.0} workflows/s ({:.0}% of the maximum), not met at {:.0} workflows/s ({:.0}%)",
+                b.meets,
+                100.0 * b.meets / max.workflows_per_second,
+                b.fails,
+                100.0 * b.fails / max.workflows_per_second
+            );
+        } else {
+            println!("  not met at any rate tried, down to {:.0} workflows/s", b.fails);
+        }
+    }
 }
 
 /// Latency against offered load, one point per run.

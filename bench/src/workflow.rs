@@ -18,6 +18,7 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 use crate::Args;
+use crate::capacity::{self, Bracket};
 use crate::cpu::{self, CpuUse, Snapshot};
 
 const WORKERS: [&str; 3] = ["order", "payment", "inventory"];
@@ -65,11 +66,41 @@ struct Deployment {
     exchange: String,
 }
 
-pub async fn measure(args: &Args, bin_dir: &Path) -> anyhow::Result<Vec<Run>> {
+pub async fn measure(args: &Args, bin_dir: &Path) -> anyhow::Result<(Vec<Run>, Option<Bracket>)> {
     let deployment = Deployment::start(args, bin_dir).await?;
-    let result = runs(args, &deployment).await;
+    let result = match runs(args, &deployment).await {
+        Ok(mut runs) => capacity(args, &deployment, &mut runs).await.map(|bracket| (runs, bracket)),
+        Err(e) => Err(e),
+    };
     deployment.stop(&args.amqp_url).await;
     result
+}
+
+/// Bisect for the highest offered rate that meets the latency targets, starting from the bracket the runs so
+/// far leave; each step's run joins `runs`. `None` when the search is turned off.
+async fn capacity(args: &Args, d: &Deployment, runs: &mut Vec<Run>) -> anyhow::Result<Option<Bracket>> {
+    let Some(maximum) = runs.first().map(|r| r.workflows_per_second) else { return Ok(None) };
+    if args.capacity_steps == 0 {
+        return Ok(None);
+    }
+    let outcomes: Vec<(f64, bool)> =
+        runs.iter().filter_map(|r| r.offered_per_second.map(|rate| (rate, capacity::meets_targets(r)))).collect();
+    let mut bracket = Bracket::from_runs(&outcomes, maximum);
+    for _ in 0..args.capacity_steps {
+        let Some(rate) = bracket.next(maximum * 0.02) else { break };
+        let run = d.run_load(rate, args.load_duration, &format!("capacity {rate:.0}/s")).await?;
+        let met = capacity::meets_targets(&run);
+        eprintln!(
+            "[bench]     {}: p50 {:.1} ms, p99 {:.1} ms: targets {}",
+            run.label,
+            run.latency_p50_ms,
+            run.latency_p99_ms,
+            if met { "met" } else { "not met" }
+        );
+        bracket.record(rate, met);
+        runs.push(run);
+    }
+    Ok(Some(bracket))
 }
 
 async fn runs(args: &Args, d: &Deployment) -> anyhow::Result<Vec<Run>> {
