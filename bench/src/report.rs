@@ -157,46 +157,130 @@ pub fn print(r: &Results) {
     }
 }
 
-/// Latency against offered load, one point per run.
+/// A drawing error as an `anyhow` error (plotters' errors borrow from the backend's types).
+fn drawing<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("drawing the chart: {e}")
+}
+
+/// End-to-end latency against throughput: p50 and p99 of each fixed-load run on a logarithmic axis, the
+/// latency targets as dashed lines, and the maximum as a vertical line. The maximum's own latency is left
+/// out: it is the queueing of a burst placed at once, not a service time, and would flatten everything else.
 pub fn chart(r: &Results, path: &Path) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let points: Vec<(f64, f64, f64)> = r.runs.iter().map(|run| (run.workflows_per_second, run.latency_p50_ms, run.latency_p99_ms)).collect();
-    let x_max = points.iter().map(|p| p.0).fold(1.0, f64::max) * 1.1;
-    let y_max = points.iter().map(|p| p.2).fold(1.0, f64::max) * 1.1;
+    root.fill(&WHITE).map_err(drawing)?;
+    let max = r.runs.first().map(|run| run.workflows_per_second).unwrap_or(0.0);
+    let mut loads: Vec<&Run> = r.runs.iter().filter(|run| run.offered_per_second.is_some()).collect();
+    loads.sort_by(|a, b| a.workflows_per_second.total_cmp(&b.workflows_per_second));
+    let x_max = loads.iter().map(|run| run.workflows_per_second).fold(max, f64::max).max(1.0) * 1.08;
+    let y_min = (loads.iter().map(|run| run.latency_p50_ms).fold(TARGET_P50_MS, f64::min) / 2.0).max(0.1);
+    let y_max = loads.iter().map(|run| run.latency_p99_ms).fold(TARGET_P99_MS, f64::max) * 2.0;
     let mut chart = ChartBuilder::on(&root)
         .caption("choreo: end-to-end latency against throughput", ("sans-serif", 20))
         .margin(20)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .build_cartesian_2d(0.0..x_max, (y_min..y_max).log_scale())
+        .map_err(drawing)?;
     chart
         .configure_mesh()
         .x_desc("workflows per second")
-        .y_desc("latency (ms)")
+        .y_desc("latency (ms, logarithmic)")
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut sorted = points.clone();
-    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
-    chart
-        .draw_series(LineSeries::new(sorted.iter().map(|p| (p.0, p.1)), &BLUE))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .label("p50")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-    chart
-        .draw_series(LineSeries::new(sorted.iter().map(|p| (p.0, p.2)), &RED))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .label("p99")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-    chart
-        .draw_series(sorted.iter().map(|p| Circle::new((p.0, p.2), 4, RED.filled())))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(drawing)?;
+    let red = RGBColor(200, 30, 30);
+    for (name, color, target, latency) in [
+        ("p50", BLUE, TARGET_P50_MS, (|run: &Run| run.latency_p50_ms) as fn(&Run) -> f64),
+        ("p99", red, TARGET_P99_MS, |run: &Run| run.latency_p99_ms),
+    ] {
+        let points: Vec<(f64, f64)> = loads.iter().map(|run| (run.workflows_per_second, latency(run))).collect();
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
+            .map_err(drawing)?
+            .label(format!("{name} of the fixed-load runs"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled()))).map_err(drawing)?;
+        chart
+            .draw_series(DashedLineSeries::new([(0.0, target), (x_max, target)], 6, 4, color.stroke_width(1)))
+            .map_err(drawing)?
+            .label(format!("{name} target, {target:.0} ms"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 8, y), (x + 12, y), (x + 20, y)], color));
+    }
+    if max > 0.0 {
+        chart
+            .draw_series(LineSeries::new([(max, y_min), (max, y_max)], BLACK.stroke_width(1)))
+            .map_err(drawing)?
+            .label(format!("maximum (burst), {max:.0}/s"))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        let half = max * 0.5;
+        chart
+            .draw_series(DashedLineSeries::new([(half, y_min), (half, y_max)], 6, 4, BLACK.stroke_width(1)))
+            .map_err(drawing)?
+            .label(format!("50% of the maximum, {half:.0}/s"))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 8, y), (x + 12, y), (x + 20, y)], BLACK));
+    }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(drawing)?;
+    root.present().map_err(drawing)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::CpuUse;
+
+    fn run(label: &str, offered: Option<f64>, per_second: f64, p50: f64, p99: f64) -> Run {
+        Run {
+            label: label.into(),
+            offered_per_second: offered,
+            orders: 1000,
+            workflows_per_second: per_second,
+            latency_p50_ms: p50,
+            latency_p99_ms: p99,
+            latency_max_ms: p99 * 1.5,
+            peak_rss_mib: vec![],
+            hops_p50_ms: vec![],
+            cpu: CpuUse { ms_per_workflow: vec![], cores_busy: 0.0, switches_per_workflow: vec![] },
+        }
+    }
+
+    /// The loaded runs, not the burst's queueing, set the latency axis: a 9-second burst would flatten a
+    /// 10 ms point into the axis.
+    #[test]
+    fn the_chart_shows_the_loaded_runs_against_the_targets_and_leaves_the_burst_latency_out() {
+        let runs = vec![
+            run("maximum", None, 1000.0, 8000.0, 9000.0),
+            run("20% of maximum", Some(200.0), 200.0, 12.0, 40.0),
+            run("50% of maximum", Some(500.0), 500.0, 30.0, 80.0),
+        ];
+        let broker = BrokerCeiling { messages: 1, seconds: 1.0, messages_per_second: 10_000.0 };
+        let database = DbCeiling { concurrency: 1, transactions: 1, seconds: 1.0, transactions_per_second: 5_000.0 };
+        let results = Results::new(None, broker, database, runs, None);
+        let dir = std::env::temp_dir().join(format!("choreo-chart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("workflow.svg");
+        chart(&results, &path).expect("chart");
+        let svg = std::fs::read_to_string(&path).expect("svg");
+        std::fs::remove_dir_all(&dir).ok();
+        for label in ["p50 target, 15 ms", "p99 target, 100 ms", "maximum (burst), 1000/s", "50% of the maximum, 500/s"] {
+            assert!(svg.contains(label), "the chart names {label:?}");
+        }
+        // Two circles per loaded run (p50 and p99), none for the burst.
+        assert_eq!(svg.matches("<circle").count(), 4, "{svg}");
+        // The latency axis reaches twice the highest p99 of the loaded runs (or of the target), not the burst's
+        // 9 s; the throughput axis a little past the maximum. No tick label comes near 9,000.
+        let ticks: Vec<f64> = svg
+            .split("<text")
+            .skip(1)
+            .filter_map(|t| t.split_once('>').and_then(|(_, rest)| rest.split('<').next()).map(str::trim))
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        assert!(ticks.contains(&100.0), "a tick at 100 ms: {ticks:?}");
+        assert!(ticks.iter().all(|t| *t < 2000.0), "no tick near the burst's latency: {ticks:?}");
+    }
 }
