@@ -183,6 +183,9 @@ pub fn chart(r: &Results, path: &Path) -> anyhow::Result<()> {
         .map_err(drawing)?;
     chart
         .configure_mesh()
+        .light_line_style(WHITE)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .x_desc("workflows per second")
         .y_desc("latency (ms, logarithmic)")
         .draw()
