@@ -96,10 +96,11 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("[bench] 2/3 database ceiling: saga-step transactions, {} at once, {:?}", args.db_concurrency, args.db_duration);
     let db = db_ceiling::measure(&args.database_url, args.db_concurrency, args.db_duration).await?;
     eprintln!("[bench]     {:.0} transactions/s", db.transactions_per_second);
-    eprintln!(
-        "[bench] 3/3 workflow: maximum rate, then 20% and 50% of it, then {} workflows/s, then {} runs bisecting for the capacity at the latency targets",
-        args.light_rate, args.capacity_steps
-    );
+    let search = match args.capacity_steps {
+        0 => String::new(),
+        n => format!(", then up to {n} runs bisecting for the capacity at the latency targets"),
+    };
+    eprintln!("[bench] 3/3 workflow: maximum rate, then 20% and 50% of it, then {} workflows/s{search}", args.light_rate);
     let (runs, capacity) = workflow::measure(&args, &bin_dir).await?;
     let results = report::Results::new(wakeup, broker, db, runs, capacity);
     report::print(&results);

@@ -68,61 +68,72 @@ struct Deployment {
 
 pub async fn measure(args: &Args, bin_dir: &Path) -> anyhow::Result<(Vec<Run>, Option<Bracket>)> {
     let deployment = Deployment::start(args, bin_dir).await?;
-    let result = match runs(args, &deployment).await {
-        Ok(mut runs) => capacity(args, &deployment, &mut runs).await.map(|bracket| (runs, bracket)),
-        Err(e) => Err(e),
-    };
+    let result = async {
+        let mut runs = runs(args, &deployment).await?;
+        let bracket = capacity(args, &deployment, &mut runs).await;
+        Ok((runs, bracket))
+    }
+    .await;
     deployment.stop(&args.amqp_url).await;
     result
 }
 
+/// The maximum-rate run: the first of a measurement's runs.
+pub fn maximum(runs: &[Run]) -> Option<&Run> {
+    runs.first()
+}
+
+/// One line of progress for a finished run.
+fn log_run(run: &Run) {
+    let offered = run.offered_per_second.map(|o| format!("{o:.0}/s offered, ")).unwrap_or_default();
+    eprintln!(
+        "[bench]     {}: {offered}{:.0} workflows/s, p50 {:.1} ms, p99 {:.1} ms",
+        run.label, run.workflows_per_second, run.latency_p50_ms, run.latency_p99_ms
+    );
+}
+
 /// Bisect for the highest offered rate that meets the latency targets, starting from the bracket the runs so
-/// far leave; each step's run joins `runs`. `None` when the search is turned off.
-async fn capacity(args: &Args, d: &Deployment, runs: &mut Vec<Run>) -> anyhow::Result<Option<Bracket>> {
-    let Some(maximum) = runs.first().map(|r| r.workflows_per_second) else { return Ok(None) };
+/// far leave; each step's run joins `runs`. `None` when the search is turned off, or when one of its runs
+/// failed: the search is an addition, and the runs before it stand without it.
+async fn capacity(args: &Args, d: &Deployment, runs: &mut Vec<Run>) -> Option<Bracket> {
+    let maximum = maximum(runs)?.workflows_per_second;
     if args.capacity_steps == 0 {
-        return Ok(None);
+        return None;
     }
     let outcomes: Vec<(f64, bool)> =
         runs.iter().filter_map(|r| r.offered_per_second.map(|rate| (rate, capacity::meets_targets(r)))).collect();
     let mut bracket = Bracket::from_runs(&outcomes, maximum);
     for _ in 0..args.capacity_steps {
         let Some(rate) = bracket.next(maximum * 0.02) else { break };
-        let run = d.run_load(rate, args.load_duration, &format!("capacity {rate:.0}/s")).await?;
-        let met = capacity::meets_targets(&run);
-        eprintln!(
-            "[bench]     {}: p50 {:.1} ms, p99 {:.1} ms: targets {}",
-            run.label,
-            run.latency_p50_ms,
-            run.latency_p99_ms,
-            if met { "met" } else { "not met" }
-        );
-        bracket.record(rate, met);
+        let run = match d.run_load(rate, args.load_duration, &format!("capacity {rate:.0}/s")).await {
+            Ok(run) => run,
+            Err(e) => {
+                eprintln!("[bench]     the capacity search stopped: a run at {rate:.0}/s failed: {e:#}");
+                return None;
+            }
+        };
+        log_run(&run);
+        bracket.record(rate, capacity::meets_targets(&run));
         runs.push(run);
     }
-    Ok(Some(bracket))
+    Some(bracket)
 }
 
 async fn runs(args: &Args, d: &Deployment) -> anyhow::Result<Vec<Run>> {
     // Warm up: connections, caches, JIT-free but not cold.
     d.run_burst(500, "warm-up").await?;
     let max = d.run_burst(args.max_rate_orders, "maximum").await?;
-    eprintln!("[bench]     maximum: {:.0} workflows/s, p50 {:.1} ms, p99 {:.1} ms", max.workflows_per_second, max.latency_p50_ms, max.latency_p99_ms);
+    log_run(&max);
     let mut runs = vec![max.clone()];
-    for share in [0.2, 0.5] {
-        let rate = max.workflows_per_second * share;
-        let run = d.run_load(rate, args.load_duration, &format!("{:.0}% of maximum", share * 100.0)).await?;
-        eprintln!("[bench]     {}: {:.0} workflows/s offered, p50 {:.1} ms, p99 {:.1} ms", run.label, rate, run.latency_p50_ms, run.latency_p99_ms);
-        runs.push(run);
-    }
-    for rate in &args.rates {
-        let run = d.run_load(*rate, args.load_duration, &format!("{rate:.0}/s")).await?;
-        eprintln!("[bench]     {}: p50 {:.1} ms, p99 {:.1} ms", run.label, run.latency_p50_ms, run.latency_p99_ms);
-        runs.push(run);
-    }
+    let mut fixed: Vec<(f64, String)> =
+        [0.2, 0.5].iter().map(|share| (max.workflows_per_second * share, format!("{:.0}% of maximum", share * 100.0))).collect();
+    fixed.extend(args.rates.iter().map(|rate| (*rate, format!("{rate:.0}/s"))));
     if args.light_rate > 0.0 {
-        let run = d.run_load(args.light_rate, args.load_duration, &format!("light ({:.0}/s)", args.light_rate)).await?;
-        eprintln!("[bench]     {}: p50 {:.1} ms, p99 {:.1} ms", run.label, run.latency_p50_ms, run.latency_p99_ms);
+        fixed.push((args.light_rate, format!("light ({:.0}/s)", args.light_rate)));
+    }
+    for (rate, label) in fixed {
+        let run = d.run_load(rate, args.load_duration, &label).await?;
+        log_run(&run);
         runs.push(run);
     }
     Ok(runs)
