@@ -153,6 +153,11 @@ fn drawing<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing the chart: {e}")
 }
 
+/// Ticks of a logarithmic axis from `low` to `high`: 1, 2 and 5 times each power of ten.
+fn log_ticks(low: f64, high: f64) -> Vec<f64> {
+    (-1..=6).flat_map(|e| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(e))).filter(|t| (low..=high).contains(t)).collect()
+}
+
 /// End-to-end latency against throughput: p50 and p99 of each fixed-load run on a logarithmic axis, the
 /// latency targets as dashed lines, and the maximum as a vertical line. The maximum's own latency is left
 /// out: it is the queueing of a burst placed at once, not a service time, and would flatten everything else.
@@ -170,13 +175,13 @@ pub fn chart(r: &Results, path: &Path) -> anyhow::Result<()> {
         .margin(20)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..x_max, (y_min..y_max).log_scale())
+        .build_cartesian_2d(0.0..x_max, (y_min..y_max).log_scale().with_key_points(log_ticks(y_min, y_max)))
         .map_err(drawing)?;
     chart
         .configure_mesh()
         .light_line_style(WHITE)
         .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.0}"))
+        .y_label_formatter(&|y| if *y < 1.0 { format!("{y}") } else { format!("{y:.0}") })
         .x_desc("workflows per second")
         .y_desc("latency (ms, logarithmic)")
         .draw()
@@ -216,7 +221,7 @@ pub fn chart(r: &Results, path: &Path) -> anyhow::Result<()> {
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()
@@ -276,7 +281,9 @@ mod tests {
             .filter_map(|t| t.split_once('>').and_then(|(_, rest)| rest.split('<').next()).map(str::trim))
             .filter_map(|t| t.parse().ok())
             .collect();
-        assert!(ticks.contains(&10.0) && ticks.contains(&100.0), "latency ticks at 10 and 100 ms: {ticks:?}");
+        for tick in [10.0, 20.0, 50.0, 100.0] {
+            assert!(ticks.contains(&tick), "a latency tick at {tick} ms: {ticks:?}");
+        }
         assert!(ticks.iter().all(|t| *t < 2000.0), "no tick near the burst's latency: {ticks:?}");
     }
 }
