@@ -11,8 +11,8 @@
 //! 4. the capacity at the latency targets: the highest offered rate whose p50 and p99 meet them, found by
 //!    bisection between the fixed loads.
 //!
-//! Beside the ceilings it measures the round trip of two thread wake-ups on this machine, on one CPU and
-//! across two: a workflow is a chain of such hand-offs.
+//! Beside the ceilings it measures what a thread wake-up costs on this machine, in time and in CPU, on one CPU
+//! and across two: a workflow is a chain of such hand-offs.
 
 mod broker_ceiling;
 mod capacity;
@@ -82,11 +82,11 @@ async fn main() -> anyhow::Result<()> {
     // Context for the latency figures, not one of them: without it the bench still runs.
     let wakeup = match wakeup::measure() {
         Ok(cost) => {
-            eprintln!("[bench] thread wake-up round trip: {}", wakeup::describe(&cost));
+            eprintln!("[bench] thread wake-ups: {}", wakeup::describe(&cost));
             Some(cost)
         }
         Err(e) => {
-            eprintln!("[bench] thread wake-up round trip not measured: {e:#}");
+            eprintln!("[bench] thread wake-ups not measured: {e:#}");
             None
         }
     };

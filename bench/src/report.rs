@@ -21,7 +21,7 @@ pub const TARGET_RSS_MIB: f64 = 64.0;
 
 #[derive(Debug, Serialize)]
 pub struct Results {
-    /// Round trip of two thread wake-ups on this machine (`None` if it could not be measured).
+    /// What a thread wake-up costs on this machine, in time and CPU (`None` if it could not be measured).
     pub wakeup: Option<WakeupCost>,
     pub broker: BrokerCeiling,
     pub database: DbCeiling,
@@ -66,7 +66,7 @@ pub fn print(r: &Results) {
     println!("  broker   {:>10.0} persistent messages/s through a quorum queue, confirms + acks", r.broker.messages_per_second);
     println!("  database {:>10.0} saga-step transactions/s at {} at once", r.database.transactions_per_second, r.database.concurrency);
     match &r.wakeup {
-        Some(cost) => println!("  wake-up  round trip (two wake-ups) between two pinned threads: {}", describe(cost)),
+        Some(cost) => println!("  wake-up  two pinned threads handing a byte back and forth: {}", describe(cost)),
         None => println!("  wake-up  not measured (see the log above)"),
     }
     println!();
