@@ -6,8 +6,7 @@
 //! 2. the database's ceiling for one saga step: inbox insert + state update + outbox insert in one
 //!    transaction, at the workers' concurrency;
 //! 3. the workflow at its maximum rate, then at 20% and 50% of it, with end-to-end latency and each
-//!    worker's peak memory.
-//!
+//!    worker's peak memory;
 //! 4. the capacity at the latency targets: the highest offered rate whose p50 and p99 meet them, found by
 //!    bisection between the fixed loads.
 //!
