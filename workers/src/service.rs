@@ -31,11 +31,19 @@ pub enum ServiceError {
     /// Retrying cannot help (a message this service does not handle, an order it never heard of).
     #[error("{0}")]
     Permanent(String),
+    /// The change collides with a row already in place (a unique key): most likely a copy of a message
+    /// processed before, whose effect the service tried to make again. The inbox decides: a duplicate if
+    /// it holds the id, otherwise transient (a race that a retry resolves).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<sqlx::Error> for ServiceError {
     fn from(e: sqlx::Error) -> Self {
-        ServiceError::Transient(format!("database: {e}"))
+        match e.as_database_error() {
+            Some(db) if db.is_unique_violation() => ServiceError::Conflict(format!("database: {e}")),
+            _ => ServiceError::Transient(format!("database: {e}")),
+        }
     }
 }
 
@@ -165,6 +173,13 @@ impl<S: Service> TransactionalHandler<S> {
             Err(failure @ ServiceError::Permanent(_)) => {
                 drop(tx); // rolls back
                 return self.processed_before(envelope, failure).await;
+            }
+            // A copy of a processed message that the service does not recognise as one (say, inventory
+            // reserving an order's stock again) collides with the first copy's rows: a duplicate, not a
+            // failure to retry until it is dead-lettered.
+            Err(ServiceError::Conflict(reason)) => {
+                drop(tx);
+                return self.processed_before(envelope, ServiceError::Transient(reason)).await;
             }
             // Retried: if this is a copy of a message processed meanwhile, the retry finds it in the inbox. No
             // lookup here, so that an outage of a dependency does not add a transaction per failed message.
@@ -308,7 +323,7 @@ impl<S: Service> choreo_rabbitmq::Handler for TransactionalHandler<S> {
                 info!("duplicate delivery acknowledged with no effect");
                 Outcome::Duplicate
             }
-            Err(ServiceError::Transient(reason)) => Outcome::Retry { reason },
+            Err(ServiceError::Transient(reason) | ServiceError::Conflict(reason)) => Outcome::Retry { reason },
             Err(ServiceError::Permanent(reason)) => Outcome::Reject { kind: ErrorKind::Permanent, reason },
         }
     }

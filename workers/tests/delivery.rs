@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason, OrderCreated, OrderLine};
+use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason, OrderCreated, OrderLine, PaymentSucceeded};
 use choreo_messages::{Envelope, Message};
 use choreo_outbox::{OutboxRelay, OutboxStore, RelayConfig};
 use choreo_rabbitmq::codec::header_string;
@@ -24,6 +24,7 @@ use choreo_rabbitmq::{
 use choreo_testkit::{Infra, unique_namespace, wait_for};
 use choreo_workers::config::CommonArgs;
 use choreo_workers::gateway::SimulatedGateway;
+use choreo_workers::inventory::{self, InventoryService};
 use choreo_workers::payment::{self, PaymentService};
 use choreo_workers::runtime::{prepare_database, run_worker};
 use choreo_workers::service::{Service, TransactionalHandler};
@@ -95,6 +96,50 @@ async fn the_same_message_id_twice_changes_nothing_the_second_time() {
     let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&db).await.expect("count");
     let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&db).await.expect("count");
     assert_eq!((payments, outbox), (1, 1), "one charge, one payment.succeeded");
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
+
+/// Inventory does not look for an earlier reservation of the order: a copy of a processed `payment.succeeded`
+/// collides with the first copy's reservation rows. That collision must end as a duplicate (acked, counted, no
+/// second effect), not as a retry that ends in the dead-letter queue.
+#[tokio::test]
+async fn a_copy_that_collides_with_the_first_copys_rows_is_a_duplicate_not_a_retry() {
+    let infra = Infra::from_env();
+    let name = format!("{}_inventory", unique_namespace());
+    let db = database(&infra, &name, &inventory::MIGRATIONS).await;
+    inventory::seed_catalogue(&db, &[("sku-001".to_owned(), 10)]).await.expect("seed");
+    let handler = TransactionalHandler::new(InventoryService, db.clone(), Default::default());
+    let order_id = Uuid::now_v7();
+    let paid = Envelope::new_command(
+        Message::PaymentSucceeded(PaymentSucceeded {
+            order_id,
+            payment_id: Uuid::now_v7(),
+            amount_cents: 1400,
+            currency: "EUR".into(),
+            lines: vec![OrderLine { sku: "sku-001".into(), quantity: 2, unit_price_cents: 700 }],
+        }),
+        "payment",
+        Some(order_id),
+    );
+
+    assert_eq!(handler.handle(&paid).await, Outcome::Done);
+    assert_eq!(handler.handle(&paid).await, Outcome::Duplicate, "a copy is acked with no effect, not retried");
+    // The same in a batch (a relay's re-publish is not marked redelivered, so it can be batched).
+    let outcomes = handler.handle_batch(std::slice::from_ref(&paid)).await;
+    assert!(outcomes.is_none(), "the batch rolls back and its message goes one by one");
+    assert_eq!(handler.handle(&paid).await, Outcome::Duplicate);
+
+    let counters = handler.counters();
+    assert_eq!((counters.processed.load(Ordering::Relaxed), counters.duplicates.load(Ordering::Relaxed)), (1, 2));
+    let (available, reserved, reservations, outbox): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT available, reserved, (SELECT count(*) FROM reservations), (SELECT count(*) FROM outbox) \
+         FROM stock WHERE sku = 'sku-001'",
+    )
+    .fetch_one(&db)
+    .await
+    .expect("stock");
+    assert_eq!((available, reserved, reservations, outbox), (8, 2, 1, 1), "reserved once, one inventory.reserved");
     db.close().await;
     infra.drop_databases(&[name]).await;
 }
