@@ -129,6 +129,8 @@ impl OutboxStore {
     }
 
     /// Record failed publishes; each row waits `retry_after_ms` (doubling with attempts, at most a minute).
+    /// The exponent is capped: 2^attempts overflows a float past about 1,000 attempts (a queue missing for a
+    /// day), and the error would fail the sweep that also marks the rows the broker confirmed.
     pub async fn record_failures(
         tx: &mut PgConnection,
         failures: &[(i64, String)],
@@ -141,7 +143,7 @@ impl OutboxStore {
         let errors: Vec<String> = failures.iter().map(|(_, e)| e.chars().take(1000).collect()).collect();
         sqlx::query(
             "UPDATE outbox o SET publish_attempts = o.publish_attempts + 1, last_error = f.error, \
-                 available_at = now() + make_interval(secs => LEAST(60.0, $3::float8 / 1000.0 * power(2, o.publish_attempts))) \
+                 available_at = now() + make_interval(secs => LEAST(60.0, $3::float8 / 1000.0 * power(2, LEAST(o.publish_attempts, 16)))) \
              FROM UNNEST($1::bigint[], $2::text[]) AS f(id, error) WHERE o.id = f.id",
         )
         .bind(ids)
@@ -155,16 +157,18 @@ impl OutboxStore {
 
     /// How far behind publishing is.
     pub async fn backlog(pool: &PgPool) -> Result<Backlog, OutboxError> {
+        // The age on the database's clock, which wrote `created_at`: a skew between this host's clock and the
+        // database's must not show as a backlog.
         let row = sqlx::query(
-            "SELECT count(*) AS n, min(created_at) AS oldest FROM outbox WHERE published_at IS NULL",
+            "SELECT count(*) AS n, \
+                    COALESCE(GREATEST(0, extract(epoch FROM now() - min(created_at))), 0)::float8 AS oldest_age \
+             FROM outbox WHERE published_at IS NULL",
         )
         .fetch_one(pool)
         .await
         .map_err(OutboxError::db("outbox backlog"))?;
         let unpublished: i64 = row.try_get("n").map_err(OutboxError::db("outbox backlog"))?;
-        let oldest: Option<DateTime<Utc>> = row.try_get("oldest").map_err(OutboxError::db("outbox backlog"))?;
-        let oldest_age_seconds =
-            oldest.map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
+        let oldest_age_seconds: f64 = row.try_get("oldest_age").map_err(OutboxError::db("outbox backlog"))?;
         Ok(Backlog { unpublished, oldest_age_seconds })
     }
 }

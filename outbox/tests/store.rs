@@ -84,6 +84,50 @@ async fn failed_publishes_wait_before_the_next_attempt() {
     infra.drop_databases(&[name]).await;
 }
 
+/// A row that keeps failing (a queue missing for days) must go on being retried once a minute: the
+/// doubling of its delay must not overflow, which would fail the whole sweep, confirmed marks included.
+#[tokio::test]
+async fn a_row_that_failed_a_thousand_times_still_waits_at_most_a_minute() {
+    let infra = Infra::from_env();
+    let (name, db) = fresh(&infra).await;
+    let mut tx = db.begin().await.expect("tx");
+    OutboxStore::enqueue(&mut tx, &[event().encode()]).await.expect("enqueue");
+    let rows = OutboxStore::claim_batch(&mut tx, 10).await.expect("claim");
+    sqlx::query("UPDATE outbox SET publish_attempts = 1100").execute(&mut *tx).await.expect("attempts");
+    OutboxStore::record_failures(&mut tx, &[(rows[0].id, "NO_ROUTE".into())], 1_000).await.expect("failure recorded");
+    tx.commit().await.expect("commit");
+    let (attempts, wait): (i32, f64) = sqlx::query_as(
+        "SELECT publish_attempts, extract(epoch FROM available_at - now())::float8 FROM outbox",
+    )
+    .fetch_one(&db)
+    .await
+    .expect("row");
+    assert_eq!(attempts, 1101);
+    assert!((0.0..=60.0).contains(&wait), "waits {wait} s, at most a minute");
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
+
+#[tokio::test]
+async fn the_backlog_counts_unpublished_rows_and_the_age_of_the_oldest_on_the_databases_clock() {
+    let infra = Infra::from_env();
+    let (name, db) = fresh(&infra).await;
+    let empty = OutboxStore::backlog(&db).await.expect("backlog");
+    assert_eq!((empty.unpublished, empty.oldest_age_seconds), (0, 0.0));
+    let mut tx = db.begin().await.expect("tx");
+    OutboxStore::enqueue(&mut tx, &[event().encode(), event().encode()]).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+    sqlx::query("UPDATE outbox SET created_at = now() - interval '90 seconds' WHERE id = (SELECT min(id) FROM outbox)")
+        .execute(&db)
+        .await
+        .expect("age");
+    let backlog = OutboxStore::backlog(&db).await.expect("backlog");
+    assert_eq!(backlog.unpublished, 2);
+    assert!((90.0..120.0).contains(&backlog.oldest_age_seconds), "oldest {} s", backlog.oldest_age_seconds);
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
+
 #[tokio::test]
 async fn retention_deletes_only_what_is_past_retention() {
     let infra = Infra::from_env();
