@@ -156,9 +156,7 @@ impl<S: Service> TransactionalHandler<S> {
     }
 
     fn handle_span(envelope: &Envelope) -> tracing::Span {
-        let span = tracing::info_span!("handle", otel.name = %envelope.meta.message_type, worker = S::NAME);
-        crate::telemetry::continue_trace(&span, envelope.meta.traceparent.as_deref());
-        span
+        crate::telemetry::handle_span(S::NAME, &envelope.meta)
     }
 
     async fn apply_once(&self, envelope: &Envelope) -> Result<bool, ServiceError> {

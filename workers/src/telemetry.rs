@@ -1,7 +1,7 @@
 //! Logs and traces.
 //!
 //! Logs: pretty for people, JSON for machines (`CHOREO_LOG_FORMAT=json`). Every line written while a message
-//! is handled carries its message id, type and correlation id (the consumer's span).
+//! is handled carries its message id, type and correlation id (the consumer's span, then the handler's).
 //!
 //! Traces: the W3C `traceparent` of an incoming message is the parent of its handler's span, and the events
 //! the handler emits carry that span's context, so one workflow is one trace. Spans are exported over OTLP
@@ -16,7 +16,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::{EnvFilter, Layer, fmt};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -53,13 +53,7 @@ pub fn init(format: LogFormat, service: &'static str) -> TelemetryGuard {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=off,opentelemetry=warn,reqwest=warn"));
     let fmt = match format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .with_target(false)
-            .boxed(),
+        LogFormat::Json => json_logs(std::io::stdout).boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().with_target(false).boxed(),
     };
     // Spans are traced whatever the log level: RUST_LOG=warn must not break a workflow's trace.
@@ -70,6 +64,31 @@ pub fn init(format: LogFormat, service: &'static str) -> TelemetryGuard {
         eprintln!("logging was already initialised: {e}");
     }
     TelemetryGuard { provider }
+}
+
+/// One JSON object per line, the event's fields at the top level and its innermost span under `span`. Only
+/// the innermost span is written, so every span that log lines are written in carries the message's ids
+/// ([`message_span`], [`handle_span`]).
+fn json_logs<S, W>(writer: W) -> fmt::Layer<S, fmt::format::JsonFields, fmt::format::Format<fmt::format::Json>, W>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> fmt::MakeWriter<'w> + 'static,
+{
+    fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false).with_target(false).with_writer(writer)
+}
+
+/// The span of a handler applying one message: its own span of the workflow's trace (named after the
+/// message type), with the message's ids, since a JSON log line shows only its innermost span.
+pub fn handle_span(worker: &'static str, meta: &choreo_messages::Metadata) -> tracing::Span {
+    let span = tracing::info_span!(
+        "handle",
+        otel.name = %meta.message_type,
+        worker,
+        message_id = %meta.message_id,
+        correlation_id = %meta.correlation_id,
+    );
+    continue_trace(&span, meta.traceparent.as_deref());
+    span
 }
 
 /// Make `traceparent` (if any) the parent of `span`.
@@ -98,4 +117,60 @@ pub fn message_span(worker: &str, meta: &choreo_messages::Metadata) -> tracing::
         message_type = %meta.message_type,
         correlation_id = %meta.correlation_id,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use choreo_messages::payloads::OrderCancelled;
+    use choreo_messages::{Envelope, Message};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lines").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A handler's log lines (a refund warning, a circuit opening) name the message and its workflow.
+    #[test]
+    fn json_lines_written_while_a_message_is_handled_carry_its_ids() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::registry().with(json_logs(move || writer.clone()));
+        let order_id = uuid::Uuid::now_v7();
+        let envelope = Envelope::new_command(
+            Message::OrderCancelled(OrderCancelled { order_id, reason: choreo_messages::payloads::CancelReason::OutOfStock }),
+            "test",
+            Some(order_id),
+        );
+        let meta = &envelope.meta;
+        tracing::subscriber::with_default(subscriber, || {
+            let message = message_span("payment", meta);
+            message.in_scope(|| {
+                tracing::info!("received");
+                handle_span("payment", meta).in_scope(|| tracing::warn!(reason = "test", "inside the handler"));
+            });
+        });
+        let text = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("utf-8");
+        let lines: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        for line in &lines {
+            assert_eq!(line["span"]["correlation_id"], meta.correlation_id.to_string(), "{line}");
+            assert_eq!(line["span"]["message_id"], meta.message_id.to_string(), "{line}");
+        }
+        assert_eq!(lines[1]["span"]["name"], "handle");
+        assert_eq!(lines[1]["message"], "inside the handler");
+    }
 }
