@@ -60,7 +60,46 @@ pub fn dead_letter_properties(delivery: &Delivery, failure: &Failure<'_>) -> Bas
     table.insert(headers::ORIGINAL_ROUTING_KEY.into(), long(&key));
     table.insert(headers::FIRST_FAILURE_AT.into(), long(&first));
     table.insert(headers::LAST_FAILURE_AT.into(), long(&now));
-    delivery.properties.clone().with_headers(table).with_delivery_mode(2)
+    kept_properties(&delivery.properties).with_headers(table).with_delivery_mode(2)
+}
+
+/// The original properties a failed message keeps, all but two, as RabbitMQ's own dead-lettering does: its
+/// `expiration` (a dead-letter queue has no dead-letter exchange: an expiring copy would vanish, and a
+/// retry queue's delay is its own TTL) and its `user_id` (the broker checks it against the publishing
+/// connection's user, which is now the worker's: a client's user id would close the channel).
+fn kept_properties(p: &BasicProperties) -> BasicProperties {
+    let mut kept = BasicProperties::default();
+    if let Some(v) = p.content_type() {
+        kept = kept.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        kept = kept.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.priority() {
+        kept = kept.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        kept = kept.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        kept = kept.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        kept = kept.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        kept = kept.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        kept = kept.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        kept = kept.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        kept = kept.with_cluster_id(v.clone());
+    }
+    kept
 }
 
 /// Broker-side retry rounds recorded on a message so far.
@@ -147,6 +186,31 @@ mod tests {
         let h2 = again.headers().clone().unwrap_or_default();
         assert_eq!(header_string(&h2, headers::FIRST_FAILURE_AT), first);
         assert_eq!(header_string(&h2, headers::ORIGINAL_EXCHANGE).as_deref(), Some("ns.events"));
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_the_original_properties_but_its_expiration_and_user_id() {
+        let mut delivery = Delivery::mock(1, "ns.events".into(), "order.place".into(), false, b"{}".to_vec());
+        delivery.properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id("m-1".into())
+            .with_correlation_id("c-1".into())
+            .with_type("order.place".into())
+            .with_timestamp(1_700_000_000)
+            .with_app_id("shop".into())
+            .with_priority(3)
+            .with_expiration("60000".into())
+            .with_user_id("shop-client".into());
+        let failure = Failure { worker: "order", kind: ErrorKind::Permanent, error: "no", attempts: 1 };
+        let props = dead_letter_properties(&delivery, &failure);
+        assert_eq!(props.expiration(), &None, "a dead letter must not expire");
+        assert_eq!(props.user_id(), &None, "the worker publishes it, not the client");
+        assert_eq!(props.message_id().as_ref().map(|v| v.as_str()), Some("m-1"));
+        assert_eq!(props.correlation_id().as_ref().map(|v| v.as_str()), Some("c-1"));
+        assert_eq!(props.kind().as_ref().map(|v| v.as_str()), Some("order.place"));
+        assert_eq!(props.content_type().as_ref().map(|v| v.as_str()), Some("application/json"));
+        assert_eq!(props.app_id().as_ref().map(|v| v.as_str()), Some("shop"));
+        assert_eq!((*props.timestamp(), *props.priority(), *props.delivery_mode()), (Some(1_700_000_000), Some(3), Some(2)));
     }
 
     #[test]
