@@ -23,21 +23,21 @@ pub struct CommonArgs {
     /// Prefix of every exchange and queue name; lets several environments share one broker.
     #[arg(long, env = "CHOREO_NAMESPACE", default_value = "choreo")]
     pub namespace: String,
-    /// Unacknowledged deliveries the broker may push to this worker.
-    #[arg(long, env = "CHOREO_PREFETCH", default_value_t = 128)]
+    /// Unacknowledged deliveries the broker may push to this worker (at least 1: 0 would mean no limit).
+    #[arg(long, env = "CHOREO_PREFETCH", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
     /// Handler transactions run at once (bulkhead); each holds one message or one batch.
-    #[arg(long, env = "CHOREO_CONCURRENCY", default_value_t = 8)]
+    #[arg(long, env = "CHOREO_CONCURRENCY", default_value_t = 8, value_parser = at_least_one())]
     pub concurrency: usize,
     /// Most waiting deliveries applied in one transaction (1: one transaction per message). Batches form
     /// only from deliveries already waiting: under light load nothing waits to fill one.
-    #[arg(long, env = "CHOREO_BATCH_SIZE", default_value_t = 32)]
+    #[arg(long, env = "CHOREO_BATCH_SIZE", default_value_t = 32, value_parser = at_least_one())]
     pub batch_size: usize,
     /// Largest message body accepted, in bytes; larger ones are dead-lettered.
-    #[arg(long, env = "CHOREO_MAX_MESSAGE_BYTES", default_value_t = 262_144)]
+    #[arg(long, env = "CHOREO_MAX_MESSAGE_BYTES", default_value_t = 262_144, value_parser = at_least_one())]
     pub max_message_bytes: usize,
     /// Deliveries of one message before the broker dead-letters it (set when the queue is first declared).
-    #[arg(long, env = "CHOREO_DELIVERY_LIMIT", default_value_t = 10)]
+    #[arg(long, env = "CHOREO_DELIVERY_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub delivery_limit: u32,
     /// Times a redelivered message may be started again before it is dead-lettered as `crashed` (a message
     /// that takes the worker down every time). The broker's delivery limit stays the backstop.
@@ -55,10 +55,10 @@ pub struct CommonArgs {
     #[arg(long, env = "CHOREO_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// Database connections of this worker's handlers and jobs (its relay opens two more of its own).
-    #[arg(long, env = "CHOREO_DB_POOL_SIZE", default_value_t = 16)]
+    #[arg(long, env = "CHOREO_DB_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub db_pool_size: u32,
     /// Outbox rows published per relay cycle.
-    #[arg(long, env = "CHOREO_RELAY_BATCH", default_value_t = 256)]
+    #[arg(long, env = "CHOREO_RELAY_BATCH", default_value_t = 256, value_parser = clap::value_parser!(i64).range(1..=65_535))]
     pub relay_batch: i64,
     /// Longest pause of the relay between sweeps for rows no hand-off published (left by a crash, a failed
     /// publish or another process).
@@ -82,9 +82,77 @@ pub struct CommonArgs {
     pub log_format: LogFormat,
 }
 
+/// A count that must be at least 1.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
 impl CommonArgs {
+    /// What is wrong with these settings taken together (each alone was checked as it was parsed): every
+    /// problem, so that one start reports them all.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let retry_window: Duration = self.retry_delays.iter().sum();
+        if self.inbox_retention <= retry_window {
+            problems.push(format!(
+                "CHOREO_INBOX_RETENTION ({}) must outlast the broker-side retries (CHOREO_RETRY_DELAYS, {} in all): \
+                 a retried copy of a message whose id was forgotten would take effect twice",
+                humantime::format_duration(self.inbox_retention),
+                humantime::format_duration(retry_window)
+            ));
+        }
+        if self.relay_sweep.is_zero() {
+            problems.push("CHOREO_RELAY_SWEEP must be longer than 0 (the relay would sweep without pause)".into());
+        }
+        if self.retry_delays.iter().any(Duration::is_zero) {
+            problems.push("CHOREO_RETRY_DELAYS must all be longer than 0".into());
+        }
+        problems
+    }
+
     /// The worker's database: `own_url` if given, else database `choreo_<worker>` on the server URL.
     pub fn database_options(&self, worker: &str, own_url: Option<&str>) -> Result<PgConnectOptions, sqlx::Error> {
         choreo_outbox::service_database(worker, own_url, &self.server_database_url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Args {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+
+    fn parse(flags: &[&str]) -> Result<CommonArgs, clap::Error> {
+        Args::try_parse_from(std::iter::once("worker").chain(flags.iter().copied())).map(|a| a.common)
+    }
+
+    #[test]
+    fn counts_of_zero_are_refused_with_the_setting_named() {
+        for flag in ["--prefetch", "--concurrency", "--batch-size", "--max-message-bytes", "--delivery-limit", "--db-pool-size", "--relay-batch"] {
+            let error = parse(&[flag, "0"]).expect_err(flag).to_string();
+            assert!(error.contains(flag), "{flag}: {error}");
+        }
+        assert!(parse(&["--relay-batch", "-5"]).is_err());
+        let ok = parse(&["--prefetch", "1", "--concurrency", "1", "--batch-size", "1"]).expect("ones");
+        assert_eq!((ok.prefetch, ok.concurrency, ok.batch_size), (1, 1, 1));
+    }
+
+    #[test]
+    fn the_defaults_have_no_problems() {
+        assert_eq!(parse(&[]).expect("defaults").problems(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_problem_of_settings_taken_together_is_reported() {
+        let args = parse(&["--inbox-retention", "1m", "--retry-delays", "0s,10s,60s", "--relay-sweep", "0s"]).expect("parse");
+        let problems = args.problems();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("CHOREO_INBOX_RETENTION") && problems[0].contains("1m 10s"), "{problems:?}");
     }
 }

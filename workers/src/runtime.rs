@@ -71,6 +71,10 @@ pub async fn run_worker<S: Service>(
     shutdown: CancellationToken,
     started: impl FnOnce(WorkerHandle),
 ) -> anyhow::Result<()> {
+    let problems = args.problems();
+    if !problems.is_empty() {
+        anyhow::bail!("invalid settings:\n  {}", problems.join("\n  "));
+    }
     let metrics = crate::health::metrics_handle()?;
     let listener = crate::health::bind(args.metrics_addr.unwrap_or_else(|| default_metrics_addr(S::NAME))).await?;
     let topology = Topology::new(args.namespace.clone());
