@@ -141,19 +141,37 @@ pub async fn run_worker<S: Service>(
     let health_task = tokio::spawn(crate::health::serve(listener, health, health_token.clone()));
 
     info!(worker = S::NAME, namespace = %args.namespace, "worker started");
-    let consumed = consumer.run(shutdown.clone()).await;
+    // After the shutdown signal, in-flight handlers have `shutdown_timeout` to finish; a handler that hangs
+    // (a lock, a dead connection) is then dropped: its transaction rolls back and its unacked message goes
+    // back to the queue when the connection closes. Nothing is lost; the drain is bounded.
+    let consumed = tokio::select! {
+        consumed = consumer.run(shutdown.clone()) => consumed,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(args.shutdown_timeout).await;
+        } => {
+            warn!(worker = S::NAME, timeout = ?args.shutdown_timeout,
+                "in-flight messages did not finish within CHOREO_SHUTDOWN_TIMEOUT; they are rolled back and return to the queue");
+            Ok(())
+        }
+    };
     info!(worker = S::NAME, "consumer stopped; flushing the outbox");
     background.cancel();
     if tokio::time::timeout(args.shutdown_timeout, relay_task).await.is_err() {
         warn!("relay did not stop in time; unpublished rows stay in the outbox");
     }
-    relay.close().await;
-    let _ = retention_task.await;
-    let _ = backlog_task.await;
-    health_token.cancel();
-    let _ = health_task.await;
-    broker.close();
-    db.close().await;
+    let closing = async {
+        relay.close().await;
+        let _ = retention_task.await;
+        let _ = backlog_task.await;
+        health_token.cancel();
+        let _ = health_task.await;
+        broker.close();
+        db.close().await;
+    };
+    if tokio::time::timeout(args.shutdown_timeout, closing).await.is_err() {
+        warn!("connections did not close in time; exiting anyway");
+    }
     consumed.context("consumer stopped on an error no reconnect can fix")?;
     info!(worker = S::NAME, "worker stopped cleanly");
     Ok(())
@@ -187,27 +205,39 @@ async fn watch_backlog(worker: &'static str, db: PgPool, shutdown: CancellationT
     }
 }
 
-/// A token cancelled on SIGTERM or SIGINT.
+/// A token cancelled on SIGTERM or SIGINT. A second signal during the drain ends the process at once (exit
+/// code 130): acks follow commits, so what was unacked is redelivered, never lost.
 pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
     tokio::spawn(async move {
-        let terminate = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(e) => {
-                    warn!(error = %e, "cannot listen for SIGTERM");
-                    std::future::pending::<()>().await;
-                }
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                None
             }
         };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => info!("SIGINT received; draining"),
-            () = terminate => info!("SIGTERM received; draining"),
-        }
+        let mut signal = async || -> &'static str {
+            let term = async {
+                match terminate.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                () = term => "SIGTERM",
+            }
+        };
+        let first = signal().await;
+        info!(signal = first, "draining in-flight work (a second signal stops at once)");
         trigger.cancel();
+        let second = signal().await;
+        warn!(signal = second, "second signal: stopping without draining; unacked messages return to the queue");
+        std::process::exit(130);
     });
     token
 }

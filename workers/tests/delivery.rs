@@ -496,6 +496,74 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_goes_on() {
     cluster.shutdown().await;
 }
 
+/// A service whose handler never finishes (a lock never granted, a connection gone silent).
+struct Stuck {
+    started: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Service for Stuck {
+    const NAME: &'static str = "stuck";
+    const CONSUMES: &'static [choreo_messages::MessageType] = &[choreo_messages::MessageType::OrderCreated];
+
+    async fn apply(&self, _: &mut sqlx::PgConnection, _: &Envelope) -> Result<choreo_workers::service::Effects, choreo_workers::service::ServiceError> {
+        self.started.store(true, Ordering::SeqCst);
+        std::future::pending().await
+    }
+}
+
+/// SIGTERM drains for at most `CHOREO_SHUTDOWN_TIMEOUT`: a hung handler is given up, and its message, never
+/// acked, goes back to the queue.
+#[tokio::test]
+async fn a_hung_handler_does_not_hold_shutdown_past_its_timeout_and_its_message_is_kept() {
+    let infra = Infra::from_env();
+    let ns = unique_namespace();
+    let db_name = format!("{ns}_stuck");
+    let db = database(&infra, &db_name, &payment::MIGRATIONS).await;
+    let mut args = args(&infra, &ns);
+    args.shutdown_timeout = Duration::from_secs(1);
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn({
+        let service = Stuck { started: Arc::clone(&started) };
+        let shutdown = shutdown.clone();
+        async move { run_worker(service, db, &args, shutdown, |_| {}).await }
+    });
+
+    let topology = Topology::new(ns.clone());
+    let publisher = ConfirmingPublisher::new(connect_pool(&infra.amqp_url, "test", 1).expect("pool"), Duration::from_secs(10));
+    let message = order_created().encode();
+    let exchange = topology.events_exchange();
+    // Unroutable (and so not enqueued) until the worker has declared and bound its queue.
+    wait_for("the message routed to the worker's queue", Duration::from_secs(30), || async {
+        publisher.publish(Outgoing::envelope(&exchange, &message)).await.map_err(|e| e.to_string())
+    })
+    .await;
+    wait_for("the handler started", Duration::from_secs(30), || async {
+        if started.load(Ordering::SeqCst) { Ok(()) } else { Err("not yet") }
+    })
+    .await;
+
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), worker).await;
+    let result = stopped.expect("the worker stopped although its handler hung").expect("join");
+    result.expect("a bounded drain is a clean stop");
+
+    let conn = Connection::connect(&infra.amqp_url, ConnectionProperties::default()).await.expect("conn");
+    let channel = conn.create_channel().await.expect("channel");
+    let queue = topology.worker_queue("stuck");
+    let depth = wait_for("the message back in the queue", Duration::from_secs(30), || async {
+        let q = channel
+            .queue_declare(queue.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        if q.message_count() == 1 { Ok(q.message_count()) } else { Err(format!("{} ready", q.message_count())) }
+    })
+    .await;
+    assert_eq!(depth, 1);
+    let _ = conn.close(200, "ok".into()).await;
+    infra.drop_databases(&[db_name]).await;
+}
+
 struct NeverCalled;
 
 impl Handler for NeverCalled {
