@@ -78,9 +78,14 @@ pub async fn run_worker<S: Service>(
     let metrics = crate::health::metrics_handle()?;
     let listener = crate::health::bind(args.metrics_addr.unwrap_or_else(|| default_metrics_addr(S::NAME))).await?;
     let topology = Topology::new(args.namespace.clone());
-    let broker = connect_pool(&args.amqp_url, &format!("choreo-{}", S::NAME), 4)
+    // Consuming and publishing on separate connections: during a memory or disk alarm RabbitMQ stops reading
+    // from every connection that publishes, and acks sent on such a connection would wait with it, so the
+    // queues could not drain while the alarm lasts. The consuming connection only receives and acks.
+    let broker = connect_pool(&args.amqp_url, &format!("choreo-{}-consume", S::NAME), 4)
         .with_context(|| format!("broker pool for {}", redact(&args.amqp_url)))?;
-    let publisher = Arc::new(ConfirmingPublisher::new(broker.clone(), Duration::from_secs(10)));
+    let publishing = connect_pool(&args.amqp_url, &format!("choreo-{}-publish", S::NAME), 4)
+        .with_context(|| format!("broker pool for {}", redact(&args.amqp_url)))?;
+    let publisher = Arc::new(ConfirmingPublisher::new(publishing.clone(), Duration::from_secs(10)));
 
     let relay = Arc::new(OutboxRelay::new(
         &db,
@@ -167,6 +172,7 @@ pub async fn run_worker<S: Service>(
         health_token.cancel();
         let _ = health_task.await;
         broker.close();
+        publishing.close();
         db.close().await;
     };
     if tokio::time::timeout(args.shutdown_timeout, closing).await.is_err() {
