@@ -1,8 +1,9 @@
 //! `choreoctl`: the admin CLI of choreo. Start workflows, watch orders.
 //!
 //! Exit codes: 0 success; 1 failure (the message says what to do); 2 usage error;
-//! 3 `publish --wait` timed out before every order was terminal; 4 some selected dead letters could not be
-//! replayed (they stay in their queue); 5 a purge was not confirmed (nothing deleted).
+//! 3 `publish --wait` timed out before every order was terminal; 4 some dead letters could not be replayed or
+//! purged (they stay in their queue) or imported (the report says which lines, and where to start again);
+//! 5 a purge was not confirmed (nothing deleted).
 
 mod broker;
 mod databases;

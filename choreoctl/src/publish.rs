@@ -230,37 +230,51 @@ pub fn generate(count: u64, seed: u64, decline_ratio: f64, soldout_ratio: f64) -
         .collect()
 }
 
-/// Poll until every order is terminal or the deadline passes.
+/// Shortest pause between two looks at the orders.
+const POLL: Duration = Duration::from_millis(250);
+/// Each pause is at least this many times as long as the last look took, so that watching a large workload
+/// takes at most a fifth of one connection's time from the database being watched.
+const POLL_COST_FACTOR: u32 = 4;
+
+/// Poll until every placed order is terminal or the deadline passes.
+///
+/// Only the placed ids count: an order id from a file or `--order-id` may be older than orders others placed,
+/// and others may place orders at the same time, so no range of ids is exactly ours. Each look asks only for
+/// the orders not yet seen terminal, so it gets cheaper as the workload completes.
 async fn wait_terminal(db: &PgPool, ids: &[Uuid], timeout: Duration, quiet: bool) -> anyhow::Result<bool> {
-    let progress = bar(ids.len() as u64, "completed", quiet);
+    let mut waiting: Vec<Uuid> = ids.to_vec();
+    waiting.sort_unstable();
+    waiting.dedup();
+    let total = waiting.len();
+    let progress = bar(total as u64, "completed", quiet);
     let deadline = Instant::now() + timeout;
-    // Order ids are UUIDv7, so "this batch and anything placed later" is a range of the primary key: a cheap
-    // count, where looking up every id would load the database we are watching. Done means every order of
-    // the range exists and none is pending.
-    let first = ids.iter().min().copied().unwrap_or_default();
+    let mut pause = POLL;
     loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        // Conservative: orders others place meanwhile can only make us wait longer, never stop early.
-        let (created, pending): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), count(*) FILTER (WHERE status = 'PENDING') FROM orders WHERE order_id >= $1",
-        )
-        .bind(first)
-        .fetch_one(db)
-        .await
-        .context("counting terminal orders")?;
-        let done = if pending == 0 { created.min(ids.len() as i64) } else { (created - pending).min(ids.len() as i64 - 1) };
-        progress.set_position(done as u64);
-        if done as usize >= ids.len() {
+        tokio::time::sleep_until(deadline.min(Instant::now() + pause).into()).await;
+        let asked = Instant::now();
+        let terminal: Vec<Uuid> =
+            sqlx::query_scalar("SELECT order_id FROM orders WHERE order_id = ANY($1) AND status <> 'PENDING'")
+                .bind(&waiting)
+                .fetch_all(db)
+                .await
+                .context("looking up which placed orders are terminal")?;
+        pause = POLL.max(asked.elapsed() * POLL_COST_FACTOR);
+        if !terminal.is_empty() {
+            let terminal: std::collections::HashSet<Uuid> = terminal.into_iter().collect();
+            waiting.retain(|id| !terminal.contains(id));
+        }
+        progress.set_position((total - waiting.len()) as u64);
+        if waiting.is_empty() {
             progress.finish_and_clear();
             return Ok(true);
         }
         if Instant::now() >= deadline {
             progress.abandon();
             eprintln!(
-                "timed out: {} of {} orders are not terminal yet. Check the workers' logs, `choreoctl orders`, \
-                 and the dead-letter queues (runbooks/dead-letters.md).",
-                ids.len() as i64 - done,
-                ids.len()
+                "timed out: {} of {total} orders are not terminal yet (first: {}). Check the workers' logs, \
+                 `choreoctl orders`, and the dead-letter queues (runbooks/dead-letters.md).",
+                waiting.len(),
+                waiting[0]
             );
             return Ok(false);
         }

@@ -186,3 +186,79 @@ async fn trace_tells_the_story_of_a_confirmed_and_a_compensated_order() {
     assert!(err.contains("nothing is known"), "{err}");
     cluster.shutdown().await;
 }
+
+/// An order of someone else, written straight into the order service's database.
+async fn foreign_order(cluster: &Cluster, order_id: Uuid, status: &str) {
+    sqlx::query(
+        "INSERT INTO orders (order_id, correlation_id, customer_id, currency, total_cents, lines, status, placed_at, completed_at) \
+         VALUES ($1, $1, 'someone-else', 'EUR', 100, '[]'::jsonb, $2, now(), CASE WHEN $2 = 'PENDING' THEN NULL ELSE now() END)",
+    )
+    .bind(order_id)
+    .bind(status)
+    .execute(cluster.db("order"))
+    .await
+    .expect("insert a foreign order");
+}
+
+#[tokio::test]
+async fn publish_wait_waits_for_exactly_the_placed_orders() {
+    let mut cluster = Cluster::start().await;
+    // Ids taken before the other orders exist: the orders placed below sort before them.
+    let from_file = order("cust-1", &[("sku-001", 1, 100)]);
+    let never_placed = Uuid::now_v7();
+    let other = Uuid::now_v7();
+
+    // Someone else's order, PENDING for good, must not hold up the wait for ours.
+    foreign_order(&cluster, other, "PENDING").await;
+    let file = std::env::temp_dir().join(format!("{}-order.json", cluster.namespace));
+    std::fs::write(&file, choreo_messages::Message::OrderPlace(from_file.clone()).to_json()).expect("write order");
+    let (code, out, err) = cluster.run_choreoctl(&["publish", "--file", file.to_str().expect("path"), "--wait", "--timeout", "60s", "--json"]).await;
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let summary = json(&out);
+    assert_eq!((summary["placed"].as_u64(), summary["confirmed"].as_u64()), (Some(1), Some(1)), "{out}");
+
+    // Someone else's order, terminal, must not end the wait for ours: with no order worker, ours never is.
+    sqlx::query("UPDATE orders SET status = 'CONFIRMED', completed_at = now() WHERE order_id = $1")
+        .bind(other)
+        .execute(cluster.db("order"))
+        .await
+        .expect("complete the foreign order");
+    cluster.kill("order").await;
+    let id = never_placed.to_string();
+    let args = ["publish", "--customer", "cust-2", "--line", "sku-001:1:100", "--order-id", &id, "--wait", "--timeout", "3s", "--json"];
+    let (code, out, err) = cluster.run_choreoctl(&args).await;
+    assert_eq!(code, 3, "timed out, not done: {out}\n{err}");
+    assert!(err.contains("1 of 1 orders are not terminal"), "{err}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_import_that_fails_half_way_says_what_it_imported_and_where_to_start_again() {
+    let cluster = Cluster::start().await;
+    let dlq = cluster.topology.dead_letter_queue("payment");
+    let nowhere = format!("{}.nowhere.dlq", cluster.namespace);
+    // Published 100 at a time: lines 1-100 go, line 103 is for a queue that does not exist (the rest of its
+    // round goes), and lines 201-250 are not tried.
+    let lines: Vec<String> = (1..=250)
+        .map(|n| {
+            let properties = BasicProperties::default().with_message_id(format!("m{n}").into()).with_type("order.created".into());
+            let queue = if n == 103 { &nowhere } else { &dlq };
+            serde_json::json!({ "queue": queue, "properties": properties, "body_base64": "e30=" }).to_string()
+        })
+        .collect();
+    let file = std::env::temp_dir().join(format!("{}-import.jsonl", cluster.namespace));
+    std::fs::write(&file, lines.join("\n")).expect("write import file");
+    let (code, out, err) = cluster.run_choreoctl(&["dlq", "import", file.to_str().expect("path"), "--json"]).await;
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(code, 4, "partly imported: {out}\n{err}");
+    let report = json(&out);
+    assert_eq!(report["letters"], 250);
+    assert_eq!(report["imported"], 199, "{out}");
+    let failed = report["failed"].as_array().expect("failed");
+    assert_eq!(failed.len(), 1, "{out}");
+    assert!(failed[0].as_str().is_some_and(|f| f.starts_with("line 103 (message id m103")), "{out}");
+    assert_eq!((report["not_attempted"].as_u64(), report["resume_from_line"].as_u64()), (Some(50), Some(201)), "{out}");
+    cluster.wait_depth(&dlq, 199).await;
+    cluster.shutdown().await;
+}

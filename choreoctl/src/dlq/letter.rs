@@ -1,4 +1,11 @@
-//! [`DeadLetter`]: one message of a dead-letter queue, with the story its headers tell.
+//! [`Story`]: one message of a dead-letter queue, with the story its headers tell.
+//!
+//! Two writers tell that story. A worker writes `choreo-*` headers whenever it gives up on a delivery:
+//! at every delayed-retry round and when it dead-letters the message itself; replays keep them. The broker
+//! adds an entry to `x-death` whenever it dead-letters the message: `expired` when a delay queue sends it
+//! back to its worker, `delivery_limit` when the worker's quorum queue gives up on it (a poison message).
+//! So a message can carry the worker's story of an earlier, harmless failure and still have been put here by
+//! the broker afterwards: the story is whichever writer acted last.
 
 use chrono::{DateTime, Utc};
 use choreo_rabbitmq::codec::{header_i64, header_string};
@@ -25,45 +32,128 @@ pub struct Story {
     pub body_bytes: usize,
 }
 
-/// The story of a delivery from a dead-letter queue. Messages the broker dead-lettered itself (delivery
-/// limit) carry `x-death` instead of our headers: their kind is `delivery_limit`.
+/// The broker's reason for sending a message from a delay queue back to its worker: not a failure, and never
+/// what puts a message in a dead-letter queue.
+const EXPIRED: &str = "expired";
+
+/// One entry of `x-death`: the broker dead-lettered the message from `queue` for `reason`, first at `time`
+/// (RabbitMQ keeps one entry per queue and reason, counts repeats, and moves the entry of the latest event
+/// to the front without updating its time).
+struct Death<'a> {
+    table: &'a FieldTable,
+    reason: Option<String>,
+    queue: Option<String>,
+    time: Option<DateTime<Utc>>,
+}
+
+impl Death<'_> {
+    fn kind(&self) -> String {
+        match self.reason.as_deref() {
+            Some("delivery_limit") => "delivery_limit".into(),
+            Some(r) => format!("broker_{r}"),
+            None => "broker_unknown".into(),
+        }
+    }
+}
+
+/// The story of a delivery from a dead-letter queue.
 pub fn story(delivery: &Delivery) -> Story {
     let empty = FieldTable::default();
     let h = delivery.properties.headers().as_ref().unwrap_or(&empty);
-    let death = first_death(h);
     let time = |key: &str| header_string(h, key).and_then(|t| DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&Utc));
-    let death_string = |key: &str| death.and_then(|d| header_string(d, key));
-    let death_time = death.and_then(|d| match d.inner().get("time") {
-        Some(AMQPValue::Timestamp(t)) => DateTime::from_timestamp(i64::try_from(*t).ok()?, 0),
-        _ => None,
-    });
+    let deaths = deaths(h);
+    let latest = deaths.first();
+    let worker_kind = header_string(h, dl::ERROR_KIND);
+    let worker_error = header_string(h, dl::ERROR);
+    let worker_last = time(dl::LAST_FAILURE_AT);
+    let replayed_at = header_string(h, dl::REPLAYED_AT);
+    let replayed = replayed_at.as_deref().and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&Utc));
+    let by_broker = latest.filter(|_| broker_acted_last(&deaths, worker_kind.is_some(), worker_last, replayed));
+    let death_times = deaths.iter().filter_map(|d| d.time);
+    let first_death = deaths.iter().filter(|d| d.reason.as_deref() != Some(EXPIRED)).filter_map(|d| d.time).min();
+    let first_failure_at = match (time(dl::FIRST_FAILURE_AT), first_death) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let (error_kind, error, last_failure_at) = match by_broker {
+        Some(death) => {
+            let queue = death.queue.as_deref().unwrap_or("?");
+            let error = match (&worker_kind, &worker_error) {
+                (Some(kind), error) => format!(
+                    "dead-lettered by the broker ({}) from `{queue}` after the last failure its worker recorded ({kind}: {})",
+                    death.reason.as_deref().unwrap_or("no reason given"),
+                    error.as_deref().unwrap_or("-")
+                ),
+                (None, _) => format!("dead-lettered by the broker ({}) from `{queue}`", death.reason.as_deref().unwrap_or("no reason given")),
+            };
+            // The broker keeps the time of the first event of a kind: the latest known time is a lower bound.
+            let last = death_times.chain(worker_last).chain(replayed).max();
+            (death.kind(), Some(error), last)
+        }
+        None => (worker_kind.unwrap_or_else(|| "unknown".into()), worker_error, worker_last.or(death_times.max())),
+    };
+    let latest_string = |key: &str| latest.and_then(|d| header_string(d.table, key));
     Story {
         message_id: delivery.properties.message_id().as_ref().map(|m| m.to_string()),
         message_type: delivery.properties.kind().as_ref().map(|m| m.to_string()),
         correlation_id: delivery.properties.correlation_id().as_ref().map(|m| m.to_string()),
         worker: header_string(h, dl::WORKER),
-        error_kind: header_string(h, dl::ERROR_KIND)
-            .or_else(|| death_string("reason").map(|r| if r == "delivery_limit" { r } else { format!("broker_{r}") }))
-            .unwrap_or_else(|| "unknown".into()),
-        error: header_string(h, dl::ERROR),
-        attempts: header_i64(h, dl::ATTEMPTS).or_else(|| death.and_then(|d| header_i64(d, "count"))),
-        original_exchange: header_string(h, dl::ORIGINAL_EXCHANGE).or_else(|| death_string("exchange")),
-        original_routing_key: header_string(h, dl::ORIGINAL_ROUTING_KEY).or_else(|| death.and_then(first_routing_key)),
-        first_failure_at: time(dl::FIRST_FAILURE_AT).or(death_time),
-        last_failure_at: time(dl::LAST_FAILURE_AT).or(death_time),
-        replayed_at: header_string(h, dl::REPLAYED_AT),
+        error_kind,
+        error,
+        attempts: header_i64(h, dl::ATTEMPTS).or_else(|| latest.and_then(|d| header_i64(d.table, "count"))),
+        original_exchange: header_string(h, dl::ORIGINAL_EXCHANGE).or_else(|| latest_string("exchange")),
+        original_routing_key: header_string(h, dl::ORIGINAL_ROUTING_KEY).or_else(|| latest.and_then(|d| first_routing_key(d.table))),
+        first_failure_at,
+        last_failure_at,
+        replayed_at,
         body_bytes: delivery.data.len(),
     }
 }
 
-fn first_death(h: &FieldTable) -> Option<&FieldTable> {
-    match h.inner().get("x-death")? {
-        AMQPValue::FieldArray(deaths) => deaths.as_slice().iter().find_map(|d| match d {
-            AMQPValue::FieldTable(t) => Some(t),
-            _ => None,
-        }),
-        _ => None,
+/// Whether the broker, not a worker, put the message where it is now, after the last failure the worker
+/// recorded. The latest `x-death` entry is the broker's latest act; it counts only if it can put a message
+/// in a dead-letter queue (an expiry sends it back to its worker, which then wrote the story itself), and if
+/// it is not older than the worker's last failure. Its time can be too old (a repeated event keeps the first
+/// time), so any later broker event, or a replay after the worker's last failure, also shows that the worker
+/// did not write the last chapter. Times come from different clocks and `x-death` has whole seconds: a tie
+/// goes to the broker, so that a poison message is never shown as a harmless failure.
+fn broker_acted_last(
+    deaths: &[Death<'_>],
+    worker_wrote: bool,
+    worker_last: Option<DateTime<Utc>>,
+    replayed: Option<DateTime<Utc>>,
+) -> bool {
+    let Some(latest) = deaths.first() else { return false };
+    if !worker_wrote {
+        return true;
     }
+    if latest.reason.as_deref() == Some(EXPIRED) {
+        return false;
+    }
+    let Some(worker_last) = worker_last else { return true };
+    let worker_second = DateTime::from_timestamp(worker_last.timestamp(), 0).unwrap_or(worker_last);
+    deaths.iter().filter_map(|d| d.time).any(|t| t >= worker_second) || replayed.is_some_and(|r| r > worker_last)
+}
+
+/// The entries of `x-death`, latest first.
+fn deaths(h: &FieldTable) -> Vec<Death<'_>> {
+    let Some(AMQPValue::FieldArray(entries)) = h.inner().get("x-death") else { return Vec::new() };
+    entries
+        .as_slice()
+        .iter()
+        .filter_map(|d| match d {
+            AMQPValue::FieldTable(t) => Some(Death {
+                table: t,
+                reason: header_string(t, "reason"),
+                queue: header_string(t, "queue"),
+                time: match t.inner().get("time") {
+                    Some(AMQPValue::Timestamp(s)) => i64::try_from(*s).ok().and_then(|s| DateTime::from_timestamp(s, 0)),
+                    _ => None,
+                },
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 fn first_routing_key(death: &FieldTable) -> Option<String> {
@@ -88,5 +178,140 @@ pub fn render_body(body: &[u8]) -> String {
             let hex: Vec<String> = body.iter().take(256).map(|b| format!("{b:02x}")).collect();
             format!("<{} bytes of binary> {}{}", body.len(), hex.join(" "), if body.len() > 256 { " ..." } else { "" })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use choreo_rabbitmq::lapin::BasicProperties;
+    use choreo_rabbitmq::lapin::types::{FieldArray, LongString};
+
+    const T: i64 = 1_790_000_000; // a whole second
+
+    fn at(seconds: i64, millis: u32) -> DateTime<Utc> {
+        DateTime::from_timestamp(seconds, millis * 1_000_000).expect("time")
+    }
+
+    fn text(s: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(s))
+    }
+
+    fn rfc3339(t: DateTime<Utc>) -> AMQPValue {
+        text(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    }
+
+    /// An `x-death` entry as RabbitMQ writes it.
+    fn death(queue: &str, reason: &str, seconds: i64) -> AMQPValue {
+        let mut t = FieldTable::default();
+        t.insert("queue".into(), text(queue));
+        t.insert("reason".into(), text(reason));
+        t.insert("count".into(), AMQPValue::LongLongInt(1));
+        t.insert("exchange".into(), text(""));
+        t.insert("routing-keys".into(), AMQPValue::FieldArray(FieldArray::from(vec![text(queue)])));
+        t.insert("time".into(), AMQPValue::Timestamp(seconds as u64));
+        AMQPValue::FieldTable(t)
+    }
+
+    /// The headers a worker writes when it gives up on a delivery (a retry round or a dead letter).
+    fn worker_failure(h: &mut FieldTable, kind: &str, error: &str, first: DateTime<Utc>, last: DateTime<Utc>) {
+        h.insert(dl::ERROR_KIND.into(), text(kind));
+        h.insert(dl::ERROR.into(), text(error));
+        h.insert(dl::WORKER.into(), text("payment"));
+        h.insert(dl::ATTEMPTS.into(), AMQPValue::LongLongInt(3));
+        h.insert(dl::FIRST_FAILURE_AT.into(), rfc3339(first));
+        h.insert(dl::LAST_FAILURE_AT.into(), rfc3339(last));
+    }
+
+    fn letter(mut h: FieldTable, deaths: Vec<AMQPValue>) -> Story {
+        if !deaths.is_empty() {
+            h.insert("x-death".into(), AMQPValue::FieldArray(FieldArray::from(deaths)));
+        }
+        let mut delivery = Delivery::mock(1, "".into(), "choreo.payment.dlq".into(), false, b"{}".to_vec());
+        delivery.properties = BasicProperties::default().with_headers(h);
+        story(&delivery)
+    }
+
+    #[test]
+    fn a_retry_round_then_the_delivery_limit_is_a_poison_message_not_a_transient_failure() {
+        // Failed at T+0.5 (a retry round), back from the delay queue at T+1, then crashed the worker until the
+        // quorum queue's delivery limit dead-lettered it at T+60.
+        let mut h = FieldTable::default();
+        worker_failure(&mut h, "transient", "gateway timed out", at(T, 500), at(T, 500));
+        let s = letter(h, vec![death("choreo.payment", "delivery_limit", T + 60), death("choreo.payment.retry.1000ms", "expired", T + 1)]);
+        assert_eq!(s.error_kind, "delivery_limit");
+        assert_eq!(s.last_failure_at, Some(at(T + 60, 0)));
+        assert_eq!(s.first_failure_at, Some(at(T, 500)));
+        let error = s.error.expect("error");
+        assert!(error.contains("broker") && error.contains("delivery_limit") && error.contains("gateway timed out"), "{error}");
+    }
+
+    #[test]
+    fn the_delivery_limit_then_a_replay_then_a_worker_failure_is_the_workers_story() {
+        // Dead-lettered by the broker at T, replayed at T+100, then failed in the worker at T+100.2.
+        let mut h = FieldTable::default();
+        worker_failure(&mut h, "malformed_body", "expected value at line 1", at(T + 100, 200), at(T + 100, 200));
+        h.insert(dl::REPLAYED_AT.into(), rfc3339(at(T + 100, 0)));
+        let s = letter(h, vec![death("choreo.payment", "delivery_limit", T)]);
+        assert_eq!(s.error_kind, "malformed_body");
+        assert_eq!(s.error.as_deref(), Some("expected value at line 1"));
+        assert_eq!(s.last_failure_at, Some(at(T + 100, 200)));
+        assert_eq!(s.first_failure_at, Some(at(T, 0)), "the broker's dead-lettering was the first failure");
+    }
+
+    #[test]
+    fn retries_used_up_are_transient_even_though_the_last_broker_event_is_an_expiry() {
+        // Rounds at T and T+2; back from the last delay queue at T+12; dead-lettered by the worker at T+12.3.
+        // The expiry's second ties with the last failure's: an expiry never puts a message here.
+        let mut h = FieldTable::default();
+        worker_failure(&mut h, "transient", "database unavailable", at(T, 0), at(T + 12, 300));
+        let s = letter(h, vec![death("choreo.payment.retry.10000ms", "expired", T + 12), death("choreo.payment.retry.1000ms", "expired", T + 1)]);
+        assert_eq!(s.error_kind, "transient");
+        assert_eq!(s.error.as_deref(), Some("database unavailable"));
+        assert_eq!(s.last_failure_at, Some(at(T + 12, 300)));
+    }
+
+    #[test]
+    fn a_replayed_message_the_broker_dead_letters_again_is_the_brokers_even_with_a_stale_time() {
+        // Delivery limit at T; replayed; failed in the worker at T+50 (dead-lettered); replayed at T+80; delivery
+        // limit again: RabbitMQ counts it on the entry of T and moves it to the front, keeping the time T.
+        let mut h = FieldTable::default();
+        worker_failure(&mut h, "transient", "gateway timed out", at(T + 50, 0), at(T + 50, 0));
+        h.insert(dl::REPLAYED_AT.into(), rfc3339(at(T + 80, 0)));
+        let s = letter(h, vec![death("choreo.payment", "delivery_limit", T)]);
+        assert_eq!(s.error_kind, "delivery_limit");
+        assert_eq!(s.last_failure_at, Some(at(T + 80, 0)), "not before the replay");
+    }
+
+    #[test]
+    fn a_stale_delivery_limit_after_a_fresh_retry_round_is_the_brokers() {
+        // Delivery limit at T; replayed; a retry round at T+50; back at T+51; delivery limit again (time T kept).
+        let mut h = FieldTable::default();
+        worker_failure(&mut h, "transient", "gateway timed out", at(T + 50, 0), at(T + 50, 0));
+        h.insert(dl::REPLAYED_AT.into(), rfc3339(at(T + 40, 0)));
+        let s = letter(h, vec![death("choreo.payment", "delivery_limit", T), death("choreo.payment.retry.1000ms", "expired", T + 51)]);
+        assert_eq!(s.error_kind, "delivery_limit");
+        assert_eq!(s.last_failure_at, Some(at(T + 51, 0)));
+    }
+
+    #[test]
+    fn only_the_brokers_story() {
+        let s = letter(FieldTable::default(), vec![death("choreo.payment", "delivery_limit", T)]);
+        assert_eq!(s.error_kind, "delivery_limit");
+        assert_eq!(s.attempts, Some(1));
+        assert_eq!(s.original_routing_key.as_deref(), Some("choreo.payment"));
+        assert_eq!((s.first_failure_at, s.last_failure_at), (Some(at(T, 0)), Some(at(T, 0))));
+        let s = letter(FieldTable::default(), vec![death("choreo.payment", "rejected", T)]);
+        assert_eq!(s.error_kind, "broker_rejected");
+    }
+
+    #[test]
+    fn only_the_workers_story() {
+        let mut h = FieldTable::default();
+        worker_failure(&mut h, "unknown_type", "no type order.teleport", at(T, 0), at(T, 0));
+        let s = letter(h, vec![]);
+        assert_eq!(s.error_kind, "unknown_type");
+        assert_eq!(s.last_failure_at, Some(at(T, 0)));
+        assert_eq!(letter(FieldTable::default(), vec![]).error_kind, "unknown");
     }
 }

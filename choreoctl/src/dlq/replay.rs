@@ -25,7 +25,8 @@ use super::filter::Filter;
 use crate::broker::BrokerArgs;
 use crate::progress::bar;
 
-/// Exit code when some selected messages could not be replayed (they stay in the dead-letter queue).
+/// Exit code when some selected messages could not be replayed or purged (they stay in the dead-letter queue),
+/// or some lines of an import could not be published.
 pub const EXIT_PARTIAL: u8 = 4;
 /// Exit code when a purge was not confirmed.
 pub const EXIT_NOT_CONFIRMED: u8 = 5;
@@ -35,8 +36,94 @@ struct Report {
     queue: String,
     selected: usize,
     done: usize,
+    /// One line per selected message that was tried and stays in the queue.
     failed: Vec<String>,
+    /// Selected messages left alone after the run stopped.
+    not_attempted: usize,
+    /// Why the run stopped before the end of the selection.
+    stopped: Option<String>,
     dry_run: bool,
+}
+
+impl Report {
+    fn new(queue: &str, selected: usize, dry_run: bool) -> Report {
+        Report { queue: queue.to_owned(), selected, done: 0, failed: Vec::new(), not_attempted: 0, stopped: None, dry_run }
+    }
+
+    /// Every selected message stays where it was after this.
+    fn stop(&mut self, why: String, not_attempted: usize) {
+        self.stopped = Some(why);
+        self.not_attempted = not_attempted;
+    }
+
+    fn exit_code(&self) -> u8 {
+        if self.failed.is_empty() && self.not_attempted == 0 && self.stopped.is_none() { 0 } else { EXIT_PARTIAL }
+    }
+}
+
+/// Take a held message off the dead-letter queue. lapin answers `Ok(false)`, not an error, when the channel
+/// holding the message is already closed (the broker then puts the message back): a failure all the same.
+async fn take_off(delivery: &Delivery) -> anyhow::Result<()> {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => anyhow::bail!("the channel that held it is closed"),
+        Err(e) => Err(anyhow::Error::new(e).context("basic.ack")),
+    }
+}
+
+fn id_of(delivery: &Delivery) -> String {
+    delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// Take off the dead-letter queue, in order, the messages whose replay the broker confirmed. The first
+/// acknowledgement that fails stops the run (the channel is gone: nothing after it could be taken off), and
+/// says so for every replayed message that stays. Returns whether to go on.
+async fn settle_replays<E: std::fmt::Display>(published: Vec<(Result<(), E>, &Delivery)>, report: &mut Report) -> bool {
+    let mut broken: Option<String> = None;
+    for (result, d) in published {
+        match (result, &broken) {
+            (Err(e), _) => report.failed.push(format!("{}: replay not confirmed: {e}", id_of(d))),
+            (Ok(()), None) => match take_off(d).await {
+                // Off the dead-letter queue only now that the replay is confirmed.
+                Ok(()) => report.done += 1,
+                Err(e) => {
+                    report.failed.push(format!(
+                        "{}: replayed, but it could not be taken off {} ({e:#}); it stays there, and replaying it \
+                         again is harmless (the worker's inbox ignores the second copy)",
+                        id_of(d),
+                        report.queue
+                    ));
+                    broken = Some(format!("{e:#}"));
+                }
+            },
+            (Ok(()), Some(_)) => report.failed.push(format!(
+                "{}: replayed, but not taken off {} after the failure above; it stays there (a second replay is harmless)",
+                id_of(d),
+                report.queue
+            )),
+        }
+    }
+    match broken {
+        Some(e) => {
+            let left = report.selected - report.done - report.failed.len();
+            report.stop(format!("taking replayed messages off {} failed: {e}", report.queue), left);
+            false
+        }
+        None => true,
+    }
+}
+
+/// Delete the selected messages one by one; the first failure stops the run, the rest stays in the queue.
+async fn delete_held(selected: &[&Delivery], report: &mut Report, bar: &indicatif::ProgressBar) {
+    for (i, d) in selected.iter().enumerate() {
+        if let Err(e) = take_off(d).await {
+            report.failed.push(format!("{}: not deleted ({e:#})", id_of(d)));
+            report.stop(format!("deleting from {} failed: {e:#}", report.queue), selected.len() - i - 1);
+            return;
+        }
+        report.done += 1;
+        bar.inc(1);
+    }
 }
 
 /// The worker a dead-letter queue belongs to: `choreo.payment.dlq` -> `payment`.
@@ -74,7 +161,7 @@ pub async fn replay(broker: &BrokerArgs, queue: &str, filter: &Filter, options: 
     let publisher = ConfirmingPublisher::new(pool.clone(), Duration::from_secs(15));
     let held = browse(&pool, queue, None).await?;
     let chosen = held.select(filter);
-    let mut report = Report { queue: queue.to_owned(), selected: chosen.len(), done: 0, failed: Vec::new(), dry_run };
+    let mut report = Report::new(queue, chosen.len(), dry_run);
 
     // Where each message goes back to.
     let mut selected: Vec<&Delivery> = Vec::with_capacity(chosen.len());
@@ -131,17 +218,12 @@ pub async fn replay(broker: &BrokerArgs, queue: &str, filter: &Filter, options: 
                     )),
                 }
             }
-            for (result, d) in publisher.publish_batch(&outgoing).await.into_iter().zip(sendable) {
-                match result {
-                    Ok(()) => {
-                        // Off the dead-letter queue only now that the replay is confirmed.
-                        d.acker.ack(BasicAckOptions::default()).await?;
-                        report.done += 1;
-                    }
-                    Err(e) => report.failed.push(e.to_string()),
-                }
-            }
+            let published = publisher.publish_batch(&outgoing).await.into_iter().zip(sendable).map(|(r, d)| (r, *d)).collect();
+            let go_on = settle_replays(published, &mut report).await;
             bar.inc(chunk.len() as u64);
+            if !go_on {
+                break;
+            }
         }
         bar.finish_and_clear();
     }
@@ -161,7 +243,7 @@ pub async fn purge(
     let pool = broker.pool()?;
     let held = browse(&pool, queue, None).await?;
     let selected: Vec<&Delivery> = held.select(filter).into_iter().map(|(d, _)| d).collect();
-    let mut report = Report { queue: queue.to_owned(), selected: selected.len(), done: 0, failed: Vec::new(), dry_run };
+    let mut report = Report::new(queue, selected.len(), dry_run);
     if dry_run || selected.is_empty() {
         drop(selected);
         held.release().await;
@@ -190,11 +272,7 @@ pub async fn purge(
         }
     }
     let bar = bar(selected.len() as u64, "purging", json);
-    for d in selected {
-        d.acker.ack(BasicAckOptions::default()).await?;
-        report.done += 1;
-        bar.inc(1);
-    }
+    delete_held(&selected, &mut report, &bar).await;
     bar.finish_and_clear();
     held.release().await;
     finish(&report, "purged", json)
@@ -209,11 +287,15 @@ fn finish(report: &Report, verb: &str, json: bool) -> anyhow::Result<ExitCode> {
         for f in &report.failed {
             eprintln!("not done: {f}");
         }
-        if !report.failed.is_empty() {
-            eprintln!("{} messages stay in {}; fix the cause and run the command again", report.failed.len(), report.queue);
+        if let Some(why) = &report.stopped {
+            eprintln!("stopped early: {why}; {} selected messages were not attempted", report.not_attempted);
+        }
+        let stay = report.failed.len() + report.not_attempted;
+        if stay > 0 {
+            eprintln!("{stay} selected messages stay in {}; fix the cause and run the command again", report.queue);
         }
     }
-    Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_PARTIAL) })
+    Ok(ExitCode::from(report.exit_code()))
 }
 
 #[cfg(test)]
@@ -225,6 +307,58 @@ mod tests {
         assert_eq!(worker_of("choreo.payment.dlq", "choreo").as_deref(), Some("payment"));
         assert_eq!(worker_of("other.payment.dlq", "choreo"), None);
         assert_eq!(worker_of("choreo.payment", "choreo"), None);
+    }
+
+    fn held(n: u64) -> Vec<Delivery> {
+        (1..=n)
+            .map(|tag| {
+                let mut d = Delivery::mock(tag, "".into(), "choreo.payment.dlq".into(), true, b"{}".to_vec());
+                d.properties = BasicProperties::default().with_message_id(format!("m{tag}").into());
+                d
+            })
+            .collect()
+    }
+
+    /// A delivery whose acknowledgement can no longer be sent (lapin treats a closed channel the same way).
+    async fn spoil(d: &Delivery) {
+        assert!(d.acker.ack(BasicAckOptions::default()).await.expect("first ack"));
+    }
+
+    #[tokio::test]
+    async fn a_purge_that_cannot_delete_stops_and_reports_what_it_did() {
+        let held = held(4);
+        spoil(&held[1]).await;
+        let selected: Vec<&Delivery> = held.iter().collect();
+        let mut report = Report::new("choreo.payment.dlq", selected.len(), false);
+        delete_held(&selected, &mut report, &indicatif::ProgressBar::hidden()).await;
+        assert_eq!(report.done, 1);
+        assert_eq!(report.failed.len(), 1);
+        assert!(report.failed[0].starts_with("m2: not deleted") && report.failed[0].contains("closed"), "{:?}", report.failed);
+        assert_eq!(report.not_attempted, 2);
+        assert!(report.stopped.as_deref().is_some_and(|s| s.contains("choreo.payment.dlq")));
+        assert_eq!(report.exit_code(), EXIT_PARTIAL);
+    }
+
+    #[tokio::test]
+    async fn a_replay_that_cannot_take_messages_off_stops_and_reports_what_it_did() {
+        let held = held(4);
+        spoil(&held[1]).await;
+        let mut report = Report::new("choreo.payment.dlq", 6, false);
+        let published: Vec<(Result<(), String>, &Delivery)> =
+            vec![(Ok(()), &held[0]), (Ok(()), &held[1]), (Err("returned".into()), &held[2]), (Ok(()), &held[3])];
+        assert!(!settle_replays(published, &mut report).await, "the run stops");
+        assert_eq!(report.done, 1);
+        assert_eq!(report.failed.len(), 3, "{:?}", report.failed);
+        assert!(report.failed[0].starts_with("m2: replayed, but it could not be taken off"), "{:?}", report.failed);
+        assert!(report.failed[1].starts_with("m3: replay not confirmed: returned"), "{:?}", report.failed);
+        assert!(report.failed[2].starts_with("m4: replayed, but not taken off"), "{:?}", report.failed);
+        assert_eq!(report.not_attempted, 2, "the next chunk was never tried");
+        assert_eq!(report.exit_code(), EXIT_PARTIAL);
+
+        let mut fine = Report::new("choreo.payment.dlq", 1, false);
+        let held = self::held(1);
+        assert!(settle_replays::<String>(vec![(Ok(()), &held[0])], &mut fine).await);
+        assert_eq!((fine.done, fine.exit_code()), (1, 0));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::browse::browse;
 use super::filter::Filter;
+use super::replay::EXIT_PARTIAL;
 use crate::broker::BrokerArgs;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -55,26 +56,45 @@ fn exported_properties(properties: &BasicProperties) -> BasicProperties {
     }
 }
 
+/// Messages published per round of confirms.
+const IMPORT_CHUNK: usize = 100;
+
+/// What `dlq import` did. Lines are numbered as in the file (from 1).
+#[derive(Debug, Default, Serialize)]
+struct ImportReport {
+    /// Messages in the file.
+    letters: usize,
+    imported: usize,
+    /// One entry per line whose publish failed: `line N (message id X): why`.
+    failed: Vec<String>,
+    /// Messages not tried after the first failure.
+    not_attempted: usize,
+    /// The first line not tried: a new run can start there.
+    resume_from_line: Option<usize>,
+}
+
 pub async fn import(broker: &BrokerArgs, file: &Path, queue: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
     let reader = std::io::BufReader::new(std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?);
+    // Every line is read and checked before anything is published: a bad line stops the import at no cost.
     let mut letters = Vec::new();
     for (i, line) in reader.lines().enumerate() {
-        let line = line?;
+        let line = line.with_context(|| format!("reading {} line {}", file.display(), i + 1))?;
         if line.trim().is_empty() {
             continue;
         }
         let letter: ExportedLetter = serde_json::from_str(&line)
             .with_context(|| format!("{} line {} is not an exported dead letter", file.display(), i + 1))?;
         let body = STANDARD.decode(&letter.body_base64).with_context(|| format!("line {}: body_base64", i + 1))?;
-        letters.push((letter, body));
+        letters.push((i + 1, letter, body));
     }
     let pool = broker.pool()?;
     let publisher = ConfirmingPublisher::new(pool, Duration::from_secs(15));
-    let mut imported = 0usize;
-    for chunk in letters.chunks(100) {
+    let mut report = ImportReport { letters: letters.len(), ..ImportReport::default() };
+    let mut chunks = letters.chunks(IMPORT_CHUNK);
+    for chunk in chunks.by_ref() {
         let outgoing: Vec<Outgoing<'_>> = chunk
             .iter()
-            .map(|(l, body)| Outgoing {
+            .map(|(_, l, body)| Outgoing {
                 exchange: "",
                 routing_key: queue.as_deref().unwrap_or(&l.queue),
                 properties: l.properties.clone(),
@@ -82,15 +102,43 @@ pub async fn import(broker: &BrokerArgs, file: &Path, queue: Option<String>, jso
                 message_id: l.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default(),
             })
             .collect();
-        for result in publisher.publish_batch(&outgoing).await {
-            result.context("importing (does the target queue exist? start its worker once, or pass --queue)")?;
-            imported += 1;
+        for (result, (line, l, _)) in publisher.publish_batch(&outgoing).await.into_iter().zip(chunk) {
+            match result {
+                Ok(()) => report.imported += 1,
+                Err(e) => report.failed.push(format!(
+                    "line {line} (message id {}, queue `{}`): {e}",
+                    l.properties.message_id().as_ref().map(|m| m.as_str()).unwrap_or("-"),
+                    queue.as_deref().unwrap_or(&l.queue)
+                )),
+            }
+        }
+        // Stop at the first chunk with a failure: the cause (a missing queue, a broken connection) is likely to
+        // fail the rest too, and a short list of what to do again beats a long one.
+        if !report.failed.is_empty() {
+            break;
         }
     }
+    let rest: Vec<_> = chunks.flatten().collect();
+    report.not_attempted = rest.len();
+    report.resume_from_line = rest.first().map(|(line, _, _)| *line);
     if json {
-        println!("{}", serde_json::json!({ "imported": imported }));
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("imported {imported} messages");
+        println!("imported {} of {} messages", report.imported, report.letters);
+        for f in &report.failed {
+            eprintln!("not imported: {f}");
+        }
+        if !report.failed.is_empty() {
+            eprintln!("does the target queue exist? Start its worker once, or pass --queue");
+        }
+        if let Some(line) = report.resume_from_line {
+            eprintln!(
+                "stopped after the failure: {} messages from line {line} on were not attempted; once the cause is \
+                 fixed, import the failed lines and those: choreoctl dlq import <(tail -n +{line} {})",
+                report.not_attempted,
+                file.display()
+            );
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_PARTIAL) })
 }
