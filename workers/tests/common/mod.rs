@@ -323,6 +323,14 @@ impl Cluster {
             .await
             .expect("confirmed");
         assert_eq!(reservations, confirmed, "exactly the confirmed orders hold stock");
+
+        // Nothing was given up on: a duplicate or a compensation that ends in a dead-letter queue would leave
+        // the invariants above intact and still be a defect.
+        for worker in WORKERS {
+            let dlq = self.topology.dead_letter_queue(worker);
+            let (ready, _) = self.depth_and_consumers(&dlq).await;
+            assert_eq!(ready, 0, "nothing dead-lettered by the {worker} worker ({dlq})");
+        }
     }
 
     pub async fn shutdown(mut self) {
