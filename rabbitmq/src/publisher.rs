@@ -3,7 +3,7 @@
 //!
 //! Every publish sets `mandatory`, so a message no queue is bound for comes back instead of vanishing. The
 //! broker confirms a returned message too: only an `Ack` with nothing returned is success. A confirm can hang
-//! when the socket dies, so each wait has a deadline, and a timeout means "unknown": the caller publishes
+//! when the socket dies, so each batch has a deadline, and a timeout means "unknown": the caller publishes
 //! again later and consumers deduplicate.
 
 use std::collections::HashMap;
@@ -90,37 +90,47 @@ impl ConfirmingPublisher {
     /// Batches are serialised on the channel, and a returned message is matched to its publish by message
     /// id rather than by which confirm it arrived with: lapin hands returns to whichever confirm resolves
     /// next, which under pipelining can be another message's.
+    ///
+    /// The whole batch has one deadline, `confirm_timeout` from its start: opening the channel, writing and
+    /// every confirm. A broker that stops answering fails the batch once, not once per message, so a sweep
+    /// holding its rows' locks, or handlers waiting to dead-letter, are held up for one timeout at most.
     pub async fn publish_batch(&self, messages: &[Outgoing<'_>]) -> Vec<Result<(), PublishError>> {
         let _turn = self.turn.lock().await;
-        let channel = match self.channel().await {
-            Ok(channel) => channel,
-            Err(e) => {
+        let timeout = self.confirm_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let channel = match tokio::time::timeout_at(deadline, self.channel()).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
                 let text = e.to_string();
+                return messages.iter().map(|_| Err(BrokerError::Pool(text.clone()).into())).collect();
+            }
+            Err(_) => {
+                let text = format!("no channel to the broker within {} ms", timeout.as_millis());
                 return messages.iter().map(|_| Err(BrokerError::Pool(text.clone()).into())).collect();
             }
         };
         let mut pending = Vec::with_capacity(messages.len());
         for message in messages {
             let options = BasicPublishOptions { mandatory: true, immediate: false };
-            let sent = channel
-                .basic_publish(
-                    short(message.exchange),
-                    short(message.routing_key),
-                    options,
-                    message.body,
-                    message.properties.clone(),
-                )
-                .await
-                .map_err(BrokerError::amqp("basic.publish"));
+            let publish = channel.basic_publish(
+                short(message.exchange),
+                short(message.routing_key),
+                options,
+                message.body,
+                message.properties.clone(),
+            );
+            let sent = match tokio::time::timeout_at(deadline, publish).await {
+                Ok(sent) => sent.map_err(|e| PublishError::from(BrokerError::amqp("basic.publish")(e))),
+                Err(_) => Err(PublishError::ConfirmTimeout { message_id: message.message_id.clone(), timeout_ms: timeout.as_millis() }),
+            };
             pending.push(sent);
         }
-        let timeout = self.confirm_timeout;
         let mut returned: HashMap<String, String> = HashMap::new();
         let mut results = Vec::with_capacity(messages.len());
         for (sent, message) in pending.into_iter().zip(messages) {
             let result = match sent {
-                Err(e) => Err(PublishError::from(e)),
-                Ok(confirm) => match tokio::time::timeout(timeout, confirm).await {
+                Err(e) => Err(e),
+                Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
                     Err(_) => Err(PublishError::ConfirmTimeout {
                         message_id: message.message_id.clone(),
                         timeout_ms: timeout.as_millis(),
@@ -148,7 +158,7 @@ impl ConfirmingPublisher {
             self.discard(&channel).await;
         } else {
             // Returns not handed to any confirm of this batch.
-            if let Ok(Ok(rest)) = tokio::time::timeout(timeout, channel.wait_for_confirms()).await {
+            if let Ok(Ok(rest)) = tokio::time::timeout_at(deadline, channel.wait_for_confirms()).await {
                 for r in rest {
                     note_returned(&mut returned, Some(r));
                 }

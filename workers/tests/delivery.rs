@@ -564,6 +564,92 @@ async fn a_hung_handler_does_not_hold_shutdown_past_its_timeout_and_its_message_
     infra.drop_databases(&[db_name]).await;
 }
 
+/// A TCP proxy to the broker that can stop forwarding, as a half-dead connection or a stuck proxy does.
+struct StallingProxy {
+    port: u16,
+    stalled: tokio::sync::watch::Sender<bool>,
+}
+
+impl StallingProxy {
+    async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (stalled, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { continue };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(Self::forward(client_read, server_write, watch.clone()));
+                tokio::spawn(Self::forward(server_read, client_write, watch.clone()));
+            }
+        });
+        StallingProxy { port, stalled }
+    }
+
+    async fn forward(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut stalled: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            // Bytes read while stalled are held until the stall ends (here: never).
+            if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// When the broker stops answering, a batch fails after one confirm timeout, not one per message: the
+/// publisher is shared by the relay (holding its rows' locks) and by handlers dead-lettering.
+#[tokio::test]
+async fn a_batch_to_a_broker_that_stopped_answering_fails_within_one_timeout() {
+    let infra = Infra::from_env();
+    let url = choreo_rabbitmq::lapin::uri::AMQPUri::from_str(&infra.amqp_url).expect("AMQP_URL parses");
+    let proxy = StallingProxy::start(format!("{}:{}", url.authority.host, url.authority.port)).await;
+    let proxied = infra.amqp_url.replacen(&format!("{}:{}", url.authority.host, url.authority.port), &format!("127.0.0.1:{}", proxy.port), 1);
+    assert_ne!(proxied, infra.amqp_url, "the URL goes through the proxy");
+
+    let direct = Connection::connect(&infra.amqp_url, ConnectionProperties::default()).await.expect("conn");
+    let channel = direct.create_channel().await.expect("channel");
+    let queue = format!("{}.stall", unique_namespace());
+    channel.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("queue");
+
+    let timeout = Duration::from_secs(1);
+    let publisher = ConfirmingPublisher::new(connect_pool(&proxied, "test-stall", 1).expect("pool"), timeout);
+    let bodies: Vec<Vec<u8>> = (0..20).map(|i| format!("{{\"n\":{i}}}").into_bytes()).collect();
+    let outgoing: Vec<Outgoing<'_>> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, body)| Outgoing {
+            exchange: "",
+            routing_key: &queue,
+            properties: BasicProperties::default(),
+            body,
+            message_id: format!("m-{i}"),
+        })
+        .collect();
+    assert!(publisher.publish_batch(&outgoing[..1]).await.iter().all(Result::is_ok), "published through the proxy");
+
+    proxy.stalled.send_replace(true);
+    // 20 messages, one timeout each before: 20 s. One deadline for the batch: about 1 s.
+    let results = tokio::time::timeout(Duration::from_secs(10), publisher.publish_batch(&outgoing))
+        .await
+        .expect("the batch gave up within its timeout, not one timeout per message");
+    assert_eq!(results.len(), 20);
+    assert!(results.iter().all(Result::is_err), "nothing confirmed: {results:?}");
+
+    let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+    let _ = direct.close(200, "ok".into()).await;
+}
+
 struct NeverCalled;
 
 impl Handler for NeverCalled {
