@@ -7,8 +7,10 @@
 //!   `200 {"status":"declined","reason":"card_declined"|"amount_over_limit"}`;
 //! - `POST {base}/refunds` with `Idempotency-Key: <payment id>` and `{"payment_id", "amount_cents"}` answers 200.
 //!
-//! A timeout, a connection error or a 5xx is transient ([`GatewayError::Unavailable`]); the message waits in
-//! the worker's delay queues while the circuit is open. Any other 4xx is permanent ([`GatewayError::Rejected`]).
+//! A timeout, a connection error, a 5xx, or a 408, 409 (same idempotency key still in progress), 425 or 429
+//! is transient ([`GatewayError::Unavailable`]); the message waits in the worker's delay queues while the
+//! circuit is open. Any other 4xx is permanent ([`GatewayError::Rejected`]): the request itself is wrong, and
+//! the message is dead-lettered with the provider's answer for an operator.
 
 use std::time::Duration;
 
@@ -99,7 +101,7 @@ impl HttpGateway {
                 .await
                 .map_err(|e| RetryError::transient(GatewayError::Unavailable(format!("{path}: {e}"))))?;
             let status = response.status();
-            if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            if is_transient(status) {
                 return Err(RetryError::transient(GatewayError::Unavailable(format!("{path}: HTTP {status}"))));
             }
             if !status.is_success() {
@@ -119,6 +121,18 @@ impl HttpGateway {
         }
         result
     }
+}
+
+/// Statuses a later call can succeed after: server errors, and the 4xx that say "not now" rather than
+/// "never": 408 (the provider timed out reading), 409 (a call with the same idempotency key, say one of ours
+/// that timed out, is still in progress), 425 and 429.
+fn is_transient(status: reqwest::StatusCode) -> bool {
+    use reqwest::StatusCode;
+    status.is_server_error()
+        || matches!(
+            status,
+            StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS
+        )
 }
 
 impl PaymentGateway for HttpGateway {

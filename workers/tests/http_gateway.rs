@@ -23,6 +23,8 @@ struct Provider {
     healthy: AtomicBool,
     slow: AtomicBool,
     reject: AtomicBool,
+    /// Answers this many calls with 409: the same idempotency key is still being processed.
+    in_progress: AtomicUsize,
     hits: AtomicUsize,
     failures: AtomicUsize,
     keys: Mutex<Vec<String>>,
@@ -35,6 +37,9 @@ async fn charges(State(p): State<Arc<Provider>>, headers: HeaderMap, Json(body):
     p.keys.lock().expect("lock").push(key.clone());
     if p.slow.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    if p.in_progress.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+        return (StatusCode::CONFLICT, Json(serde_json::json!({"error": "a request with this idempotency key is in progress"})));
     }
     if p.reject.load(Ordering::SeqCst) {
         return (StatusCode::UNPROCESSABLE_ENTITY, Json(serde_json::json!({"error": "bad request"})));
@@ -111,6 +116,14 @@ async fn transient_errors_are_retried_and_timeouts_and_rejections_are_classified
     let before = provider.hits.load(Ordering::SeqCst);
     assert!(matches!(g.charge(charge(Uuid::now_v7(), "c")).await, Err(GatewayError::Rejected(_))));
     assert_eq!(provider.hits.load(Ordering::SeqCst), before + 1, "a rejection is not retried");
+
+    // 409: the provider is still working on an earlier call with the same key (ours timed out). Retried.
+    provider.reject.store(false, Ordering::SeqCst);
+    provider.in_progress.store(1, Ordering::SeqCst);
+    let before = provider.hits.load(Ordering::SeqCst);
+    let charged = g.charge(charge(Uuid::now_v7(), "c")).await;
+    assert!(matches!(charged, Ok(ChargeResult::Charged { .. })), "{charged:?}");
+    assert_eq!(provider.hits.load(Ordering::SeqCst), before + 2, "the conflict was retried");
 }
 
 #[tokio::test]
