@@ -203,12 +203,19 @@ impl<H: Handler> ConsumerRunner<H> {
     /// Consume until `shutdown` fires, then finish what is in flight and return. Reconnects on broker
     /// failures; returns an error only for what no reconnect can fix (a topology mismatch).
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), TopologyError> {
-        let mut backoff = ExponentialFactorBackoff::from_millis(200, 2.0).max_delay_millis(10_000).map(jitter);
+        let fresh_backoff = || ExponentialFactorBackoff::from_millis(200, 2.0).max_delay_millis(10_000).map(jitter);
+        let mut backoff = fresh_backoff();
         loop {
-            match self.session(&shutdown).await {
+            let mut consumed = false;
+            match self.session(&shutdown, &mut consumed).await {
                 Ok(()) => return Ok(()),
                 Err(SessionError::Topology(e @ TopologyError::Mismatch { .. })) => return Err(e),
                 Err(e) => {
+                    // A session that got as far as consuming was a recovery: the next outage starts the backoff
+                    // again from its shortest delay, instead of where the last one left it.
+                    if consumed {
+                        backoff = fresh_backoff();
+                    }
                     let delay = backoff.next().unwrap_or(Duration::from_secs(10));
                     warn!(worker = %self.config.queue.worker, error = %e, retry_in_ms = delay.as_millis() as u64,
                         "broker session lost; reconnecting");
@@ -221,7 +228,8 @@ impl<H: Handler> ConsumerRunner<H> {
         }
     }
 
-    async fn session(&self, shutdown: &CancellationToken) -> Result<(), SessionError> {
+    /// One consuming session on one channel; `consumed` is set once the broker accepted the consumer.
+    async fn session(&self, shutdown: &CancellationToken, consumed: &mut bool) -> Result<(), SessionError> {
         let channel = open_channel(&self.pool).await?;
         self.topology.declare_worker(&channel, &self.config.queue).await?;
         channel
@@ -236,6 +244,7 @@ impl<H: Handler> ConsumerRunner<H> {
         info!(worker = %self.config.queue.worker, %queue, prefetch = self.config.prefetch,
             concurrency = self.config.concurrency, batch_size = self.config.batch_size, "consuming");
         self.consuming.store(true, Ordering::SeqCst);
+        *consumed = true;
         let stream_error = std::sync::Mutex::new(None::<String>);
         consumer
             .take_until(shutdown.cancelled())
