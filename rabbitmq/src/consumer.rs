@@ -24,6 +24,7 @@
 //! - When the channel or connection breaks, everything in flight is abandoned to redelivery and the runner
 //!   reconnects with backoff until shutdown.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -165,7 +166,14 @@ pub struct ConsumerRunner<H> {
     /// Redelivered messages are handled one at a time: after a crash, only the message that caused it is in
     /// flight when it strikes again, so only it is counted (see [`Handler::record_restart`]).
     redelivery_lane: tokio::sync::Semaphore,
+    /// Ids of messages this process itself put back in the queue (it could not park or dead-letter them):
+    /// their redelivery is not a restart, and must not count towards the crash limit.
+    requeued: std::sync::Mutex<HashSet<String>>,
 }
+
+/// Most ids remembered in [`ConsumerRunner::requeued`]; past it the memory starts again (a few restarts may
+/// then be counted that were requeues, which only matters during long broker trouble).
+const REQUEUED_MEMORY: usize = 10_000;
 
 impl<H: Handler> ConsumerRunner<H> {
     pub fn new(
@@ -192,6 +200,7 @@ impl<H: Handler> ConsumerRunner<H> {
             handler,
             consuming: Arc::new(AtomicBool::new(false)),
             redelivery_lane: tokio::sync::Semaphore::new(1),
+            requeued: std::sync::Mutex::new(HashSet::new()),
         }
     }
 
@@ -388,7 +397,7 @@ impl<H: Handler> ConsumerRunner<H> {
         };
         let redelivered = is_redelivery(&delivery);
         let _alone = if redelivered { self.redelivery_lane.acquire().await.ok() } else { None };
-        if redelivered {
+        if redelivered && !self.was_requeued(&delivery) {
             match self.handler.record_restart(&envelope).await {
                 Ok(restarts) if restarts > self.config.crash_limit => {
                     let reason = format!(
@@ -497,7 +506,21 @@ impl<H: Handler> ConsumerRunner<H> {
         }
     }
 
+    /// Whether this process requeued the message itself (and forget it: the next redelivery counts again).
+    fn was_requeued(&self, delivery: &Delivery) -> bool {
+        let Some(id) = delivery.properties.message_id().as_ref() else { return false };
+        self.requeued.lock().map(|mut ids| ids.remove(id.as_str())).unwrap_or(false)
+    }
+
     async fn requeue(&self, delivery: &Delivery) {
+        if let Some(id) = delivery.properties.message_id().as_ref()
+            && let Ok(mut ids) = self.requeued.lock()
+        {
+            if ids.len() >= REQUEUED_MEMORY {
+                ids.clear();
+            }
+            ids.insert(id.to_string());
+        }
         let options = BasicNackOptions { multiple: false, requeue: true };
         if let Err(e) = delivery.acker.nack(options).await {
             warn!(error = %e, "nack failed; the message will be redelivered");

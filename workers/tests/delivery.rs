@@ -650,6 +650,80 @@ async fn a_batch_to_a_broker_that_stopped_answering_fails_within_one_timeout() {
     let _ = direct.close(200, "ok".into()).await;
 }
 
+/// Fails every time, as if a dependency were down; counts what the consumer asks of it.
+#[derive(Default)]
+struct AlwaysDown {
+    handled: std::sync::atomic::AtomicUsize,
+    restarts: std::sync::atomic::AtomicU32,
+}
+
+impl Handler for AlwaysDown {
+    async fn handle(&self, _: &Envelope) -> Outcome {
+        self.handled.fetch_add(1, Ordering::SeqCst);
+        Outcome::Retry { reason: "dependency down".into() }
+    }
+
+    async fn record_restart(&self, _: &Envelope) -> Result<u32, String> {
+        Ok(self.restarts.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+}
+
+/// A message the worker could not park for a delayed retry (its delay queue is gone) is requeued by the
+/// worker itself. Its redeliveries are not crashes: the crash limit must not dead-letter it as `crashed`.
+#[tokio::test]
+async fn a_message_the_worker_requeued_itself_is_not_counted_as_a_crash() {
+    let infra = Infra::from_env();
+    let ns = unique_namespace();
+    let topology = Topology::new(ns.clone());
+    let broker = connect_pool(&infra.amqp_url, "test", 2).expect("pool");
+    let delay = Duration::from_secs(1);
+    let queue = WorkerQueue { worker: "order".into(), routing_keys: vec!["order.created".into()], delivery_limit: 20, retry_delays: vec![delay] };
+    let mut config = ConsumerConfig::new(queue);
+    config.handler_retries = 0;
+    config.requeue_delay = Duration::from_millis(20);
+    config.crash_limit = 1;
+    let handler = Arc::new(AlwaysDown::default());
+    let publisher = Arc::new(ConfirmingPublisher::new(broker.clone(), Duration::from_secs(5)));
+    let runner = Arc::new(ConsumerRunner::new(broker.clone(), Arc::clone(&publisher), topology.clone(), config, Arc::clone(&handler)));
+    let shutdown = CancellationToken::new();
+    let consuming = runner.consuming_flag();
+    let running = tokio::spawn({
+        let runner = Arc::clone(&runner);
+        let shutdown = shutdown.clone();
+        async move { runner.run(shutdown).await }
+    });
+    wait_for("consuming", Duration::from_secs(30), || async {
+        if consuming.load(Ordering::SeqCst) { Ok(()) } else { Err("not yet") }
+    })
+    .await;
+    // The delay queue disappears (deleted by hand, say): parking fails and the worker requeues.
+    let conn = Connection::connect(&infra.amqp_url, ConnectionProperties::default()).await.expect("conn");
+    let channel = conn.create_channel().await.expect("channel");
+    channel.queue_delete(topology.retry_queue("order", delay).as_str().into(), Default::default()).await.expect("delete delay queue");
+
+    let message = order_created().encode();
+    let exchange = topology.events_exchange();
+    publisher.publish(Outgoing::envelope(&exchange, &message)).await.expect("published");
+    wait_for("four attempts, three of them after a requeue", Duration::from_secs(30), || async {
+        let handled = handler.handled.load(Ordering::SeqCst);
+        if handled >= 4 { Ok(()) } else { Err(handled) }
+    })
+    .await;
+    assert_eq!(handler.restarts.load(Ordering::SeqCst), 0, "the worker's own requeues are not restarts");
+
+    shutdown.cancel();
+    running.await.expect("join").expect("consumer stops");
+    let dlq = topology.dead_letter_queue("order");
+    let letters = channel
+        .queue_declare(dlq.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("dead-letter queue")
+        .message_count();
+    assert_eq!(letters, 0, "not dead-lettered as crashed");
+    let _ = conn.close(200, "ok".into()).await;
+    infra.delete_broker_objects(&topology.queue_names("order", &[delay]), &topology.exchange_names()).await;
+}
+
 struct NeverCalled;
 
 impl Handler for NeverCalled {
