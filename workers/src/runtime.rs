@@ -71,10 +71,7 @@ pub async fn run_worker<S: Service>(
     shutdown: CancellationToken,
     started: impl FnOnce(WorkerHandle),
 ) -> anyhow::Result<()> {
-    let problems = args.problems();
-    if !problems.is_empty() {
-        anyhow::bail!("invalid settings:\n  {}", problems.join("\n  "));
-    }
+    check_settings(args)?;
     let metrics = crate::health::metrics_handle()?;
     let listener = crate::health::bind(args.metrics_addr.unwrap_or_else(|| default_metrics_addr(S::NAME))).await?;
     let topology = Topology::new(args.namespace.clone());
@@ -146,24 +143,34 @@ pub async fn run_worker<S: Service>(
     let health_task = tokio::spawn(crate::health::serve(listener, health, health_token.clone()));
 
     info!(worker = S::NAME, namespace = %args.namespace, "worker started");
-    // After the shutdown signal, in-flight handlers have `shutdown_timeout` to finish; a handler that hangs
-    // (a lock, a dead connection) is then dropped: its transaction rolls back and its unacked message goes
-    // back to the queue when the connection closes. Nothing is lost; the drain is bounded.
-    let consumed = tokio::select! {
-        consumed = consumer.run(shutdown.clone()) => consumed,
-        () = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(args.shutdown_timeout).await;
-        } => {
-            warn!(worker = S::NAME, timeout = ?args.shutdown_timeout,
-                "in-flight messages did not finish within CHOREO_SHUTDOWN_TIMEOUT; they are rolled back and return to the queue");
-            Ok(())
+    // One budget for the whole stop, counted from the signal: in-flight handlers finish within it; a handler
+    // that hangs (a lock, a dead connection) is then dropped: its transaction rolls back and its unacked
+    // message goes back to the queue when the connection closes. What time is left goes to the relay's last
+    // publishes (rows it cannot publish stay in the outbox for the next sweep), then connections get
+    // `CLOSE_ALLOWANCE` at least to close. Nothing is lost whenever the stop is cut short.
+    let (consumed, stop_by) = {
+        let run = consumer.run(shutdown.clone());
+        tokio::pin!(run);
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                let stop_by = tokio::time::Instant::now() + args.shutdown_timeout;
+                match tokio::time::timeout_at(stop_by, &mut run).await {
+                    Ok(consumed) => (consumed, stop_by),
+                    Err(_) => {
+                        warn!(worker = S::NAME, timeout = ?args.shutdown_timeout,
+                            "in-flight messages did not finish within CHOREO_SHUTDOWN_TIMEOUT; they are rolled back and return to the queue");
+                        (Ok(()), stop_by)
+                    }
+                }
+            }
+            consumed = &mut run => (consumed, tokio::time::Instant::now() + args.shutdown_timeout),
         }
     };
     info!(worker = S::NAME, "consumer stopped; flushing the outbox");
     background.cancel();
-    if tokio::time::timeout(args.shutdown_timeout, relay_task).await.is_err() {
-        warn!("relay did not stop in time; unpublished rows stay in the outbox");
+    if tokio::time::timeout_at(stop_by, relay_task).await.is_err() {
+        warn!("relay did not stop in time; unpublished rows stay in the outbox for the next sweep");
     }
     let closing = async {
         relay.close().await;
@@ -175,11 +182,25 @@ pub async fn run_worker<S: Service>(
         publishing.close();
         db.close().await;
     };
-    if tokio::time::timeout(args.shutdown_timeout, closing).await.is_err() {
+    if tokio::time::timeout_at(stop_by.max(tokio::time::Instant::now() + CLOSE_ALLOWANCE), closing).await.is_err() {
         warn!("connections did not close in time; exiting anyway");
     }
     consumed.context("consumer stopped on an error no reconnect can fix")?;
     info!(worker = S::NAME, "worker stopped cleanly");
+    Ok(())
+}
+
+/// The least time connections get to close at the end of a stop, even when the drain used the whole
+/// `CHOREO_SHUTDOWN_TIMEOUT`: a stop takes at most that timeout plus this.
+pub const CLOSE_ALLOWANCE: Duration = Duration::from_secs(2);
+
+/// Refuse settings that conflict, naming every problem at once. Binaries call it right after parsing, before
+/// touching the database or the broker; [`run_worker`] calls it again for callers that build the settings.
+pub fn check_settings(args: &CommonArgs) -> anyhow::Result<()> {
+    let problems = args.problems();
+    if !problems.is_empty() {
+        anyhow::bail!("invalid settings:\n  {}", problems.join("\n  "));
+    }
     Ok(())
 }
 

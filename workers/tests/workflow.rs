@@ -128,6 +128,29 @@ async fn a_worker_killed_mid_flight_loses_nothing_and_charges_nobody_twice() {
     cluster.shutdown().await;
 }
 
+/// Settings that conflict are reported, all of them, before the worker touches the database or the broker
+/// (both unreachable here: their errors must not hide the settings').
+#[tokio::test]
+async fn a_worker_with_conflicting_settings_names_them_all_and_does_not_start() {
+    let closed = choreo_testkit::free_port();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_order-worker"))
+        .env("AMQP_URL", format!("amqp://guest:guest@127.0.0.1:{closed}/%2f"))
+        .env("DATABASE_URL", format!("postgres://choreo:choreo@127.0.0.1:{closed}/postgres"))
+        .env("CHOREO_INBOX_RETENTION", "30s")
+        .env("CHOREO_RELAY_SWEEP", "0s")
+        .env("CHOREO_METRICS_ADDR", "127.0.0.1:0")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output).await.expect("exits at once").expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("invalid settings"), "{stderr}");
+    assert!(stderr.contains("CHOREO_INBOX_RETENTION") && stderr.contains("CHOREO_RELAY_SWEEP"), "{stderr}");
+    let prefetch = tokio::process::Command::new(env!("CARGO_BIN_EXE_order-worker")).env("CHOREO_PREFETCH", "0").output().await.expect("runs");
+    let stderr = String::from_utf8_lossy(&prefetch.stderr);
+    assert!(!prefetch.status.success() && stderr.contains("--prefetch"), "{stderr}");
+}
+
 #[tokio::test]
 async fn sigterm_drains_and_exits_cleanly() {
     let mut cluster = Cluster::start().await;

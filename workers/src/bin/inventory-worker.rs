@@ -4,7 +4,7 @@ use anyhow::{Context, anyhow};
 use clap::Parser;
 use choreo_workers::config::CommonArgs;
 use choreo_workers::inventory::{DEFAULT_CATALOGUE, InventoryService, MIGRATIONS, parse_catalogue, seed_catalogue};
-use choreo_workers::runtime::{prepare_database, run_worker, shutdown_on_signals};
+use choreo_workers::runtime::{check_settings, prepare_database, run_worker, shutdown_on_signals};
 use choreo_workers::telemetry;
 use tracing::info;
 
@@ -24,6 +24,7 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    check_settings(&args.common)?;
     let _telemetry = telemetry::init(args.common.log_format, "inventory-worker");
     let catalogue = parse_catalogue(&args.catalogue).map_err(|e| anyhow!("CHOREO_INVENTORY_CATALOGUE: {e}"))?;
     let options = args.common.database_options("inventory", args.database_url.as_deref()).context("database URL")?;

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use choreo_workers::config::CommonArgs;
 use choreo_workers::order::{MIGRATIONS, OrderService};
-use choreo_workers::runtime::{prepare_database, run_worker, shutdown_on_signals};
+use choreo_workers::runtime::{check_settings, prepare_database, run_worker, shutdown_on_signals};
 use choreo_workers::telemetry;
 
 #[derive(Debug, Parser)]
@@ -20,6 +20,7 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    check_settings(&args.common)?;
     let _telemetry = telemetry::init(args.common.log_format, "order-worker");
     let options = args.common.database_options("order", args.database_url.as_deref()).context("database URL")?;
     let db = prepare_database(&options, args.common.db_pool_size, &MIGRATIONS).await?;

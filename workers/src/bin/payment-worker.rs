@@ -6,7 +6,7 @@ use choreo_workers::config::CommonArgs;
 use choreo_workers::gateway::SimulatedGateway;
 use choreo_workers::http_gateway::{HttpGateway, HttpGatewayConfig};
 use choreo_workers::payment::{MIGRATIONS, PaymentService};
-use choreo_workers::runtime::{prepare_database, run_worker, shutdown_on_signals};
+use choreo_workers::runtime::{check_settings, prepare_database, run_worker, shutdown_on_signals};
 use choreo_workers::telemetry;
 
 #[derive(Debug, Parser)]
@@ -46,6 +46,7 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    check_settings(&args.common)?;
     let _telemetry = telemetry::init(args.common.log_format, "payment-worker");
     let options = args.common.database_options("payment", args.database_url.as_deref()).context("database URL")?;
     let db = prepare_database(&options, args.common.db_pool_size, &MIGRATIONS).await?;
