@@ -171,6 +171,9 @@ pub struct ConsumerRunner<H> {
     requeued: std::sync::Mutex<HashSet<String>>,
 }
 
+/// How long a session must have consumed to count as a recovery that resets the reconnect backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+
 /// Most ids remembered in [`ConsumerRunner::requeued`]; past it the memory starts again (a few restarts may
 /// then be counted that were requeues, which only matters during long broker trouble).
 const REQUEUED_MEMORY: usize = 10_000;
@@ -215,14 +218,16 @@ impl<H: Handler> ConsumerRunner<H> {
         let fresh_backoff = || ExponentialFactorBackoff::from_millis(200, 2.0).max_delay_millis(10_000).map(jitter);
         let mut backoff = fresh_backoff();
         loop {
-            let mut consumed = false;
-            match self.session(&shutdown, &mut consumed).await {
+            let mut consuming_since = None;
+            match self.session(&shutdown, &mut consuming_since).await {
                 Ok(()) => return Ok(()),
                 Err(SessionError::Topology(e @ TopologyError::Mismatch { .. })) => return Err(e),
                 Err(e) => {
-                    // A session that got as far as consuming was a recovery: the next outage starts the backoff
-                    // again from its shortest delay, instead of where the last one left it.
-                    if consumed {
+                    // A session that consumed for a while was a recovery: the next outage starts the backoff
+                    // again from its shortest delay, instead of where the last one left it. One that failed
+                    // soon after it started (a queue whose leader keeps moving) does not reset it, or the
+                    // worker would reconnect every 200 ms for as long as the trouble lasts.
+                    if consuming_since.is_some_and(|since: Instant| since.elapsed() >= STABLE_SESSION) {
                         backoff = fresh_backoff();
                     }
                     let delay = backoff.next().unwrap_or(Duration::from_secs(10));
@@ -237,8 +242,8 @@ impl<H: Handler> ConsumerRunner<H> {
         }
     }
 
-    /// One consuming session on one channel; `consumed` is set once the broker accepted the consumer.
-    async fn session(&self, shutdown: &CancellationToken, consumed: &mut bool) -> Result<(), SessionError> {
+    /// One consuming session on one channel; `consuming_since` is set once the broker accepted the consumer.
+    async fn session(&self, shutdown: &CancellationToken, consuming_since: &mut Option<Instant>) -> Result<(), SessionError> {
         let channel = open_channel(&self.pool).await?;
         self.topology.declare_worker(&channel, &self.config.queue).await?;
         channel
@@ -253,7 +258,7 @@ impl<H: Handler> ConsumerRunner<H> {
         info!(worker = %self.config.queue.worker, %queue, prefetch = self.config.prefetch,
             concurrency = self.config.concurrency, batch_size = self.config.batch_size, "consuming");
         self.consuming.store(true, Ordering::SeqCst);
-        *consumed = true;
+        *consuming_since = Some(Instant::now());
         let stream_error = std::sync::Mutex::new(None::<String>);
         consumer
             .take_until(shutdown.cancelled())
