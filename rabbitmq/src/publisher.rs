@@ -91,13 +91,15 @@ impl ConfirmingPublisher {
     /// id rather than by which confirm it arrived with: lapin hands returns to whichever confirm resolves
     /// next, which under pipelining can be another message's.
     ///
-    /// The whole batch has one deadline, `confirm_timeout` from its start: opening the channel, writing and
-    /// every confirm. A broker that stops answering fails the batch once, not once per message, so a sweep
-    /// holding its rows' locks, or handlers waiting to dead-letter, are held up for one timeout at most.
+    /// The batch gives up after `confirm_timeout` without progress: opening the channel, each write and each
+    /// confirm push the deadline on, and once it passes everything still outstanding fails at once. A broker
+    /// that stops answering fails the batch after one timeout, not one per message, so a sweep holding its
+    /// rows' locks, or handlers waiting to dead-letter, are held up once; a large batch to a slow but working
+    /// broker is not cut short.
     pub async fn publish_batch(&self, messages: &[Outgoing<'_>]) -> Vec<Result<(), PublishError>> {
         let _turn = self.turn.lock().await;
         let timeout = self.confirm_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let mut deadline = tokio::time::Instant::now() + timeout;
         let channel = match tokio::time::timeout_at(deadline, self.channel()).await {
             Ok(Ok(channel)) => channel,
             Ok(Err(e)) => {
@@ -120,7 +122,10 @@ impl ConfirmingPublisher {
                 message.properties.clone(),
             );
             let sent = match tokio::time::timeout_at(deadline, publish).await {
-                Ok(sent) => sent.map_err(|e| PublishError::from(BrokerError::amqp("basic.publish")(e))),
+                Ok(sent) => {
+                    deadline = tokio::time::Instant::now() + timeout;
+                    sent.map_err(|e| PublishError::from(BrokerError::amqp("basic.publish")(e)))
+                }
                 Err(_) => Err(PublishError::ConfirmTimeout { message_id: message.message_id.clone(), timeout_ms: timeout.as_millis() }),
             };
             pending.push(sent);
@@ -130,7 +135,9 @@ impl ConfirmingPublisher {
         for (sent, message) in pending.into_iter().zip(messages) {
             let result = match sent {
                 Err(e) => Err(e),
-                Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await.inspect(|_| {
+                    deadline = tokio::time::Instant::now() + timeout;
+                }) {
                     Err(_) => Err(PublishError::ConfirmTimeout {
                         message_id: message.message_id.clone(),
                         timeout_ms: timeout.as_millis(),
