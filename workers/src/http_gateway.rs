@@ -91,7 +91,10 @@ impl HttpGateway {
         }
         let url = format!("{}/{path}", self.config.base_url.trim_end_matches('/'));
         let strategy = ExponentialFactorBackoff::from_millis(50, 2.0).max_delay_millis(1_000).map(jitter).take(self.config.retries);
+        // Whether the last answer was about this one request ("try again"), not about the provider's health.
+        let about_the_request = std::sync::atomic::AtomicBool::new(false);
         let result = Retry::spawn(strategy, || async {
+            about_the_request.store(false, std::sync::atomic::Ordering::Relaxed);
             let response = self
                 .client
                 .post(&url)
@@ -101,6 +104,9 @@ impl HttpGateway {
                 .await
                 .map_err(|e| RetryError::transient(GatewayError::Unavailable(format!("{path}: {e}"))))?;
             let status = response.status();
+            if is_request_level(status) {
+                about_the_request.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             if is_transient(status) {
                 return Err(RetryError::transient(GatewayError::Unavailable(format!("{path}: HTTP {status}"))));
             }
@@ -112,6 +118,8 @@ impl HttpGateway {
         .await;
         match &result {
             Ok(_) | Err(GatewayError::Rejected(_)) => self.breaker.on_success(),
+            // The provider answered: it is up, this request must wait. Not a failure for the circuit.
+            Err(GatewayError::Unavailable(_)) if about_the_request.load(std::sync::atomic::Ordering::Relaxed) => {}
             Err(GatewayError::Unavailable(e)) => {
                 self.breaker.on_error();
                 if !self.breaker.is_call_permitted() {
@@ -133,6 +141,13 @@ fn is_transient(status: reqwest::StatusCode) -> bool {
             status,
             StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS
         )
+}
+
+/// The "not now" statuses that concern one request, not the provider's health: they are retried but do not
+/// count towards opening the circuit (429, which says the provider is overloaded, does).
+fn is_request_level(status: reqwest::StatusCode) -> bool {
+    use reqwest::StatusCode;
+    matches!(status, StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT | StatusCode::TOO_EARLY)
 }
 
 impl PaymentGateway for HttpGateway {

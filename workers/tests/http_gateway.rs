@@ -126,6 +126,20 @@ async fn transient_errors_are_retried_and_timeouts_and_rejections_are_classified
     assert_eq!(provider.hits.load(Ordering::SeqCst), before + 2, "the conflict was retried");
 }
 
+/// Conflicts concern one request: however many, they do not open the circuit for every payment.
+#[tokio::test]
+async fn conflicts_do_not_open_the_circuit() {
+    let (provider, url) = start_provider(true).await;
+    let g = gateway(&url, 1, 2);
+    provider.in_progress.store(100, Ordering::SeqCst);
+    for _ in 0..3 {
+        assert!(matches!(g.charge(charge(Uuid::now_v7(), "c")).await, Err(GatewayError::Unavailable(ref e)) if e.contains("409")));
+    }
+    provider.in_progress.store(0, Ordering::SeqCst);
+    let charged = g.charge(charge(Uuid::now_v7(), "c")).await;
+    assert!(matches!(charged, Ok(ChargeResult::Charged { .. })), "the circuit stayed closed: {charged:?}");
+}
+
 #[tokio::test]
 async fn the_circuit_opens_after_consecutive_failures_and_closes_after_a_good_trial() {
     let (provider, url) = start_provider(false).await;
