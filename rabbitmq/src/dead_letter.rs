@@ -63,11 +63,12 @@ pub fn dead_letter_properties(delivery: &Delivery, failure: &Failure<'_>) -> Bas
     kept_properties(&delivery.properties).with_headers(table).with_delivery_mode(2)
 }
 
-/// The original properties a failed message keeps, all but two, as RabbitMQ's own dead-lettering does: its
-/// `expiration` (a dead-letter queue has no dead-letter exchange: an expiring copy would vanish, and a
-/// retry queue's delay is its own TTL) and its `user_id` (the broker checks it against the publishing
-/// connection's user, which is now the worker's: a client's user id would close the channel).
-fn kept_properties(p: &BasicProperties) -> BasicProperties {
+/// The properties a message keeps when we publish it again (dead letter, retry, replay, export and import):
+/// all but two, as RabbitMQ's own dead-lettering does. Not its `expiration` (a dead-letter queue has no
+/// dead-letter exchange: an expiring copy would vanish, and a retry queue's delay is its own TTL), nor its
+/// `user_id` (the broker checks it against the publishing connection's user, which is now ours: another
+/// user's id would close the channel). Headers are kept as they are.
+pub fn kept_properties(p: &BasicProperties) -> BasicProperties {
     let mut kept = BasicProperties::default();
     if let Some(v) = p.content_type() {
         kept = kept.with_content_type(v.clone());
@@ -98,6 +99,12 @@ fn kept_properties(p: &BasicProperties) -> BasicProperties {
     }
     if let Some(v) = p.cluster_id() {
         kept = kept.with_cluster_id(v.clone());
+    }
+    if let Some(v) = p.headers() {
+        kept = kept.with_headers(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        kept = kept.with_delivery_mode(*v);
     }
     kept
 }

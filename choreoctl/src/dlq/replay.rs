@@ -12,6 +12,7 @@ use std::time::Duration;
 use chrono::{SecondsFormat, Utc};
 use choreo_rabbitmq::ConfirmingPublisher;
 use choreo_rabbitmq::dead_letter::headers as dl;
+use choreo_rabbitmq::dead_letter::kept_properties;
 use choreo_rabbitmq::lapin::BasicProperties;
 use choreo_rabbitmq::lapin::message::Delivery;
 use choreo_rabbitmq::lapin::options::BasicAckOptions;
@@ -141,7 +142,7 @@ fn replay_properties(delivery: &Delivery) -> BasicProperties {
     let mut headers: FieldTable = inner.into();
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
     headers.insert(dl::REPLAYED_AT.into(), AMQPValue::LongString(LongString::from(now)));
-    delivery.properties.clone().with_headers(headers)
+    kept_properties(&delivery.properties).with_headers(headers)
 }
 
 /// How `dlq replay` runs.
@@ -307,6 +308,22 @@ mod tests {
         assert_eq!(worker_of("choreo.payment.dlq", "choreo").as_deref(), Some("payment"));
         assert_eq!(worker_of("other.payment.dlq", "choreo"), None);
         assert_eq!(worker_of("choreo.payment", "choreo"), None);
+    }
+
+    /// A letter the broker dead-lettered keeps the client's `user_id` (and could carry an `expiration`): a
+    /// replay under our own user must drop both, or the broker closes the channel or the copy expires.
+    #[test]
+    fn a_replay_drops_expiration_and_user_id_and_is_marked() {
+        let mut d = Delivery::mock(1, "".into(), "choreo.payment.dlq".into(), false, b"{}".to_vec());
+        d.properties = BasicProperties::default()
+            .with_message_id("m1".into())
+            .with_type("order.created".into())
+            .with_user_id("shop-client".into())
+            .with_expiration("60000".into());
+        let p = replay_properties(&d);
+        assert_eq!((p.user_id(), p.expiration()), (&None, &None));
+        assert_eq!(p.message_id().as_ref().map(|m| m.as_str()), Some("m1"));
+        assert!(p.headers().as_ref().is_some_and(|h| h.contains_key(dl::REPLAYED_AT)));
     }
 
     fn held(n: u64) -> Vec<Delivery> {

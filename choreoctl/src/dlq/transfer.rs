@@ -14,6 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use choreo_rabbitmq::ConfirmingPublisher;
 use choreo_rabbitmq::codec::headers_to_republish;
+use choreo_rabbitmq::dead_letter::kept_properties;
 use choreo_rabbitmq::lapin::BasicProperties;
 use choreo_rabbitmq::publisher::Outgoing;
 use serde::{Deserialize, Serialize};
@@ -48,11 +49,13 @@ pub async fn export(broker: &BrokerArgs, queue: &str, filter: &Filter) -> anyhow
 }
 
 /// The message's own properties: without the delivery count the broker adds when it delivers from a
-/// quorum queue (it counts our reads, not anything about the message).
+/// quorum queue (it counts our reads, not anything about the message), and without the `expiration` and
+/// `user_id` that would make the imported copy vanish or be refused (see [`kept_properties`]).
 fn exported_properties(properties: &BasicProperties) -> BasicProperties {
+    let kept = kept_properties(properties);
     match properties.headers() {
-        Some(_) => properties.clone().with_headers(headers_to_republish(properties)),
-        None => properties.clone(),
+        Some(_) => kept.with_headers(headers_to_republish(properties)),
+        None => kept,
     }
 }
 
@@ -141,4 +144,20 @@ pub async fn import(broker: &BrokerArgs, file: &Path, queue: Option<String>, jso
         }
     }
     Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_PARTIAL) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_keeps_what_an_import_can_publish_under_another_user() {
+        let p = BasicProperties::default()
+            .with_message_id("m1".into())
+            .with_user_id("shop-client".into())
+            .with_expiration("60000".into());
+        let exported = exported_properties(&p);
+        assert_eq!((exported.user_id(), exported.expiration()), (&None, &None));
+        assert_eq!(exported.message_id().as_ref().map(|m| m.as_str()), Some("m1"));
+    }
 }
