@@ -76,6 +76,10 @@ pub enum DecodeError {
     MissingMetadata(&'static str),
     #[error("unknown message type `{0}`")]
     UnknownType(String),
+    /// Published to the events exchange with a routing key other than its type: it reached a queue bound
+    /// for another type, and handling it as its `type` would act on what no one sent that queue.
+    #[error("type `{message_type}` was published with routing key `{routing_key}`; the routing key must be the type")]
+    TypeNotRoutingKey { message_type: String, routing_key: String },
     #[error("`{message_type}` schema version {version} is not supported (supported: {supported})")]
     UnsupportedSchemaVersion { message_type: String, version: u32, supported: u32 },
     #[error("`{message_type}` is invalid: {reason}")]
@@ -90,7 +94,7 @@ impl DecodeError {
             DecodeError::MalformedBody { .. } => ErrorKind::MalformedBody,
             DecodeError::WrongContentType(_) => ErrorKind::WrongContentType,
             DecodeError::MissingMetadata(_) => ErrorKind::MissingMetadata,
-            DecodeError::UnknownType(_) => ErrorKind::UnknownType,
+            DecodeError::UnknownType(_) | DecodeError::TypeNotRoutingKey { .. } => ErrorKind::UnknownType,
             DecodeError::UnsupportedSchemaVersion { .. } => ErrorKind::UnsupportedSchemaVersion,
             DecodeError::ValidationFailed { .. } => ErrorKind::ValidationFailed,
             DecodeError::Oversized { .. } => ErrorKind::Oversized,

@@ -103,6 +103,34 @@ pub fn decode_delivery(properties: &BasicProperties, body: &[u8], max_body_bytes
     EncodedEnvelope { meta, body: body.to_vec() }.decode()
 }
 
+/// The routing key a message was published with must be its type (the contract routes by type). Known
+/// for what came through the events exchange, and for what a worker parked or dead-lettered and sent back
+/// (its `choreo-original-routing-key`); unknown, and not checked, for a message published straight to a
+/// queue.
+pub fn check_routing_key(
+    exchange: &str,
+    routing_key: &str,
+    properties: &BasicProperties,
+    events_exchange: &str,
+    message_type: &str,
+) -> Result<(), DecodeError> {
+    let published_with = if exchange == events_exchange {
+        Some(routing_key.to_owned())
+    } else {
+        properties
+            .headers()
+            .as_ref()
+            .and_then(|h| header_string(h, crate::dead_letter::headers::ORIGINAL_ROUTING_KEY))
+    };
+    match published_with {
+        Some(key) if key != message_type => Err(DecodeError::TypeNotRoutingKey {
+            message_type: message_type.chars().take(128).collect(),
+            routing_key: key.chars().take(128).collect(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 pub(crate) fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
@@ -174,6 +202,23 @@ pub fn headers_to_republish(properties: &BasicProperties) -> FieldTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_routing_key_a_message_was_published_with_must_be_its_type() {
+        let none = BasicProperties::default();
+        assert!(check_routing_key("ns.events", "order.place", &none, "ns.events", "order.place").is_ok());
+        let wrong = check_routing_key("ns.events", "order.place", &none, "ns.events", "payment.failed").expect_err("mismatch");
+        assert_eq!(wrong.kind(), choreo_messages::ErrorKind::UnknownType);
+        assert!(wrong.to_string().contains("routing key `order.place`"), "{wrong}");
+        // Back from a delay queue or a replay: the default exchange, the key it was first published with.
+        let mut h = FieldTable::default();
+        h.insert(crate::dead_letter::headers::ORIGINAL_ROUTING_KEY.into(), long("order.place"));
+        let parked = BasicProperties::default().with_headers(h);
+        assert!(check_routing_key("", "ns.order", &parked, "ns.events", "order.place").is_ok());
+        assert!(check_routing_key("", "ns.order", &parked, "ns.events", "payment.failed").is_err());
+        // Published straight to the queue: nothing to compare.
+        assert!(check_routing_key("", "ns.order", &none, "ns.events", "payment.failed").is_ok());
+    }
     use choreo_messages::payloads::{OrderConfirmed};
     use choreo_messages::{ErrorKind, Message};
     use lapin::types::ByteArray;

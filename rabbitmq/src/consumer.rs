@@ -39,7 +39,7 @@ use tokio_retry2::strategy::{ExponentialFactorBackoff, jitter};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::codec::{DELIVERY_COUNT, decode_delivery, properties_header_u32};
+use crate::codec::{DELIVERY_COUNT, check_routing_key, decode_delivery, properties_header_u32};
 use crate::connection::{BrokerPool, open_channel};
 use crate::dead_letter::{Failure, dead_letter, delay_for_retry, recorded_attempts, recorded_retries};
 use crate::publisher::ConfirmingPublisher;
@@ -169,6 +169,7 @@ pub struct ConsumerRunner<H> {
     /// Ids of messages this process itself put back in the queue (it could not park or dead-letter them):
     /// their redelivery is not a restart, and must not count towards the crash limit.
     requeued: std::sync::Mutex<HashSet<String>>,
+    events_exchange: String,
 }
 
 /// How long a session must have consumed to count as a recovery that resets the reconnect backoff.
@@ -195,7 +196,9 @@ impl<H: Handler> ConsumerRunner<H> {
         for stage in ["in_process", "delayed"] {
             metrics::counter!("choreo_retries_total", "worker" => config.queue.worker.clone(), "stage" => stage).increment(0);
         }
+        let events_exchange = topology.events_exchange();
         ConsumerRunner {
+            events_exchange,
             pool,
             publisher,
             topology,
@@ -306,7 +309,7 @@ impl<H: Handler> ConsumerRunner<H> {
                 alone.push(delivery);
                 continue;
             }
-            match decode_delivery(&delivery.properties, &delivery.data, self.config.max_body_bytes) {
+            match self.decode(&delivery) {
                 Ok(envelope) => {
                     envelopes.push(envelope);
                     valid.push(delivery);
@@ -392,8 +395,21 @@ impl<H: Handler> ConsumerRunner<H> {
             .increment(1);
     }
 
+    /// The delivery's envelope, decoded strictly, published with its type as routing key.
+    fn decode(&self, delivery: &Delivery) -> Result<Envelope, choreo_messages::DecodeError> {
+        let envelope = decode_delivery(&delivery.properties, &delivery.data, self.config.max_body_bytes)?;
+        check_routing_key(
+            delivery.exchange.as_str(),
+            delivery.routing_key.as_str(),
+            &delivery.properties,
+            &self.events_exchange,
+            &envelope.meta.message_type,
+        )?;
+        Ok(envelope)
+    }
+
     async fn settle(&self, delivery: Delivery) -> Settled {
-        let envelope = match decode_delivery(&delivery.properties, &delivery.data, self.config.max_body_bytes) {
+        let envelope = match self.decode(&delivery) {
             Ok(envelope) => envelope,
             Err(e) => {
                 warn!(error_kind = %e.kind(), error = %e, "message breaks the contract; dead-lettering");

@@ -470,6 +470,21 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_goes_on() {
         .publish(Outgoing { exchange: &exchange, routing_key: "order.place", properties: props, body, message_id: garbage_id.clone() })
         .await
         .expect("garbage accepted by the broker");
+    // A valid `payment.failed` published under the routing key `order.place`: the order worker consumes both
+    // types, but must not handle it as a payment failure that no one routed to it.
+    let order_id = Uuid::now_v7();
+    let misrouted = Envelope::new_command(
+        Message::PaymentFailed(choreo_messages::payloads::PaymentFailed {
+            order_id,
+            reason: choreo_messages::payloads::PaymentFailureReason::CardDeclined,
+        }),
+        "payment",
+        Some(order_id),
+    )
+    .encode();
+    let mut outgoing = Outgoing::envelope(&exchange, &misrouted);
+    outgoing.routing_key = "order.place";
+    publisher.publish(outgoing).await.expect("misrouted accepted by the broker");
     let good = order("cust-1", &[("sku-001", 1, 100)]);
     cluster.place(std::slice::from_ref(&good)).await;
     cluster.wait_terminal(&[good.order_id], Duration::from_secs(60)).await;
@@ -477,21 +492,31 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_goes_on() {
     let conn = Connection::connect(&cluster.infra.amqp_url, ConnectionProperties::default()).await.expect("conn");
     let channel = conn.create_channel().await.expect("channel");
     let dlq = cluster.topology.dead_letter_queue("order");
-    let letter = wait_for("the dead letter", Duration::from_secs(30), || async {
-        channel
-            .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| "empty".to_string())
-    })
-    .await;
+    // Both dead letters, in whichever order the worker settled them.
+    let mut letters = std::collections::HashMap::new();
+    while letters.len() < 2 {
+        let letter = wait_for("the dead letters", Duration::from_secs(30), || async {
+            channel
+                .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "empty".to_string())
+        })
+        .await;
+        let id = letter.delivery.properties.message_id().as_ref().map(|m| m.to_string()).expect("message id");
+        letters.insert(id, letter);
+    }
+    let letter = letters.remove(&garbage_id).expect("the garbage's dead letter");
     assert_eq!(letter.delivery.data, body, "the body is kept byte for byte");
     let headers = letter.delivery.properties.headers().clone().expect("headers");
     assert_eq!(header_string(&headers, dl::ERROR_KIND).as_deref(), Some("malformed_body"));
     assert_eq!(header_string(&headers, dl::WORKER).as_deref(), Some("order"));
     assert_eq!(header_string(&headers, dl::ORIGINAL_ROUTING_KEY).as_deref(), Some("order.place"));
     assert!(header_string(&headers, dl::ERROR).is_some_and(|e| e.contains("not valid JSON")));
-    assert_eq!(letter.delivery.properties.message_id().as_ref().map(|m| m.to_string()), Some(garbage_id));
+    let letter = letters.remove(&misrouted.meta.message_id.to_string()).expect("the misrouted message's dead letter");
+    let headers = letter.delivery.properties.headers().clone().expect("headers");
+    assert_eq!(header_string(&headers, dl::ERROR_KIND).as_deref(), Some("unknown_type"));
+    assert!(header_string(&headers, dl::ERROR).is_some_and(|e| e.contains("routing key")), "{headers:?}");
     let _ = conn.close(200, "ok".into()).await;
     cluster.shutdown().await;
 }
