@@ -17,7 +17,7 @@ pub const MAX_ID_LEN: usize = 128;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrderLine {
-    /// Stock keeping unit, 1 to 128 characters.
+    /// Stock keeping unit, 1 to 128 bytes of UTF-8.
     pub sku: String,
     /// Units ordered, 1 to 10000.
     pub quantity: u32,
@@ -31,7 +31,7 @@ pub struct OrderLine {
 pub struct PlaceOrder {
     /// Chosen by the client; placing the same order id twice creates one order.
     pub order_id: Uuid,
-    /// 1 to 128 characters.
+    /// 1 to 128 bytes of UTF-8.
     pub customer_id: String,
     /// ISO 4217 code, three upper-case letters.
     pub currency: String,

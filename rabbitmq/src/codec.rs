@@ -60,9 +60,15 @@ pub fn metadata_from(properties: &BasicProperties) -> Result<Metadata, DecodeErr
         Some(c) => Uuid::parse_str(c.as_str()).map_err(|_| DecodeError::MissingMetadata("property correlation_id (a UUID)"))?,
         None => message_id,
     };
-    let causation_id = match header_string(table, headers::CAUSATION_ID) {
-        Some(c) => Some(Uuid::parse_str(&c).map_err(|_| DecodeError::MissingMetadata("header causation-id (a UUID)"))?),
-        None => None,
+    // Absent is fine (a command starts a workflow); present but unreadable (not text, not UTF-8, not a UUID)
+    // breaks the contract rather than passing as absent.
+    let causation_id = match table.inner().get(headers::CAUSATION_ID) {
+        None | Some(AMQPValue::Void) => None,
+        Some(_) => {
+            let text = header_string(table, headers::CAUSATION_ID)
+                .ok_or(DecodeError::MissingMetadata("header causation-id (a UUID)"))?;
+            Some(Uuid::parse_str(&text).map_err(|_| DecodeError::MissingMetadata("header causation-id (a UUID)"))?)
+        }
     };
     let producer = header_string(table, headers::PRODUCER)
         .or_else(|| properties.app_id().as_ref().map(|a| a.to_string()))
@@ -202,6 +208,22 @@ pub fn headers_to_republish(properties: &BasicProperties) -> FieldTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_causation_id_that_is_present_but_unreadable_is_refused_not_dropped() {
+        let e = envelope().encode();
+        let with = |value: AMQPValue| {
+            let mut props = properties_for(&e.meta);
+            let mut h = props.headers().clone().unwrap_or_default();
+            h.insert(headers::CAUSATION_ID.into(), value);
+            props = props.with_headers(h);
+            decode_delivery(&props, &e.body, 1024)
+        };
+        let bytes = with(AMQPValue::ByteArray(ByteArray::from(vec![0xff_u8; 16]))).expect_err("16 raw bytes, not UTF-8");
+        assert_eq!(bytes.kind(), ErrorKind::MissingMetadata);
+        assert_eq!(with(AMQPValue::LongLongInt(7)).expect_err("a number").kind(), ErrorKind::MissingMetadata);
+        assert!(with(AMQPValue::Void).expect("void is absent").meta.causation_id.is_none());
+    }
 
     #[test]
     fn the_routing_key_a_message_was_published_with_must_be_its_type() {

@@ -412,7 +412,11 @@ impl<H: Handler> ConsumerRunner<H> {
         let envelope = match self.decode(&delivery) {
             Ok(envelope) => envelope,
             Err(e) => {
-                warn!(error_kind = %e.kind(), error = %e, "message breaks the contract; dead-lettering");
+                // The error can quote the body (serde names the offending value): a log line stays short, as
+                // the dead letter's error header does.
+                let error = e.to_string();
+                warn!(error_kind = %e.kind(), error = crate::codec::truncate_utf8(&error, crate::dead_letter::MAX_ERROR_BYTES),
+                    "message breaks the contract; dead-lettering");
                 return self.reject(&delivery, e.kind(), &e.to_string(), 1).await;
             }
         };
