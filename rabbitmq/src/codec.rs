@@ -109,10 +109,12 @@ pub fn decode_delivery(properties: &BasicProperties, body: &[u8], max_body_bytes
     EncodedEnvelope { meta, body: body.to_vec() }.decode()
 }
 
-/// The routing key a message was published with must be its type (the contract routes by type). Known
-/// for what came through the events exchange, and for what a worker parked or dead-lettered and sent back
-/// (its `choreo-original-routing-key`); unknown, and not checked, for a message published straight to a
-/// queue.
+/// The routing key a message was published to the events exchange with must be its type (the contract
+/// routes by type). Known for what comes through the events exchange, and for what a worker parked or
+/// dead-lettered after it came that way and that comes back through the default exchange (its
+/// `choreo-original-exchange` is the events exchange, `choreo-original-routing-key` the key). Not checked
+/// for a message that was published straight to a queue, then or originally: its routing key is the queue's
+/// name, not a type.
 pub fn check_routing_key(
     exchange: &str,
     routing_key: &str,
@@ -120,13 +122,15 @@ pub fn check_routing_key(
     events_exchange: &str,
     message_type: &str,
 ) -> Result<(), DecodeError> {
+    use crate::dead_letter::headers::{ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY};
     let published_with = if exchange == events_exchange {
         Some(routing_key.to_owned())
     } else {
         properties
             .headers()
             .as_ref()
-            .and_then(|h| header_string(h, crate::dead_letter::headers::ORIGINAL_ROUTING_KEY))
+            .filter(|h| header_string(h, ORIGINAL_EXCHANGE).as_deref() == Some(events_exchange))
+            .and_then(|h| header_string(h, ORIGINAL_ROUTING_KEY))
     };
     match published_with {
         Some(key) if key != message_type => Err(DecodeError::TypeNotRoutingKey {
@@ -233,13 +237,18 @@ mod tests {
         assert_eq!(wrong.kind(), choreo_messages::ErrorKind::UnknownType);
         assert!(wrong.to_string().contains("routing key `order.place`"), "{wrong}");
         // Back from a delay queue or a replay: the default exchange, the key it was first published with.
-        let mut h = FieldTable::default();
-        h.insert(crate::dead_letter::headers::ORIGINAL_ROUTING_KEY.into(), long("order.place"));
-        let parked = BasicProperties::default().with_headers(h);
+        let origin = |exchange: &str, key: &str| {
+            let mut h = FieldTable::default();
+            h.insert(crate::dead_letter::headers::ORIGINAL_EXCHANGE.into(), long(exchange));
+            h.insert(crate::dead_letter::headers::ORIGINAL_ROUTING_KEY.into(), long(key));
+            BasicProperties::default().with_headers(h)
+        };
+        let parked = origin("ns.events", "order.place");
         assert!(check_routing_key("", "ns.order", &parked, "ns.events", "order.place").is_ok());
         assert!(check_routing_key("", "ns.order", &parked, "ns.events", "payment.failed").is_err());
-        // Published straight to the queue: nothing to compare.
+        // Published straight to the queue, now or before it was parked or replayed: nothing to compare.
         assert!(check_routing_key("", "ns.order", &none, "ns.events", "payment.failed").is_ok());
+        assert!(check_routing_key("", "ns.order", &origin("", "ns.order"), "ns.events", "order.place").is_ok());
     }
     use choreo_messages::payloads::{OrderConfirmed};
     use choreo_messages::{ErrorKind, Message};

@@ -749,6 +749,69 @@ async fn a_message_the_worker_requeued_itself_is_not_counted_as_a_crash() {
     infra.delete_broker_objects(&topology.queue_names("order", &[delay]), &topology.exchange_names()).await;
 }
 
+/// Fails the first time (a dependency blips), then succeeds.
+#[derive(Default)]
+struct FailsOnce {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Handler for FailsOnce {
+    async fn handle(&self, _: &Envelope) -> Outcome {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 { Outcome::Retry { reason: "blip".into() } } else { Outcome::Done }
+    }
+}
+
+/// A message published straight to a worker's queue (a replay of a letter only the broker wrote, an import)
+/// has the queue's name as routing key. Parked for a delayed retry, it comes back with that origin recorded:
+/// it must be handled, not dead-lettered because its routing key is not its type.
+#[tokio::test]
+async fn a_message_published_straight_to_the_queue_survives_a_delayed_retry() {
+    let infra = Infra::from_env();
+    let topology = Topology::new(unique_namespace());
+    let broker = connect_pool(&infra.amqp_url, "test", 2).expect("pool");
+    let delay = Duration::from_millis(200);
+    let queue = WorkerQueue { worker: "order".into(), routing_keys: vec!["order.created".into()], delivery_limit: 10, retry_delays: vec![delay] };
+    let mut config = ConsumerConfig::new(queue);
+    config.handler_retries = 0;
+    let handler = Arc::new(FailsOnce::default());
+    let publisher = Arc::new(ConfirmingPublisher::new(broker.clone(), Duration::from_secs(5)));
+    let runner = Arc::new(ConsumerRunner::new(broker.clone(), Arc::clone(&publisher), topology.clone(), config, Arc::clone(&handler)));
+    let shutdown = CancellationToken::new();
+    let consuming = runner.consuming_flag();
+    let running = tokio::spawn({
+        let runner = Arc::clone(&runner);
+        let shutdown = shutdown.clone();
+        async move { runner.run(shutdown).await }
+    });
+    wait_for("consuming", Duration::from_secs(30), || async {
+        if consuming.load(Ordering::SeqCst) { Ok(()) } else { Err("not yet") }
+    })
+    .await;
+    let message = order_created().encode();
+    let worker_queue = topology.worker_queue("order");
+    let mut straight = Outgoing::envelope("", &message);
+    straight.routing_key = &worker_queue;
+    publisher.publish(straight).await.expect("published to the queue");
+    wait_for("handled after its delayed retry", Duration::from_secs(30), || async {
+        let calls = handler.calls.load(Ordering::SeqCst);
+        if calls >= 2 { Ok(()) } else { Err(calls) }
+    })
+    .await;
+    shutdown.cancel();
+    running.await.expect("join").expect("consumer stops");
+    let conn = Connection::connect(&infra.amqp_url, ConnectionProperties::default()).await.expect("conn");
+    let channel = conn.create_channel().await.expect("channel");
+    let dlq = topology.dead_letter_queue("order");
+    let letters = channel
+        .queue_declare(dlq.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("dead-letter queue")
+        .message_count();
+    assert_eq!(letters, 0, "not dead-lettered");
+    let _ = conn.close(200, "ok".into()).await;
+    infra.delete_broker_objects(&topology.queue_names("order", &[delay]), &topology.exchange_names()).await;
+}
+
 struct NeverCalled;
 
 impl Handler for NeverCalled {
