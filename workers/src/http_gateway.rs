@@ -91,10 +91,10 @@ impl HttpGateway {
         }
         let url = format!("{}/{path}", self.config.base_url.trim_end_matches('/'));
         let strategy = ExponentialFactorBackoff::from_millis(50, 2.0).max_delay_millis(1_000).map(jitter).take(self.config.retries);
-        // Whether the last answer was about this one request ("try again"), not about the provider's health.
-        let about_the_request = std::sync::atomic::AtomicBool::new(false);
+        // Whether any attempt failed for the provider's sake (no answer, a 5xx, a 429), not only because this
+        // one request must wait ("try again": 408, 409, 425).
+        let provider_failed = std::sync::atomic::AtomicBool::new(false);
         let result = Retry::spawn(strategy, || async {
-            about_the_request.store(false, std::sync::atomic::Ordering::Relaxed);
             let response = self
                 .client
                 .post(&url)
@@ -102,10 +102,13 @@ impl HttpGateway {
                 .json(body)
                 .send()
                 .await
-                .map_err(|e| RetryError::transient(GatewayError::Unavailable(format!("{path}: {e}"))))?;
+                .map_err(|e| {
+                    provider_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    RetryError::transient(GatewayError::Unavailable(format!("{path}: {e}")))
+                })?;
             let status = response.status();
-            if is_request_level(status) {
-                about_the_request.store(true, std::sync::atomic::Ordering::Relaxed);
+            if is_transient(status) && !is_request_level(status) {
+                provider_failed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             if is_transient(status) {
                 return Err(RetryError::transient(GatewayError::Unavailable(format!("{path}: HTTP {status}"))));
@@ -119,7 +122,7 @@ impl HttpGateway {
         match &result {
             Ok(_) | Err(GatewayError::Rejected(_)) => self.breaker.on_success(),
             // The provider answered: it is up, this request must wait. Not a failure for the circuit.
-            Err(GatewayError::Unavailable(_)) if about_the_request.load(std::sync::atomic::Ordering::Relaxed) => {}
+            Err(GatewayError::Unavailable(_)) if !provider_failed.load(std::sync::atomic::Ordering::Relaxed) => {}
             Err(GatewayError::Unavailable(e)) => {
                 self.breaker.on_error();
                 if !self.breaker.is_call_permitted() {

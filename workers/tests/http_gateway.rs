@@ -25,6 +25,8 @@ struct Provider {
     reject: AtomicBool,
     /// Answers this many calls with 409: the same idempotency key is still being processed.
     in_progress: AtomicUsize,
+    /// Statuses to answer the next calls with, first to last, before anything else.
+    scripted: Mutex<std::collections::VecDeque<StatusCode>>,
     hits: AtomicUsize,
     failures: AtomicUsize,
     keys: Mutex<Vec<String>>,
@@ -37,6 +39,10 @@ async fn charges(State(p): State<Arc<Provider>>, headers: HeaderMap, Json(body):
     p.keys.lock().expect("lock").push(key.clone());
     if p.slow.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let scripted = p.scripted.lock().expect("lock").pop_front();
+    if let Some(status) = scripted {
+        return (status, Json(serde_json::json!({"error": "scripted"})));
     }
     if p.in_progress.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
         return (StatusCode::CONFLICT, Json(serde_json::json!({"error": "a request with this idempotency key is in progress"})));
@@ -138,6 +144,16 @@ async fn conflicts_do_not_open_the_circuit() {
     provider.in_progress.store(0, Ordering::SeqCst);
     let charged = g.charge(charge(Uuid::now_v7(), "c")).await;
     assert!(matches!(charged, Ok(ChargeResult::Charged { .. })), "the circuit stayed closed: {charged:?}");
+
+    // A call that met a 503 before its last attempt's 409 did fail for the provider's sake: it counts.
+    for _ in 0..2 {
+        provider.scripted.lock().expect("lock").extend([StatusCode::SERVICE_UNAVAILABLE, StatusCode::CONFLICT]);
+        assert!(matches!(g.charge(charge(Uuid::now_v7(), "c")).await, Err(GatewayError::Unavailable(ref e)) if e.contains("409")));
+    }
+    let hits = provider.hits.load(Ordering::SeqCst);
+    let refused = g.charge(charge(Uuid::now_v7(), "c")).await;
+    assert!(matches!(refused, Err(GatewayError::Unavailable(ref e)) if e.contains("circuit open")), "{refused:?}");
+    assert_eq!(provider.hits.load(Ordering::SeqCst), hits, "the open circuit spared the provider");
 }
 
 #[tokio::test]
