@@ -19,6 +19,9 @@ use crate::codec::{properties_for, short};
 use crate::connection::{BrokerPool, open_channel};
 use crate::{BrokerError, PublishError};
 
+/// The longest a batch may take, in confirm timeouts, however steadily its confirms come.
+const BATCH_TIMEOUTS: u32 = 3;
+
 /// One message to publish.
 #[derive(Debug, Clone)]
 pub struct Outgoing<'a> {
@@ -91,15 +94,19 @@ impl ConfirmingPublisher {
     /// id rather than by which confirm it arrived with: lapin hands returns to whichever confirm resolves
     /// next, which under pipelining can be another message's.
     ///
-    /// The batch gives up after `confirm_timeout` without progress: opening the channel, each write and each
-    /// confirm push the deadline on, and once it passes everything still outstanding fails at once. A broker
-    /// that stops answering fails the batch after one timeout, not one per message, so a sweep holding its
-    /// rows' locks, or handlers waiting to dead-letter, are held up once; a large batch to a slow but working
+    /// The batch gives up after `confirm_timeout` without progress (each write and each confirm push the
+    /// deadline on), and after `BATCH_TIMEOUTS` timeouts in all however it progresses; once the deadline
+    /// passes, everything still outstanding fails at once. A broker that stops answering fails the batch
+    /// after one timeout, not one per message, and one that trickles cannot hold it for long: the relay
+    /// holds its rows' locks and handlers wait behind it to dead-letter. A large batch to a slow but working
     /// broker is not cut short.
     pub async fn publish_batch(&self, messages: &[Outgoing<'_>]) -> Vec<Result<(), PublishError>> {
         let _turn = self.turn.lock().await;
         let timeout = self.confirm_timeout;
-        let mut deadline = tokio::time::Instant::now() + timeout;
+        let started = tokio::time::Instant::now();
+        let last_chance = started + timeout * BATCH_TIMEOUTS;
+        let next_deadline = || (tokio::time::Instant::now() + timeout).min(last_chance);
+        let mut deadline = started + timeout;
         let channel = match tokio::time::timeout_at(deadline, self.channel()).await {
             Ok(Ok(channel)) => channel,
             Ok(Err(e)) => {
@@ -123,7 +130,7 @@ impl ConfirmingPublisher {
             );
             let sent = match tokio::time::timeout_at(deadline, publish).await {
                 Ok(sent) => {
-                    deadline = tokio::time::Instant::now() + timeout;
+                    deadline = next_deadline();
                     sent.map_err(|e| PublishError::from(BrokerError::amqp("basic.publish")(e)))
                 }
                 Err(_) => Err(PublishError::ConfirmTimeout { message_id: message.message_id.clone(), timeout_ms: timeout.as_millis() }),
@@ -136,7 +143,7 @@ impl ConfirmingPublisher {
             let result = match sent {
                 Err(e) => Err(e),
                 Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await.inspect(|_| {
-                    deadline = tokio::time::Instant::now() + timeout;
+                    deadline = next_deadline();
                 }) {
                     Err(_) => Err(PublishError::ConfirmTimeout {
                         message_id: message.message_id.clone(),
