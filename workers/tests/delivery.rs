@@ -675,6 +675,63 @@ async fn a_batch_to_a_broker_that_stopped_answering_fails_within_one_timeout() {
     let _ = direct.close(200, "ok".into()).await;
 }
 
+/// A `ConsumerRunner` for worker `order` with a handler of the test's, consuming in its own namespace.
+struct RunningConsumer {
+    infra: Infra,
+    topology: Topology,
+    publisher: Arc<ConfirmingPublisher>,
+    retry_delays: Vec<Duration>,
+    shutdown: CancellationToken,
+    running: tokio::task::JoinHandle<Result<(), TopologyError>>,
+}
+
+impl RunningConsumer {
+    async fn start<H: Handler>(handler: Arc<H>, retry_delays: Vec<Duration>, configure: impl FnOnce(&mut ConsumerConfig)) -> Self {
+        let infra = Infra::from_env();
+        let topology = Topology::new(unique_namespace());
+        let broker = connect_pool(&infra.amqp_url, "test", 2).expect("pool");
+        let queue = WorkerQueue {
+            worker: "order".into(),
+            routing_keys: vec!["order.created".into()],
+            delivery_limit: 20,
+            retry_delays: retry_delays.clone(),
+        };
+        let mut config = ConsumerConfig::new(queue);
+        configure(&mut config);
+        let publisher = Arc::new(ConfirmingPublisher::new(broker.clone(), Duration::from_secs(5)));
+        let runner = ConsumerRunner::new(broker, Arc::clone(&publisher), topology.clone(), config, handler);
+        let consuming = runner.consuming_flag();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { runner.run(shutdown).await }
+        });
+        wait_for("consuming", Duration::from_secs(30), || async {
+            if consuming.load(Ordering::SeqCst) { Ok(()) } else { Err("not yet") }
+        })
+        .await;
+        RunningConsumer { infra, topology, publisher, retry_delays, shutdown, running }
+    }
+
+    /// Stop consuming; the messages in the worker's dead-letter queue; remove the namespace's queues.
+    async fn stop(self) -> u32 {
+        self.shutdown.cancel();
+        self.running.await.expect("join").expect("consumer stops");
+        let conn = Connection::connect(&self.infra.amqp_url, ConnectionProperties::default()).await.expect("conn");
+        let channel = conn.create_channel().await.expect("channel");
+        let dlq = self.topology.dead_letter_queue("order");
+        let letters = channel
+            .queue_declare(dlq.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .await
+            .expect("dead-letter queue")
+            .message_count();
+        let _ = conn.close(200, "ok".into()).await;
+        let queues = self.topology.queue_names("order", &self.retry_delays);
+        self.infra.delete_broker_objects(&queues, &self.topology.exchange_names()).await;
+        letters
+    }
+}
+
 /// Fails every time, as if a dependency were down; counts what the consumer asks of it.
 #[derive(Default)]
 struct AlwaysDown {
@@ -697,56 +754,31 @@ impl Handler for AlwaysDown {
 /// worker itself. Its redeliveries are not crashes: the crash limit must not dead-letter it as `crashed`.
 #[tokio::test]
 async fn a_message_the_worker_requeued_itself_is_not_counted_as_a_crash() {
-    let infra = Infra::from_env();
-    let ns = unique_namespace();
-    let topology = Topology::new(ns.clone());
-    let broker = connect_pool(&infra.amqp_url, "test", 2).expect("pool");
     let delay = Duration::from_secs(1);
-    let queue = WorkerQueue { worker: "order".into(), routing_keys: vec!["order.created".into()], delivery_limit: 20, retry_delays: vec![delay] };
-    let mut config = ConsumerConfig::new(queue);
-    config.handler_retries = 0;
-    config.requeue_delay = Duration::from_millis(20);
-    config.crash_limit = 1;
     let handler = Arc::new(AlwaysDown::default());
-    let publisher = Arc::new(ConfirmingPublisher::new(broker.clone(), Duration::from_secs(5)));
-    let runner = Arc::new(ConsumerRunner::new(broker.clone(), Arc::clone(&publisher), topology.clone(), config, Arc::clone(&handler)));
-    let shutdown = CancellationToken::new();
-    let consuming = runner.consuming_flag();
-    let running = tokio::spawn({
-        let runner = Arc::clone(&runner);
-        let shutdown = shutdown.clone();
-        async move { runner.run(shutdown).await }
-    });
-    wait_for("consuming", Duration::from_secs(30), || async {
-        if consuming.load(Ordering::SeqCst) { Ok(()) } else { Err("not yet") }
+    let consumer = RunningConsumer::start(Arc::clone(&handler), vec![delay], |config| {
+        config.handler_retries = 0;
+        config.requeue_delay = Duration::from_millis(20);
+        config.crash_limit = 1;
     })
     .await;
     // The delay queue disappears (deleted by hand, say): parking fails and the worker requeues.
-    let conn = Connection::connect(&infra.amqp_url, ConnectionProperties::default()).await.expect("conn");
+    let conn = Connection::connect(&consumer.infra.amqp_url, ConnectionProperties::default()).await.expect("conn");
     let channel = conn.create_channel().await.expect("channel");
-    channel.queue_delete(topology.retry_queue("order", delay).as_str().into(), Default::default()).await.expect("delete delay queue");
+    let delay_queue = consumer.topology.retry_queue("order", delay);
+    channel.queue_delete(delay_queue.as_str().into(), Default::default()).await.expect("delete delay queue");
+    let _ = conn.close(200, "ok".into()).await;
 
     let message = order_created().encode();
-    let exchange = topology.events_exchange();
-    publisher.publish(Outgoing::envelope(&exchange, &message)).await.expect("published");
+    let exchange = consumer.topology.events_exchange();
+    consumer.publisher.publish(Outgoing::envelope(&exchange, &message)).await.expect("published");
     wait_for("four attempts, three of them after a requeue", Duration::from_secs(30), || async {
         let handled = handler.handled.load(Ordering::SeqCst);
         if handled >= 4 { Ok(()) } else { Err(handled) }
     })
     .await;
     assert_eq!(handler.restarts.load(Ordering::SeqCst), 0, "the worker's own requeues are not restarts");
-
-    shutdown.cancel();
-    running.await.expect("join").expect("consumer stops");
-    let dlq = topology.dead_letter_queue("order");
-    let letters = channel
-        .queue_declare(dlq.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
-        .await
-        .expect("dead-letter queue")
-        .message_count();
-    assert_eq!(letters, 0, "not dead-lettered as crashed");
-    let _ = conn.close(200, "ok".into()).await;
-    infra.delete_broker_objects(&topology.queue_names("order", &[delay]), &topology.exchange_names()).await;
+    assert_eq!(consumer.stop().await, 0, "not dead-lettered as crashed");
 }
 
 /// Fails the first time (a dependency blips), then succeeds.
@@ -766,50 +798,22 @@ impl Handler for FailsOnce {
 /// it must be handled, not dead-lettered because its routing key is not its type.
 #[tokio::test]
 async fn a_message_published_straight_to_the_queue_survives_a_delayed_retry() {
-    let infra = Infra::from_env();
-    let topology = Topology::new(unique_namespace());
-    let broker = connect_pool(&infra.amqp_url, "test", 2).expect("pool");
-    let delay = Duration::from_millis(200);
-    let queue = WorkerQueue { worker: "order".into(), routing_keys: vec!["order.created".into()], delivery_limit: 10, retry_delays: vec![delay] };
-    let mut config = ConsumerConfig::new(queue);
-    config.handler_retries = 0;
     let handler = Arc::new(FailsOnce::default());
-    let publisher = Arc::new(ConfirmingPublisher::new(broker.clone(), Duration::from_secs(5)));
-    let runner = Arc::new(ConsumerRunner::new(broker.clone(), Arc::clone(&publisher), topology.clone(), config, Arc::clone(&handler)));
-    let shutdown = CancellationToken::new();
-    let consuming = runner.consuming_flag();
-    let running = tokio::spawn({
-        let runner = Arc::clone(&runner);
-        let shutdown = shutdown.clone();
-        async move { runner.run(shutdown).await }
-    });
-    wait_for("consuming", Duration::from_secs(30), || async {
-        if consuming.load(Ordering::SeqCst) { Ok(()) } else { Err("not yet") }
+    let consumer = RunningConsumer::start(Arc::clone(&handler), vec![Duration::from_millis(200)], |config| {
+        config.handler_retries = 0;
     })
     .await;
     let message = order_created().encode();
-    let worker_queue = topology.worker_queue("order");
+    let worker_queue = consumer.topology.worker_queue("order");
     let mut straight = Outgoing::envelope("", &message);
     straight.routing_key = &worker_queue;
-    publisher.publish(straight).await.expect("published to the queue");
+    consumer.publisher.publish(straight).await.expect("published to the queue");
     wait_for("handled after its delayed retry", Duration::from_secs(30), || async {
         let calls = handler.calls.load(Ordering::SeqCst);
         if calls >= 2 { Ok(()) } else { Err(calls) }
     })
     .await;
-    shutdown.cancel();
-    running.await.expect("join").expect("consumer stops");
-    let conn = Connection::connect(&infra.amqp_url, ConnectionProperties::default()).await.expect("conn");
-    let channel = conn.create_channel().await.expect("channel");
-    let dlq = topology.dead_letter_queue("order");
-    let letters = channel
-        .queue_declare(dlq.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
-        .await
-        .expect("dead-letter queue")
-        .message_count();
-    assert_eq!(letters, 0, "not dead-lettered");
-    let _ = conn.close(200, "ok".into()).await;
-    infra.delete_broker_objects(&topology.queue_names("order", &[delay]), &topology.exchange_names()).await;
+    assert_eq!(consumer.stop().await, 0, "not dead-lettered");
 }
 
 struct NeverCalled;
