@@ -113,7 +113,13 @@ pub async fn run_worker<S: Service>(
     consumer_config.crash_limit = args.crash_limit;
     consumer_config.max_body_bytes = args.max_message_bytes;
     let consumer = ConsumerRunner::new(broker.clone(), Arc::clone(&publisher), topology, consumer_config, handler);
-    let health = HealthState { worker: S::NAME, consuming: consumer.consuming_flag(), db: db.clone(), metrics };
+    // Readiness asks whether the database answers, on a connection of its own: on the handlers' pool it would
+    // wait behind them and report a busy worker as not ready.
+    let probe = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy_with(db.connect_options().as_ref().clone());
+    let health = HealthState { worker: S::NAME, consuming: consumer.consuming_flag(), db: probe.clone(), metrics };
 
     let background = CancellationToken::new();
     let relay_task = tokio::spawn({
@@ -180,6 +186,7 @@ pub async fn run_worker<S: Service>(
         let _ = health_task.await;
         broker.close();
         publishing.close();
+        probe.close().await;
         db.close().await;
     };
     if tokio::time::timeout_at(stop_by.max(tokio::time::Instant::now() + CLOSE_ALLOWANCE), closing).await.is_err() {

@@ -521,6 +521,47 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_goes_on() {
     cluster.shutdown().await;
 }
 
+/// Readiness asks whether the database answers, not whether the handlers' pool has a connection free: a
+/// worker whose handlers hold every connection is busy, not unready.
+#[tokio::test]
+async fn a_worker_whose_handlers_hold_every_database_connection_is_still_ready() {
+    let infra = Infra::from_env();
+    let ns = unique_namespace();
+    let name = format!("{ns}_payment");
+    let db = database(&infra, &name, &payment::MIGRATIONS).await;
+    let mut args = args(&infra, &ns);
+    let port = choreo_testkit::free_port();
+    args.metrics_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn({
+        let db = db.clone();
+        let shutdown = shutdown.clone();
+        async move { run_worker(PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), db, &args, shutdown, |_| {}).await }
+    });
+    let ready = format!("http://127.0.0.1:{port}/health/ready");
+    let client = reqwest::Client::new();
+    wait_for("ready", Duration::from_secs(30), || async {
+        let status = client.get(&ready).send().await.map_err(|e| e.to_string())?.status();
+        if status == reqwest::StatusCode::OK { Ok(()) } else { Err(status.to_string()) }
+    })
+    .await;
+
+    // Every connection of the pool the handlers use is taken (4: the size `database` gives it).
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(db.acquire().await.expect("a connection"));
+    }
+    let reply = client.get(&ready).send().await.expect("readiness answers");
+    let status = reply.status();
+    let body = reply.text().await.unwrap_or_default();
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+
+    drop(held);
+    shutdown.cancel();
+    worker.await.expect("join").expect("worker stops");
+    infra.drop_databases(&[name]).await;
+}
+
 /// A service whose handler never finishes (a lock never granted, a connection gone silent).
 struct Stuck {
     started: Arc<std::sync::atomic::AtomicBool>,
