@@ -28,6 +28,27 @@ pub mod headers {
     pub const RETRIES: &str = "choreo-retries";
     /// Set on messages put back by `choreoctl dlq replay`.
     pub const REPLAYED_AT: &str = "choreo-replayed-at";
+    /// How many times the broker had dead-lettered the message ([`super::broker_dead_letterings`]) when the
+    /// worker wrote the headers above: if the count has grown since, the broker acted after the worker.
+    pub const BROKER_DEATHS_SEEN: &str = "choreo-broker-deaths-seen";
+}
+
+/// How many times the broker dead-lettered the message for a reason other than an expiry (which only sends a
+/// message from a delay queue back to its worker): the sum of the counts of its `x-death` entries. Counts
+/// only grow, while an entry's time stays that of its first event, so comparing counts tells who acted last
+/// where comparing times cannot.
+pub fn broker_dead_letterings(table: &FieldTable) -> i64 {
+    let Some(AMQPValue::FieldArray(entries)) = table.inner().get("x-death") else { return 0 };
+    entries
+        .as_slice()
+        .iter()
+        .filter_map(|entry| match entry {
+            AMQPValue::FieldTable(t) if header_string(t, "reason").as_deref() != Some("expired") => {
+                crate::codec::header_i64(t, "count")
+            }
+            _ => None,
+        })
+        .sum()
 }
 
 /// Longest error text kept in a header, in bytes.
@@ -60,6 +81,7 @@ pub fn dead_letter_properties(delivery: &Delivery, failure: &Failure<'_>) -> Bas
     table.insert(headers::ORIGINAL_ROUTING_KEY.into(), long(&key));
     table.insert(headers::FIRST_FAILURE_AT.into(), long(&first));
     table.insert(headers::LAST_FAILURE_AT.into(), long(&now));
+    table.insert(headers::BROKER_DEATHS_SEEN.into(), AMQPValue::LongLongInt(broker_dead_letterings(&original)));
     kept_properties(&delivery.properties).with_headers(table).with_delivery_mode(2)
 }
 
@@ -218,6 +240,27 @@ mod tests {
         assert_eq!(props.content_type().as_ref().map(|v| v.as_str()), Some("application/json"));
         assert_eq!(props.app_id().as_ref().map(|v| v.as_str()), Some("shop"));
         assert_eq!((*props.timestamp(), *props.priority(), *props.delivery_mode()), (Some(1_700_000_000), Some(3), Some(2)));
+    }
+
+    #[test]
+    fn the_worker_records_how_often_the_broker_had_dead_lettered_the_message() {
+        let entry = |reason: &str, count: i64| {
+            let mut t = FieldTable::default();
+            t.insert("reason".into(), long(reason));
+            t.insert("count".into(), AMQPValue::LongLongInt(count));
+            AMQPValue::FieldTable(t)
+        };
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(vec![entry("delivery_limit", 2), entry("expired", 5), entry("rejected", 1)].into()),
+        );
+        let mut delivery = Delivery::mock(1, "".into(), "ns.order".into(), true, b"{}".to_vec());
+        delivery.properties = BasicProperties::default().with_headers(h);
+        let failure = Failure { worker: "order", kind: ErrorKind::Transient, error: "down", attempts: 1 };
+        let props = dead_letter_properties(&delivery, &failure);
+        let headers = props.headers().clone().unwrap_or_default();
+        assert_eq!(header_i64(&headers, headers::BROKER_DEATHS_SEEN), Some(3), "expiries are not dead-letterings");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 use chrono::{DateTime, Utc};
 use choreo_rabbitmq::codec::{header_i64, header_string};
+use choreo_rabbitmq::dead_letter::broker_dead_letterings;
 use choreo_rabbitmq::dead_letter::headers as dl;
 use choreo_rabbitmq::lapin::message::Delivery;
 use choreo_rabbitmq::lapin::types::{AMQPValue, FieldTable};
@@ -68,7 +69,13 @@ pub fn story(delivery: &Delivery) -> Story {
     let worker_last = time(dl::LAST_FAILURE_AT);
     let replayed_at = header_string(h, dl::REPLAYED_AT);
     let replayed = replayed_at.as_deref().and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&Utc));
-    let by_broker = latest.filter(|_| broker_acted_last(&deaths, worker_kind.is_some(), worker_last, replayed));
+    // Workers record how many times the broker had dead-lettered the message when they wrote their story:
+    // a larger count now is exact proof that the broker acted since. Letters written before workers recorded
+    // it fall back on times.
+    let by_broker = latest.filter(|_| match header_i64(h, dl::BROKER_DEATHS_SEEN) {
+        Some(seen) if worker_kind.is_some() => broker_dead_letterings(h) > seen,
+        _ => broker_acted_last(&deaths, worker_kind.is_some(), worker_last, replayed),
+    });
     let death_times = deaths.iter().filter_map(|d| d.time);
     let first_death = deaths.iter().filter(|d| d.reason.as_deref() != Some(EXPIRED)).filter_map(|d| d.time).min();
     let first_failure_at = match (time(dl::FIRST_FAILURE_AT), first_death) {
@@ -230,6 +237,36 @@ mod tests {
         let mut delivery = Delivery::mock(1, "".into(), "choreo.payment.dlq".into(), false, b"{}".to_vec());
         delivery.properties = BasicProperties::default().with_headers(h);
         story(&delivery)
+    }
+
+    /// An `x-death` entry after `count` events, the first at `seconds`.
+    fn deaths_of(queue: &str, reason: &str, seconds: i64, count: i64) -> AMQPValue {
+        let AMQPValue::FieldTable(mut t) = death(queue, reason, seconds) else { unreachable!("a table") };
+        t.insert("count".into(), AMQPValue::LongLongInt(count));
+        AMQPValue::FieldTable(t)
+    }
+
+    #[test]
+    fn the_broker_dead_lettering_counts_the_worker_saw_tell_who_acted_last_whatever_the_times() {
+        // Second cycle after a replay: the worker parked it at T+200 (seeing 1 broker dead-lettering), it came
+        // back through a delay queue it had used before, then crashed the worker until the delivery limit
+        // dead-lettered it again. Every x-death time is that entry's first event: all older than T+200.
+        let mut h = FieldTable::default();
+        worker_failure(&mut h, "transient", "gateway timed out", at(T, 0), at(T + 200, 0));
+        h.insert(dl::REPLAYED_AT.into(), rfc3339(at(T + 100, 0)));
+        h.insert(dl::BROKER_DEATHS_SEEN.into(), AMQPValue::LongLongInt(1));
+        let poison = letter(
+            h.clone(),
+            vec![deaths_of("choreo.payment", "delivery_limit", T + 60, 2), deaths_of("choreo.payment.retry.1000ms", "expired", T + 1, 2)],
+        );
+        assert_eq!(poison.error_kind, "delivery_limit", "{:?}", poison.error);
+        // The same letter when the worker itself dead-lettered it last (it saw both broker dead-letterings).
+        h.insert(dl::BROKER_DEATHS_SEEN.into(), AMQPValue::LongLongInt(2));
+        let workers = letter(
+            h,
+            vec![deaths_of("choreo.payment", "delivery_limit", T + 60, 2), deaths_of("choreo.payment.retry.1000ms", "expired", T + 1, 2)],
+        );
+        assert_eq!(workers.error_kind, "transient");
     }
 
     #[test]
