@@ -28,27 +28,45 @@ pub mod headers {
     pub const RETRIES: &str = "choreo-retries";
     /// Set on messages put back by `choreoctl dlq replay`.
     pub const REPLAYED_AT: &str = "choreo-replayed-at";
-    /// How many times the broker had dead-lettered the message ([`super::broker_dead_letterings`]) when the
-    /// worker wrote the headers above: if the count has grown since, the broker acted after the worker.
+    /// What the worker saw of the broker's dead-letterings when it wrote the headers above
+    /// ([`super::broker_deaths_seen`]): if `x-death` says otherwise now, the broker acted after the worker.
     pub const BROKER_DEATHS_SEEN: &str = "choreo-broker-deaths-seen";
 }
 
-/// How many times the broker dead-lettered the message for a reason other than an expiry (which only sends a
-/// message from a delay queue back to its worker): the sum of the counts of its `x-death` entries. Counts
-/// only grow, while an entry's time stays that of its first event, so comparing counts tells who acted last
-/// where comparing times cannot.
-pub fn broker_dead_letterings(table: &FieldTable) -> i64 {
-    let Some(AMQPValue::FieldArray(entries)) = table.inner().get("x-death") else { return 0 };
-    entries
+/// The broker's dead-letterings of a message as `x-death` tells them, expiries aside (an expiry only sends a
+/// message from a delay queue back to its worker): one `reason queue count time` per entry, sorted. Any
+/// change means the broker dead-lettered the message again: RabbitMQ before 4.0 counts a repeat in its
+/// entry (keeping the first time), 4.0 and later start new entries once a client has published the message.
+pub fn broker_deaths(table: &FieldTable) -> String {
+    let Some(AMQPValue::FieldArray(entries)) = table.inner().get("x-death") else { return String::new() };
+    let mut seen: Vec<String> = entries
         .as_slice()
         .iter()
         .filter_map(|entry| match entry {
-            AMQPValue::FieldTable(t) if header_string(t, "reason").as_deref() != Some("expired") => {
-                crate::codec::header_i64(t, "count")
+            AMQPValue::FieldTable(t) => {
+                let reason = header_string(t, "reason").unwrap_or_default();
+                if reason == "expired" {
+                    return None;
+                }
+                let time = match t.inner().get("time") {
+                    Some(AMQPValue::Timestamp(s)) => s.to_string(),
+                    _ => String::new(),
+                };
+                let count = crate::codec::header_i64(t, "count").unwrap_or(0);
+                Some(format!("{reason} {} {count} {time}", header_string(t, "queue").unwrap_or_default()))
             }
             _ => None,
         })
-        .sum()
+        .collect();
+    seen.sort_unstable();
+    seen.join("; ")
+}
+
+/// The value of [`headers::BROKER_DEATHS_SEEN`]: the worker's last failure time it goes with (so that a
+/// worker that copies the header without writing it, an older build, cannot make it stale), then what the
+/// worker saw.
+pub fn broker_deaths_seen(last_failure_at: &str, table: &FieldTable) -> String {
+    format!("{last_failure_at}|{}", broker_deaths(table))
 }
 
 /// Longest error text kept in a header, in bytes.
@@ -81,7 +99,7 @@ pub fn dead_letter_properties(delivery: &Delivery, failure: &Failure<'_>) -> Bas
     table.insert(headers::ORIGINAL_ROUTING_KEY.into(), long(&key));
     table.insert(headers::FIRST_FAILURE_AT.into(), long(&first));
     table.insert(headers::LAST_FAILURE_AT.into(), long(&now));
-    table.insert(headers::BROKER_DEATHS_SEEN.into(), AMQPValue::LongLongInt(broker_dead_letterings(&original)));
+    table.insert(headers::BROKER_DEATHS_SEEN.into(), long(&broker_deaths_seen(&now, &original)));
     kept_properties(&delivery.properties).with_headers(table).with_delivery_mode(2)
 }
 
@@ -243,24 +261,31 @@ mod tests {
     }
 
     #[test]
-    fn the_worker_records_how_often_the_broker_had_dead_lettered_the_message() {
-        let entry = |reason: &str, count: i64| {
+    fn the_worker_records_the_broker_dead_letterings_it_saw_with_its_failure_time() {
+        let entry = |reason: &str, queue: &str, count: i64, time: u64| {
             let mut t = FieldTable::default();
             t.insert("reason".into(), long(reason));
+            t.insert("queue".into(), long(queue));
             t.insert("count".into(), AMQPValue::LongLongInt(count));
+            t.insert("time".into(), AMQPValue::Timestamp(time));
             AMQPValue::FieldTable(t)
         };
         let mut h = FieldTable::default();
         h.insert(
             "x-death".into(),
-            AMQPValue::FieldArray(vec![entry("delivery_limit", 2), entry("expired", 5), entry("rejected", 1)].into()),
+            AMQPValue::FieldArray(vec![entry("expired", "ns.order.retry.1000ms", 5, 9), entry("delivery_limit", "ns.order", 2, 7)].into()),
         );
         let mut delivery = Delivery::mock(1, "".into(), "ns.order".into(), true, b"{}".to_vec());
         delivery.properties = BasicProperties::default().with_headers(h);
         let failure = Failure { worker: "order", kind: ErrorKind::Transient, error: "down", attempts: 1 };
         let props = dead_letter_properties(&delivery, &failure);
         let headers = props.headers().clone().unwrap_or_default();
-        assert_eq!(header_i64(&headers, headers::BROKER_DEATHS_SEEN), Some(3), "expiries are not dead-letterings");
+        let last = header_string(&headers, headers::LAST_FAILURE_AT).expect("last failure");
+        assert_eq!(
+            header_string(&headers, headers::BROKER_DEATHS_SEEN),
+            Some(format!("{last}|delivery_limit ns.order 2 7")),
+            "expiries are not dead-letterings"
+        );
     }
 
     #[test]

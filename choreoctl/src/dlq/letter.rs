@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Utc};
 use choreo_rabbitmq::codec::{header_i64, header_string};
-use choreo_rabbitmq::dead_letter::broker_dead_letterings;
+use choreo_rabbitmq::dead_letter::broker_deaths;
 use choreo_rabbitmq::dead_letter::headers as dl;
 use choreo_rabbitmq::lapin::message::Delivery;
 use choreo_rabbitmq::lapin::types::{AMQPValue, FieldTable};
@@ -69,11 +69,15 @@ pub fn story(delivery: &Delivery) -> Story {
     let worker_last = time(dl::LAST_FAILURE_AT);
     let replayed_at = header_string(h, dl::REPLAYED_AT);
     let replayed = replayed_at.as_deref().and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&Utc));
-    // Workers record how many times the broker had dead-lettered the message when they wrote their story:
-    // a larger count now is exact proof that the broker acted since. Letters written before workers recorded
-    // it fall back on times.
-    let by_broker = latest.filter(|_| match header_i64(h, dl::BROKER_DEATHS_SEEN) {
-        Some(seen) if worker_kind.is_some() => broker_dead_letterings(h) > seen,
+    // Workers record what they saw of the broker's dead-letterings when they wrote their story: if `x-death`
+    // tells anything else now, the broker acted since. Letters without that record, or whose record belongs
+    // to another failure (copied by a worker that does not write it), fall back on times.
+    let seen = header_string(h, dl::BROKER_DEATHS_SEEN).and_then(|v| {
+        let (at, deaths) = v.split_once('|')?;
+        (header_string(h, dl::LAST_FAILURE_AT).as_deref() == Some(at)).then(|| deaths.to_owned())
+    });
+    let by_broker = latest.filter(|_| match seen {
+        Some(seen) if worker_kind.is_some() => broker_deaths(h) != seen,
         _ => broker_acted_last(&deaths, worker_kind.is_some(), worker_last, replayed),
     });
     let death_times = deaths.iter().filter_map(|d| d.time);
@@ -246,27 +250,50 @@ mod tests {
         AMQPValue::FieldTable(t)
     }
 
+    /// What a worker writes in `choreo-broker-deaths-seen`, for its last failure at `last` and the entries it saw.
+    fn seen(h: &mut FieldTable, last: DateTime<Utc>, entries: Vec<AMQPValue>) {
+        let mut saw = FieldTable::default();
+        saw.insert("x-death".into(), AMQPValue::FieldArray(FieldArray::from(entries)));
+        let at = last.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        h.insert(dl::BROKER_DEATHS_SEEN.into(), text(&choreo_rabbitmq::dead_letter::broker_deaths_seen(&at, &saw)));
+    }
+
     #[test]
-    fn the_broker_dead_lettering_counts_the_worker_saw_tell_who_acted_last_whatever_the_times() {
-        // Second cycle after a replay: the worker parked it at T+200 (seeing 1 broker dead-lettering), it came
-        // back through a delay queue it had used before, then crashed the worker until the delivery limit
-        // dead-lettered it again. Every x-death time is that entry's first event: all older than T+200.
+    fn before_rabbitmq_4_a_grown_count_shows_the_broker_acted_after_the_worker_whatever_the_times() {
+        // Second cycle after a replay: the worker parked it at T+200, having seen one delivery-limit dead
+        // letter; it came back through a delay queue it had used before, then crashed the worker until the
+        // delivery limit dead-lettered it again. Every x-death time is that entry's first: all before T+200.
         let mut h = FieldTable::default();
         worker_failure(&mut h, "transient", "gateway timed out", at(T, 0), at(T + 200, 0));
         h.insert(dl::REPLAYED_AT.into(), rfc3339(at(T + 100, 0)));
-        h.insert(dl::BROKER_DEATHS_SEEN.into(), AMQPValue::LongLongInt(1));
-        let poison = letter(
-            h.clone(),
-            vec![deaths_of("choreo.payment", "delivery_limit", T + 60, 2), deaths_of("choreo.payment.retry.1000ms", "expired", T + 1, 2)],
-        );
-        assert_eq!(poison.error_kind, "delivery_limit", "{:?}", poison.error);
-        // The same letter when the worker itself dead-lettered it last (it saw both broker dead-letterings).
-        h.insert(dl::BROKER_DEATHS_SEEN.into(), AMQPValue::LongLongInt(2));
-        let workers = letter(
-            h,
-            vec![deaths_of("choreo.payment", "delivery_limit", T + 60, 2), deaths_of("choreo.payment.retry.1000ms", "expired", T + 1, 2)],
-        );
-        assert_eq!(workers.error_kind, "transient");
+        seen(&mut h, at(T + 200, 0), vec![deaths_of("choreo.payment", "delivery_limit", T + 60, 1)]);
+        let now = vec![deaths_of("choreo.payment", "delivery_limit", T + 60, 2), deaths_of("choreo.payment.retry.1000ms", "expired", T + 1, 2)];
+        assert_eq!(letter(h.clone(), now.clone()).error_kind, "delivery_limit");
+        // The same letter when the worker itself dead-lettered it last, having seen both.
+        seen(&mut h, at(T + 200, 0), vec![deaths_of("choreo.payment", "delivery_limit", T + 60, 2)]);
+        assert_eq!(letter(h, now).error_kind, "transient");
+    }
+
+    #[test]
+    fn from_rabbitmq_4_new_entries_show_the_broker_acted_after_the_worker() {
+        // RabbitMQ 4 ignores the x-death a client publishes: after the park at T+200, the expiry and the
+        // delivery limit start new entries, with counts of 1 again.
+        let mut h = FieldTable::default();
+        worker_failure(&mut h, "transient", "gateway timed out", at(T, 0), at(T + 200, 0));
+        seen(&mut h, at(T + 200, 0), vec![deaths_of("choreo.payment", "delivery_limit", T + 60, 1)]);
+        let now = vec![deaths_of("choreo.payment", "delivery_limit", T + 300, 1), deaths_of("choreo.payment.retry.1000ms", "expired", T + 250, 1)];
+        assert_eq!(letter(h, now).error_kind, "delivery_limit");
+    }
+
+    #[test]
+    fn a_record_copied_by_a_worker_that_does_not_write_it_is_not_trusted() {
+        // An older worker failed it last at T+400 and copied the record of the failure at T+200: the times
+        // decide (the broker's latest act, at T+60, is older than that failure).
+        let mut h = FieldTable::default();
+        worker_failure(&mut h, "transient", "gateway timed out", at(T, 0), at(T + 400, 0));
+        seen(&mut h, at(T + 200, 0), vec![]);
+        let now = vec![deaths_of("choreo.payment", "delivery_limit", T + 60, 1)];
+        assert_eq!(letter(h, now).error_kind, "transient");
     }
 
     #[test]
