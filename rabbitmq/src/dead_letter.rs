@@ -4,7 +4,7 @@
 //! operator why without reading logs. They stay small (a bounded error text, no stack traces): large headers
 //! break the frame limits of other clients.
 
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use choreo_messages::ErrorKind;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -33,29 +33,60 @@ pub mod headers {
     pub const BROKER_DEATHS_SEEN: &str = "choreo-broker-deaths-seen";
 }
 
-/// The broker's dead-letterings of a message as `x-death` tells them, expiries aside (an expiry only sends a
-/// message from a delay queue back to its worker): one `reason queue count time` per entry, sorted. Any
-/// change means the broker dead-lettered the message again: RabbitMQ before 4.0 counts a repeat in its
-/// entry (keeping the first time), 4.0 and later start new entries once a client has published the message.
-pub fn broker_deaths(table: &FieldTable) -> String {
-    let Some(AMQPValue::FieldArray(entries)) = table.inner().get("x-death") else { return String::new() };
-    let mut seen: Vec<String> = entries
+/// The `x-death` reason of a message a delay queue sends back to its worker when its TTL ends: not a
+/// failure, and never what puts a message in a dead-letter queue.
+pub const EXPIRED: &str = "expired";
+
+/// One entry of a message's `x-death` header: the broker dead-lettered it from `queue` for `reason`, `count`
+/// times, first at `time` (RabbitMQ keeps one entry per queue and reason, counts repeats, and moves the
+/// entry of the latest event to the front without updating its time).
+pub struct Death<'a> {
+    /// The entry itself, for its other fields (`exchange`, `routing-keys`).
+    pub table: &'a FieldTable,
+    pub reason: Option<String>,
+    pub queue: Option<String>,
+    pub count: Option<i64>,
+    pub time: Option<DateTime<Utc>>,
+}
+
+/// The entries of `x-death`, latest first.
+pub fn deaths(headers: &FieldTable) -> Vec<Death<'_>> {
+    let Some(AMQPValue::FieldArray(entries)) = headers.inner().get("x-death") else { return Vec::new() };
+    entries
         .as_slice()
         .iter()
         .filter_map(|entry| match entry {
-            AMQPValue::FieldTable(t) => {
-                let reason = header_string(t, "reason").unwrap_or_default();
-                if reason == "expired" {
-                    return None;
-                }
-                let time = match t.inner().get("time") {
-                    Some(AMQPValue::Timestamp(s)) => s.to_string(),
-                    _ => String::new(),
-                };
-                let count = crate::codec::header_i64(t, "count").unwrap_or(0);
-                Some(format!("{reason} {} {count} {time}", header_string(t, "queue").unwrap_or_default()))
-            }
+            AMQPValue::FieldTable(t) => Some(Death {
+                table: t,
+                reason: header_string(t, "reason"),
+                queue: header_string(t, "queue"),
+                count: crate::codec::header_i64(t, "count"),
+                time: match t.inner().get("time") {
+                    Some(AMQPValue::Timestamp(s)) => i64::try_from(*s).ok().and_then(|s| DateTime::from_timestamp(s, 0)),
+                    _ => None,
+                },
+            }),
             _ => None,
+        })
+        .collect()
+}
+
+/// The broker's dead-letterings of a message as `x-death` tells them, expiries aside: one
+/// `reason queue count time` per entry, sorted. Any change means the broker dead-lettered the message again:
+/// RabbitMQ before 4.0 counts a repeat in its entry (keeping the first time), 4.0 and later start new
+/// entries once a client has published the message.
+pub fn broker_deaths(headers: &FieldTable) -> String {
+    let mut seen: Vec<String> = deaths(headers)
+        .into_iter()
+        .filter(|d| d.reason.as_deref() != Some(EXPIRED))
+        .map(|d| {
+            format!(
+                "{} {} {} {}",
+                d.reason.unwrap_or_default(),
+                d.queue.unwrap_or_default(),
+                d.count.unwrap_or(0),
+                d.time.map(|t| t.timestamp().to_string()).unwrap_or_default()
+            )
         })
         .collect();
     seen.sort_unstable();

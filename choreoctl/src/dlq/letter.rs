@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Utc};
 use choreo_rabbitmq::codec::{header_i64, header_string};
-use choreo_rabbitmq::dead_letter::broker_deaths;
+use choreo_rabbitmq::dead_letter::{Death, EXPIRED, broker_deaths, deaths};
 use choreo_rabbitmq::dead_letter::headers as dl;
 use choreo_rabbitmq::lapin::message::Delivery;
 use choreo_rabbitmq::lapin::types::{AMQPValue, FieldTable};
@@ -33,27 +33,12 @@ pub struct Story {
     pub body_bytes: usize,
 }
 
-/// The broker's reason for sending a message from a delay queue back to its worker: not a failure, and never
-/// what puts a message in a dead-letter queue.
-const EXPIRED: &str = "expired";
-
-/// One entry of `x-death`: the broker dead-lettered the message from `queue` for `reason`, first at `time`
-/// (RabbitMQ keeps one entry per queue and reason, counts repeats, and moves the entry of the latest event
-/// to the front without updating its time).
-struct Death<'a> {
-    table: &'a FieldTable,
-    reason: Option<String>,
-    queue: Option<String>,
-    time: Option<DateTime<Utc>>,
-}
-
-impl Death<'_> {
-    fn kind(&self) -> String {
-        match self.reason.as_deref() {
-            Some("delivery_limit") => "delivery_limit".into(),
-            Some(r) => format!("broker_{r}"),
-            None => "broker_unknown".into(),
-        }
+/// The kind a broker dead-lettering gives a letter.
+fn broker_kind(death: &Death<'_>) -> String {
+    match death.reason.as_deref() {
+        Some("delivery_limit") => "delivery_limit".into(),
+        Some(r) => format!("broker_{r}"),
+        None => "broker_unknown".into(),
     }
 }
 
@@ -99,7 +84,7 @@ pub fn story(delivery: &Delivery) -> Story {
             };
             // The broker keeps the time of the first event of a kind: the latest known time is a lower bound.
             let last = death_times.chain(worker_last).chain(replayed).max();
-            (death.kind(), Some(error), last)
+            (broker_kind(death), Some(error), last)
         }
         None => (worker_kind.unwrap_or_else(|| "unknown".into()), worker_error, worker_last.or(death_times.max())),
     };
@@ -144,27 +129,6 @@ fn broker_acted_last(
     let Some(worker_last) = worker_last else { return true };
     let worker_second = DateTime::from_timestamp(worker_last.timestamp(), 0).unwrap_or(worker_last);
     deaths.iter().filter_map(|d| d.time).any(|t| t >= worker_second) || replayed.is_some_and(|r| r > worker_last)
-}
-
-/// The entries of `x-death`, latest first.
-fn deaths(h: &FieldTable) -> Vec<Death<'_>> {
-    let Some(AMQPValue::FieldArray(entries)) = h.inner().get("x-death") else { return Vec::new() };
-    entries
-        .as_slice()
-        .iter()
-        .filter_map(|d| match d {
-            AMQPValue::FieldTable(t) => Some(Death {
-                table: t,
-                reason: header_string(t, "reason"),
-                queue: header_string(t, "queue"),
-                time: match t.inner().get("time") {
-                    Some(AMQPValue::Timestamp(s)) => i64::try_from(*s).ok().and_then(|s| DateTime::from_timestamp(s, 0)),
-                    _ => None,
-                },
-            }),
-            _ => None,
-        })
-        .collect()
 }
 
 fn first_routing_key(death: &FieldTable) -> Option<String> {
