@@ -107,10 +107,10 @@ impl HttpGateway {
                     RetryError::transient(GatewayError::Unavailable(format!("{path}: {e}")))
                 })?;
             let status = response.status();
-            if is_transient(status) && !is_request_level(status) {
+            if is_provider_failure(status) {
                 provider_failed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            if is_transient(status) {
+            if is_provider_failure(status) || is_request_level(status) {
                 return Err(RetryError::transient(GatewayError::Unavailable(format!("{path}: HTTP {status}"))));
             }
             if !status.is_success() {
@@ -134,20 +134,15 @@ impl HttpGateway {
     }
 }
 
-/// Statuses a later call can succeed after: server errors, and the 4xx that say "not now" rather than
-/// "never": 408 (the provider timed out reading), 409 (a call with the same idempotency key, say one of ours
-/// that timed out, is still in progress), 425 and 429.
-fn is_transient(status: reqwest::StatusCode) -> bool {
-    use reqwest::StatusCode;
-    status.is_server_error()
-        || matches!(
-            status,
-            StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS
-        )
+/// The statuses that say the provider is failing (a server error) or overloaded (429): a later call can
+/// succeed, and they count towards opening the circuit.
+fn is_provider_failure(status: reqwest::StatusCode) -> bool {
+    status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS
 }
 
-/// The "not now" statuses that concern one request, not the provider's health: they are retried but do not
-/// count towards opening the circuit (429, which says the provider is overloaded, does).
+/// The "not now" statuses that concern one request, not the provider's health: 408 (the provider timed out
+/// reading), 409 (a call with the same idempotency key, say one of ours that timed out, is still in
+/// progress) and 425. Retried, but they do not count towards opening the circuit.
 fn is_request_level(status: reqwest::StatusCode) -> bool {
     use reqwest::StatusCode;
     matches!(status, StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT | StatusCode::TOO_EARLY)
