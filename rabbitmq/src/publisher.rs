@@ -109,12 +109,11 @@ impl ConfirmingPublisher {
         let mut deadline = started + timeout;
         let channel = match tokio::time::timeout_at(deadline, self.channel()).await {
             Ok(Ok(channel)) => channel,
-            Ok(Err(e)) => {
-                let text = e.to_string();
-                return messages.iter().map(|_| Err(BrokerError::Pool(text.clone()).into())).collect();
-            }
-            Err(_) => {
-                let text = format!("no channel to the broker within {} ms", timeout.as_millis());
+            failed => {
+                let text = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no channel to the broker within {} ms", timeout.as_millis()),
+                };
                 return messages.iter().map(|_| Err(BrokerError::Pool(text.clone()).into())).collect();
             }
         };
