@@ -1,6 +1,6 @@
-//! The database's ceiling for one saga step: the transaction every handler runs (a state update, then the
-//! inbox and outbox insert in one statement, commit), on a pool set up as the workers' is, at the workers'
-//! concurrency, with full durability.
+//! The database's ceiling for one saga step: the transaction every handler runs (a state update, the inbox
+//! insert and the outbox insert in one statement, which is its own transaction), on a pool set up as the
+//! workers' is, at the workers' concurrency, with full durability.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use choreo_messages::payloads::OrderConfirmed;
 use choreo_messages::{Envelope, Message};
-use choreo_outbox::InboxGuard;
+use choreo_outbox::{Change, InboxGuard};
 use serde::Serialize;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Executor, PgPool};
@@ -53,13 +53,13 @@ pub async fn measure(server_url: &str, concurrency: usize, duration: Duration) -
                     None,
                 );
                 let outgoing = Envelope::caused_by(&incoming.meta, incoming.message.clone(), "bench").encode();
-                let mut tx = db.begin().await?;
-                sqlx::query("UPDATE state SET version = version + 1 WHERE id = $1")
-                    .bind(((worker as u64 * 7919 + i * 104_729) % 10_000 + 1) as i32)
-                    .execute(&mut *tx)
-                    .await?;
-                inbox.record_handled(&mut tx, &[&incoming.meta], &[outgoing], Duration::ZERO).await?;
-                tx.commit().await?;
+                let mut change = Change::new();
+                change.cte("stepped", |q| {
+                    q.push("UPDATE state SET version = version + 1 WHERE id = ")
+                        .push_bind(((worker as u64 * 7919 + i * 104_729) % 10_000 + 1) as i32);
+                });
+                let mut conn = db.acquire().await?;
+                inbox.commit(&mut conn, change, &[&incoming.meta], &[(outgoing, None)], Duration::ZERO).await?;
                 done.fetch_add(1, Ordering::Relaxed);
             }
             Ok::<(), anyhow::Error>(())

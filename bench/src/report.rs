@@ -85,7 +85,7 @@ pub fn print(r: &Results) {
         );
     }
     println!();
-    println!("where the time goes: p50 of each hop of a confirmed order, ms (from each handler's transaction start)");
+    println!("where the time goes: p50 of each hop of a confirmed order, ms (from each handler's write)");
     print!("{:<16}", "run");
     for hop in HOPS {
         print!(" {hop:>22}");

@@ -45,8 +45,8 @@ pub struct Run {
     pub cpu: CpuUse,
 }
 
-/// The hops of a confirmed order, between the moments each handler's transaction started
-/// (`inbox.received_at`), and from the last one to the order's terminal state.
+/// The hops of a confirmed order, between the moments each handler's write began (`inbox.received_at`,
+/// the start of the statement that commits the change, the inbox and the outbox), and from the last one to the order's terminal state.
 pub const HOPS: [&str; 5] = [
     "placed -> order worker",
     "order -> payment",

@@ -7,10 +7,11 @@ use choreo_messages::{EncodedEnvelope, Metadata};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use crate::OutboxError;
+use crate::change::Change;
+use crate::store::OutboxColumns;
 #[cfg(doc)]
 use crate::OutboxStore;
-use crate::store::{OutboxColumns, outbox_insert};
+use crate::{CommitError, OutboxError};
 
 /// Records processed messages per consumer, inside the consumer's transaction.
 #[derive(Debug, Clone)]
@@ -27,24 +28,24 @@ impl InboxGuard {
         &self.consumer
     }
 
-    /// Record the messages of `handled` as processed and write the `events` they caused to the outbox, held
-    /// out of sweeps for `hold` (see [`OutboxStore::enqueue_held`]): one statement, the last of the caller's
-    /// transaction before its commit. Returns the ids recorded now. An id missing from them was processed
-    /// before, or by a concurrent delivery that committed first (this statement waits for it): the caller
-    /// must roll back, so that its changes and events are undone, and acknowledge that message with no
-    /// effect.
+    /// Commit a handler's work in one statement sent outside any transaction: `change` (the service's
+    /// change to its own tables), the ids of `handled` in the inbox and `events` in the outbox, held out of
+    /// sweeps for `hold` (see [`OutboxStore::enqueue_held`]). An event with a key is written only if
+    /// `change` applied that key (see [`Change::applied`]). Returns the keys applied.
     ///
-    /// Recording at the end rather than first saves the transaction a round trip; the price is that a
-    /// duplicate is seen only after the service applied it, which the rollback undoes (the service's contract
-    /// already asks it to call out only idempotently).
-    pub async fn record_handled(
+    /// One statement is one transaction: everything commits, with one round trip and one flush, or nothing
+    /// does. If an id of `handled` is in the inbox already (processed before, or by a concurrent copy that
+    /// committed first: the insert waits for it), nothing is written and the error says
+    /// [`CommitError::ProcessedBefore`].
+    pub async fn commit(
         &self,
-        tx: &mut PgConnection,
+        conn: &mut PgConnection,
+        change: Change,
         handled: &[&Metadata],
-        events: &[EncodedEnvelope],
+        events: &[(EncodedEnvelope, Option<Uuid>)],
         hold: Duration,
-    ) -> Result<HashSet<Uuid>, OutboxError> {
-        // Sorted: transactions that record overlapping ids lock them in the same order.
+    ) -> Result<HashSet<Uuid>, CommitError> {
+        // Sorted: statements that record overlapping ids lock them in the same order.
         let mut sorted: Vec<&Metadata> = handled.to_vec();
         sorted.sort_by_key(|m| m.message_id);
         sorted.dedup_by_key(|m| m.message_id);
@@ -52,24 +53,40 @@ impl InboxGuard {
         let types: Vec<&str> = sorted.iter().map(|m| m.message_type.as_str()).collect();
         let correlations: Vec<Uuid> = sorted.iter().map(|m| m.correlation_id).collect();
         let causations: Vec<Option<Uuid>> = sorted.iter().map(|m| m.causation_id).collect();
-        let rows = OutboxColumns::of(events)
-            .bind(sqlx::query(concat!(
-                "WITH events AS (",
-                outbox_insert!(),
-                ") INSERT INTO inbox (consumer, message_id, message_type, correlation_id, causation_id) \
-                 SELECT $11, * FROM UNNEST($12::uuid[], $13::text[], $14::uuid[], $15::uuid[]) \
-                 ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id",
-            )))
-            .bind(hold.as_secs_f64())
-            .bind(&self.consumer)
-            .bind(ids)
-            .bind(types)
-            .bind(correlations)
-            .bind(causations)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(OutboxError::db("inbox and outbox insert"))?;
-        rows.iter().map(|row| row.try_get::<Uuid, _>(0).map_err(OutboxError::db("inbox row"))).collect()
+        let keys: Vec<Option<Uuid>> = events.iter().map(|(_, key)| *key).collect();
+
+        let mut sql = change.into_builder();
+        sql.push(
+            ", events AS (INSERT INTO outbox (message_id, message_type, schema_version, correlation_id, causation_id, \
+                                           producer, occurred_at, traceparent, body, available_at) \
+             SELECT e.message_id, e.message_type, e.schema_version, e.correlation_id, e.causation_id, e.producer, \
+                    e.occurred_at, e.traceparent, e.body, clock_timestamp() + make_interval(secs => ",
+        )
+        .push_bind(hold.as_secs_f64())
+        .push(") FROM ");
+        OutboxColumns::of(events.iter().map(|(e, _)| e)).push_unnest(&mut sql, |sql| {
+            sql.push(", ").push_bind(keys).push("::uuid[]");
+        });
+        sql.push(
+            " AS e(message_id, message_type, schema_version, correlation_id, causation_id, producer, occurred_at, \
+                   traceparent, body, key) \
+             WHERE e.key IS NULL OR e.key IN (SELECT key FROM applied)), \
+             handled AS (INSERT INTO inbox (consumer, message_id, message_type, correlation_id, causation_id) SELECT ",
+        )
+        .push_bind(&self.consumer)
+        .push(", * FROM UNNEST(")
+        .push_bind(ids)
+        .push("::uuid[], ")
+        .push_bind(types)
+        .push("::text[], ")
+        .push_bind(correlations)
+        .push("::uuid[], ")
+        .push_bind(causations)
+        .push("::uuid[])) SELECT key FROM applied WHERE key IS NOT NULL");
+        let rows = sql.build().fetch_all(&mut *conn).await.map_err(CommitError::of)?;
+        rows.iter()
+            .map(|row| row.try_get::<Uuid, _>(0).map_err(|e| CommitError::Database(OutboxError::db("applied key")(e))))
+            .collect()
     }
 
     /// Whether the message of `meta` was recorded as processed. A handler whose service rejected a message

@@ -1,8 +1,9 @@
 //! The transactional outbox and the idempotent inbox.
 //!
-//! - [`inbox`]: [`InboxGuard`] records a message id in the handler's transaction; a second delivery of the
-//!   same id finds it and has no effect;
-//! - [`store`]: [`OutboxStore`] writes outgoing events in the handler's transaction, and claims, marks and
+//! - [`inbox`]: [`InboxGuard`] commits a handler's work in one statement: its [`Change`], the message ids
+//!   in the inbox (a second delivery of the same id finds it and has no effect) and the events in the outbox;
+//! - [`change`]: [`Change`], a service's change to its own tables, as expressions of that statement;
+//! - [`store`]: [`OutboxStore`] writes outgoing events in the caller's transaction, and claims, marks and
 //!   inspects rows for the relay;
 //! - [`relay`]: [`OutboxRelay`] publishes committed rows with confirms and marks them only after the confirm:
 //!   rows its own process hands off ([`OutboxHandoff`]) at once, others by a periodic sweep;
@@ -12,6 +13,7 @@
 //! **Architecture invariant**: only the relay publishes domain events. Handlers write to the outbox; what they
 //! write is on the broker only once their transaction committed.
 
+pub mod change;
 pub mod database;
 pub mod error;
 pub mod inbox;
@@ -21,8 +23,9 @@ pub mod relay;
 pub mod retention;
 pub mod store;
 
+pub use change::Change;
 pub use database::service_database;
-pub use error::OutboxError;
+pub use error::{CommitError, OutboxError};
 pub use inbox::InboxGuard;
 pub use pool::hot_path_pool_options;
 pub use relay::{OutboxHandoff, OutboxRelay, RelayConfig};

@@ -2,7 +2,7 @@
 //!
 //! sqlx tests every connection it hands out with a round trip by default. On the hot path a connection is
 //! back in the pool within milliseconds, so that round trip only doubles the wake-ups of the database and
-//! the worker (a handler's transaction takes four to five round trips). A connection is tested instead when
+//! the worker (a handler takes one or two round trips per message, or batch). A connection is tested instead when
 //! it has been idle for [`TEST_IDLE_AFTER`], the case where a restart of the server or a firewall may have
 //! cut it; one that breaks in use fails its transaction, which is retried, and is dropped by the pool.
 //! (sqlx also tests each connection as it comes back to the pool, in the background; that one it does not let

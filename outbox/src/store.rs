@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use choreo_messages::{EncodedEnvelope, Metadata};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::OutboxError;
@@ -203,8 +203,9 @@ pub(crate) struct OutboxColumns<'a> {
 }
 
 impl<'a> OutboxColumns<'a> {
-    pub(crate) fn of(envelopes: &'a [EncodedEnvelope]) -> Self {
-        let n = envelopes.len();
+    pub(crate) fn of(envelopes: impl IntoIterator<Item = &'a EncodedEnvelope>) -> Self {
+        let envelopes = envelopes.into_iter();
+        let n = envelopes.size_hint().0;
         let mut c = OutboxColumns {
             ids: Vec::with_capacity(n),
             types: Vec::with_capacity(n),
@@ -243,5 +244,31 @@ impl<'a> OutboxColumns<'a> {
             .bind(self.occurred)
             .bind(self.traceparents)
             .bind(self.bodies)
+    }
+
+    /// Push `UNNEST(...)` of the nine arrays, in column order, with `extra` arrays after them (each a bound
+    /// value followed by its cast, as in `::uuid[]`).
+    pub(crate) fn push_unnest(self, sql: &mut QueryBuilder<Postgres>, extra: impl FnOnce(&mut QueryBuilder<Postgres>)) {
+        sql.push("UNNEST(")
+            .push_bind(self.ids)
+            .push("::uuid[], ")
+            .push_bind(self.types)
+            .push("::text[], ")
+            .push_bind(self.versions)
+            .push("::int[], ")
+            .push_bind(self.correlations)
+            .push("::uuid[], ")
+            .push_bind(self.causations)
+            .push("::uuid[], ")
+            .push_bind(self.producers)
+            .push("::text[], ")
+            .push_bind(self.occurred)
+            .push("::timestamptz[], ")
+            .push_bind(self.traceparents)
+            .push("::text[], ")
+            .push_bind(self.bodies)
+            .push("::bytea[]");
+        extra(sql);
+        sql.push(")");
     }
 }

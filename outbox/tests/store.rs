@@ -5,7 +5,7 @@ use std::time::Duration;
 use choreo_messages::payloads::OrderCancelled;
 use choreo_messages::{Envelope, Message};
 use choreo_outbox::migrations::OUTBOX_MIGRATOR;
-use choreo_outbox::{InboxGuard, OutboxStore, RetentionConfig, RetentionJob};
+use choreo_outbox::{Change, CommitError, InboxGuard, OutboxStore, RetentionConfig, RetentionJob};
 use choreo_testkit::{Infra, unique_namespace, wait_for};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -135,11 +135,12 @@ async fn retention_deletes_only_what_is_past_retention() {
     let envelopes: Vec<_> = (0..30).map(|_| event().encode()).collect();
     let mut tx = db.begin().await.expect("tx");
     OutboxStore::enqueue(&mut tx, &envelopes).await.expect("enqueue");
+    tx.commit().await.expect("commit");
     let inbox = InboxGuard::new("test");
     let metas: Vec<_> = envelopes.iter().map(|e| &e.meta).collect();
-    let recorded = inbox.record_handled(&mut tx, &metas, &[], Duration::ZERO).await.expect("inbox");
-    assert_eq!(recorded.len(), 30);
-    tx.commit().await.expect("commit");
+    let mut conn = db.acquire().await.expect("connection");
+    inbox.commit(&mut conn, Change::new(), &metas, &[], Duration::ZERO).await.expect("inbox");
+    drop(conn);
     // 10 published long ago, 10 published just now, 10 unpublished; 10 inbox rows old.
     sqlx::query("UPDATE outbox SET published_at = now() - interval '10 days' WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 10)")
         .execute(&db)
@@ -177,48 +178,95 @@ async fn retention_deletes_only_what_is_past_retention() {
     infra.drop_databases(&[name]).await;
 }
 
+/// A change to the handler's own table, writing `value` under `key`; `key` is applied unless the row exists.
+fn write_state(key: Uuid, value: i64) -> Change {
+    let mut change = Change::new();
+    change
+        .cte("written", |q| {
+            q.push("INSERT INTO state (key, value) VALUES (")
+                .push_bind(key)
+                .push(", ")
+                .push_bind(value)
+                .push(") ON CONFLICT (key) DO NOTHING RETURNING key");
+        })
+        .applied("SELECT key FROM written");
+    change
+}
+
 #[tokio::test]
-async fn handled_messages_and_their_events_are_recorded_in_one_statement_and_a_processed_id_is_reported() {
+async fn a_change_its_handled_messages_and_their_events_commit_in_one_statement_or_not_at_all() {
     let infra = Infra::from_env();
     let (name, db) = fresh(&infra).await;
+    sqlx::query("CREATE TABLE state (key UUID PRIMARY KEY, value BIGINT NOT NULL UNIQUE)").execute(&db).await.expect("state");
+    let mut conn = db.acquire().await.expect("connection");
     let inbox = InboxGuard::new("test");
     let handled: Vec<_> = (0..3).map(|_| event().encode()).collect();
-    let events: Vec<_> = (0..4).map(|_| event().encode()).collect();
     let metas: Vec<_> = handled.iter().map(|e| &e.meta).collect();
-
-    let mut tx = db.begin().await.expect("tx");
-    let recorded = inbox.record_handled(&mut tx, &metas, &events, Duration::from_secs(3600)).await.expect("record");
-    assert_eq!(recorded, handled.iter().map(|e| e.meta.message_id).collect(), "every new id is recorded");
-    tx.commit().await.expect("commit");
-    let (written, held): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE available_at > now() + interval '50 minutes') FROM outbox")
-            .fetch_one(&db)
-            .await
-            .expect("outbox");
-    assert_eq!((written, held), (4, 4), "the events are written, held for the hand-off");
+    let (applied_key, other_key) = (Uuid::now_v7(), Uuid::now_v7());
+    // Two events with no key, one under the key the change applies, one under a key it does not.
+    let events = vec![
+        (event().encode(), None),
+        (event().encode(), None),
+        (event().encode(), Some(applied_key)),
+        (event().encode(), Some(other_key)),
+    ];
+    let applied = inbox
+        .commit(&mut conn, write_state(applied_key, 1), &metas, &events, Duration::from_secs(3600))
+        .await
+        .expect("commit");
+    assert_eq!(applied, [applied_key].into_iter().collect(), "the change reports the key it applied");
+    let written: Vec<Uuid> = sqlx::query_scalar("SELECT message_id FROM outbox WHERE available_at > now() + interval '50 minutes' ORDER BY id")
+        .fetch_all(&mut *conn)
+        .await
+        .expect("outbox");
+    assert_eq!(
+        written,
+        events[..3].iter().map(|(e, _)| e.meta.message_id).collect::<Vec<_>>(),
+        "the events without a key and under the applied key are written, held for the hand-off; the other is not"
+    );
     assert!(inbox.processed(&db, &handled[0].meta).await.expect("lookup"));
     assert!(!inbox.processed(&db, &event().encode().meta).await.expect("lookup"));
 
-    // Again with one new id and one processed before: only the new one is reported, and the caller, which
-    // must roll back, leaves nothing behind.
+    // Again with one new id and one processed before: nothing is written, the change included.
     let again = event().encode();
-    let mut tx = db.begin().await.expect("tx");
-    let recorded = inbox
-        .record_handled(&mut tx, &[&handled[1].meta, &again.meta], &[event().encode()], Duration::ZERO)
+    let refused = inbox
+        .commit(&mut conn, write_state(Uuid::now_v7(), 2), &[&handled[1].meta, &again.meta], &[(event().encode(), None)], Duration::ZERO)
         .await
-        .expect("record");
-    assert_eq!(recorded, [again.meta.message_id].into_iter().collect());
-    tx.rollback().await.expect("rollback");
-    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&db).await.expect("outbox");
-    assert_eq!(written, 4);
-    assert!(!inbox.processed(&db, &again.meta).await.expect("lookup"), "the lookup records nothing");
+        .expect_err("a processed id");
+    assert!(matches!(refused, CommitError::ProcessedBefore), "{refused:?}");
+    let counts: (i64, i64) = sqlx::query_as("SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM state)")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("counts");
+    assert_eq!(counts, (3, 1), "neither the events nor the change of a refused statement are written");
+    assert!(!inbox.processed(&db, &again.meta).await.expect("lookup"), "the new id of a refused statement is not recorded");
+
+    // A change that collides with another unique key is a conflict, not a processed message.
+    let collides = inbox
+        .commit(&mut conn, write_state(Uuid::now_v7(), 1), &[&again.meta], &[], Duration::ZERO)
+        .await
+        .expect_err("a unique value");
+    assert!(matches!(collides, CommitError::Conflict(_)), "{collides:?}");
+
+    // A change that finds what it was decided on gone raises serialization_failure: stale, to decide again.
+    sqlx::query(
+        "CREATE FUNCTION fail_stale() RETURNS BIGINT LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'changed' USING ERRCODE = 'serialization_failure'; END $$",
+    )
+    .execute(&mut *conn)
+    .await
+    .expect("function");
+    let mut stale = Change::new();
+    stale.cte("checked", |q| {
+        q.push("INSERT INTO state (key, value) SELECT ").push_bind(Uuid::now_v7()).push(", fail_stale()");
+    });
+    let refused = inbox.commit(&mut conn, stale, &[&again.meta], &[], Duration::ZERO).await.expect_err("stale");
+    assert!(matches!(refused, CommitError::Stale(_)), "{refused:?}");
 
     // Another consumer's inbox is its own.
     let other = InboxGuard::new("other");
-    let mut tx = db.begin().await.expect("tx");
-    let recorded = other.record_handled(&mut tx, &[&handled[1].meta], &[], Duration::ZERO).await.expect("record");
-    assert_eq!(recorded.len(), 1);
-    tx.commit().await.expect("commit");
+    other.commit(&mut conn, Change::new(), &[&handled[1].meta], &[], Duration::ZERO).await.expect("another consumer");
+    drop(conn);
     db.close().await;
     infra.drop_databases(&[name]).await;
 }
@@ -233,7 +281,13 @@ async fn the_processed_lookup_waits_for_a_copy_in_flight() {
     for commits in [true, false] {
         let copy = event().encode();
         let mut in_flight = db.begin().await.expect("tx");
-        inbox.record_handled(&mut in_flight, &[&copy.meta], &[], Duration::ZERO).await.expect("record");
+        sqlx::query("INSERT INTO inbox (consumer, message_id, message_type, correlation_id) VALUES ('test', $1, $2, $3)")
+            .bind(copy.meta.message_id)
+            .bind(&copy.meta.message_type)
+            .bind(copy.meta.correlation_id)
+            .execute(&mut *in_flight)
+            .await
+            .expect("record");
         let lookup = tokio::spawn({
             let (inbox, db, meta) = (inbox.clone(), db.clone(), copy.meta.clone());
             async move { inbox.processed(&db, &meta).await }

@@ -4,15 +4,16 @@
 //! |---|---|---|
 //! | `payment.succeeded` | reserve every line, or nothing | `inventory.reserved` or `inventory.failed` |
 //!
-//! Stock rows are locked in sku order, so concurrent reservations never deadlock. A batch of orders reads
-//! and writes its stock rows once: three statements for the whole batch, so a hot sku's row lock is held
-//! for one batch instead of being handed from order to order.
+//! A batch of orders reads its stock rows once and writes them once, in the statement that commits it, so a
+//! hot sku's row lock is held for one statement instead of being handed from order to order. Stock rows are
+//! locked in sku order, so concurrent reservations never deadlock.
 
 use std::collections::{BTreeMap, HashMap};
 
 use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason, InventoryReserved, PaymentSucceeded};
 use choreo_messages::{Envelope, Message, MessageType};
 use sqlx::migrate::Migrator;
+use choreo_outbox::Change;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -61,19 +62,15 @@ impl Service for InventoryService {
     const NAME: &'static str = "inventory";
     const CONSUMES: &'static [MessageType] = &[MessageType::PaymentSucceeded];
 
-    async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Effects, ServiceError> {
-        let mut effects = reserve(tx, &[paid_order(envelope)?]).await?;
-        effects.pop().ok_or_else(|| ServiceError::Permanent("no reservation result".into()))
-    }
-
-    /// The whole batch reads its stock rows once (locked in sku order) and writes them once.
-    async fn apply_batch(
+    /// The whole batch reads its stock rows once and writes them once.
+    async fn decide(
         &self,
-        tx: &mut PgConnection,
+        db: &mut PgConnection,
         batch: &[(&Envelope, tracing::Span)],
+        change: &mut Change,
     ) -> Result<Vec<Effects>, ServiceError> {
         let orders = batch.iter().map(|(e, _)| paid_order(e)).collect::<Result<Vec<_>, _>>()?;
-        reserve(tx, &orders).await
+        reserve(db, &orders, change).await
     }
 }
 
@@ -85,16 +82,19 @@ fn paid_order(envelope: &Envelope) -> Result<&PaymentSucceeded, ServiceError> {
 }
 
 /// Reserve stock for paid orders in the given order, exactly as if one at a time: every line of an order or
-/// none of them. Two statements whatever the number of orders: lock and read the stock rows (in sku
-/// order); update them and record the reservations.
-async fn reserve(tx: &mut PgConnection, orders: &[&PaymentSucceeded]) -> Result<Vec<Effects>, ServiceError> {
+/// none of them. One query reads the stock rows; the change locks them (in sku order), takes what the
+/// reservations need and records them, and fails as stale if a row no longer holds enough: the handler
+/// then decides again. An order refused for want of stock is refused on what was read, a state that did
+/// exist: stock only grows back through an operator, who cannot be told apart from one who came later.
+async fn reserve(
+    db: &mut PgConnection,
+    orders: &[&PaymentSucceeded],
+    change: &mut Change,
+) -> Result<Vec<Effects>, ServiceError> {
     let mut skus: Vec<&str> = orders.iter().flat_map(|p| p.lines.iter().map(|l| l.sku.as_str())).collect();
     skus.sort_unstable();
     skus.dedup();
-    let rows = sqlx::query("SELECT sku, available FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
-        .bind(&skus)
-        .fetch_all(&mut *tx)
-        .await?;
+    let rows = sqlx::query("SELECT sku, available FROM stock WHERE sku = ANY($1)").bind(&skus).fetch_all(&mut *db).await?;
     let mut available: HashMap<String, i64> = HashMap::with_capacity(rows.len());
     for row in rows {
         available.insert(row.try_get("sku")?, row.try_get("available")?);
@@ -136,20 +136,35 @@ async fn reserve(tx: &mut PgConnection, orders: &[&PaymentSucceeded]) -> Result<
     }
     if !taken.is_empty() {
         let (skus, quantities): (Vec<&str>, Vec<i64>) = taken.into_iter().unzip();
-        sqlx::query(
-            "WITH taken AS ( \
-                 UPDATE stock s SET available = s.available - w.q, reserved = s.reserved + w.q \
-                 FROM UNNEST($1::text[], $2::bigint[]) AS w(sku, q) WHERE s.sku = w.sku) \
-             INSERT INTO reservations (order_id, sku, quantity) \
-             SELECT * FROM UNNEST($3::uuid[], $4::text[], $5::bigint[])",
-        )
-        .bind(&skus)
-        .bind(&quantities)
-        .bind(&reservations.0)
-        .bind(&reservations.1)
-        .bind(&reservations.2)
-        .execute(&mut *tx)
-        .await?;
+        let rows = i64::try_from(skus.len()).unwrap_or(i64::MAX);
+        change
+            .cte("locked", |q| {
+                // In sku order: concurrent changes lock the rows they share in the same order.
+                q.push("SELECT sku FROM stock WHERE sku = ANY(")
+                    .push_bind(&skus)
+                    .push("::text[]) ORDER BY sku FOR UPDATE");
+            })
+            .cte("taken", |q| {
+                q.push(
+                    "UPDATE stock s SET available = s.available - w.q, reserved = s.reserved + w.q \
+                     FROM locked JOIN UNNEST(",
+                )
+                .push_bind(skus)
+                .push("::text[], ")
+                .push_bind(quantities)
+                .push("::bigint[]) AS w(sku, q) USING (sku) WHERE s.sku = w.sku AND s.available >= w.q RETURNING s.sku");
+            })
+            .cte("reserved", |q| {
+                q.push("INSERT INTO reservations (order_id, sku, quantity) SELECT * FROM UNNEST(")
+                    .push_bind(reservations.0)
+                    .push("::uuid[], ")
+                    .push_bind(reservations.1)
+                    .push("::text[], ")
+                    .push_bind(reservations.2)
+                    .push("::bigint[]) WHERE choreo_expect((SELECT count(*) FROM taken) = ")
+                    .push_bind(rows)
+                    .push(", 'a stock row no longer holds what was reserved from it')");
+            });
     }
     Ok(effects)
 }

@@ -1,7 +1,7 @@
 //! The workers of the reference workflow: order, payment and inventory.
 //!
 //! - [`service`]: the [`service::Service`] trait a worker implements, and [`service::TransactionalHandler`],
-//!   which runs it inside one transaction with the inbox and the outbox;
+//!   which writes its change with the inbox and the outbox in one statement (one transaction);
 //! - [`order`], [`payment`], [`inventory`]: the three services, each with its own database and migrations;
 //! - [`gateway`]: the payment gateway port and its simulated adapter; [`http_gateway`]: the HTTP adapter;
 //! - [`config`]: settings from the environment (and flags), with documented defaults;

@@ -10,14 +10,15 @@
 use std::collections::{HashMap, HashSet};
 
 use choreo_messages::payloads::{CancelReason, OrderCancelled, OrderConfirmed, OrderCreated, PlaceOrder, order_total};
-use choreo_messages::{Envelope, Message, MessageType};
+use choreo_messages::{Envelope, Message, MessageType, Metadata};
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
+use choreo_outbox::Change;
 use sqlx::{PgConnection, Row};
 use tracing::info;
 use uuid::Uuid;
 
-use crate::service::{Effects, Service, ServiceError, apply_one_by_one};
+use crate::service::{Effects, Service, ServiceError};
 
 pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/order");
 
@@ -40,25 +41,30 @@ impl Service for OrderService {
         }
     }
 
-    async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Effects, ServiceError> {
-        let mut effects = settle(tx, &[(envelope, tracing::Span::current())]).await?;
-        effects.pop().ok_or_else(|| ServiceError::Permanent("no result for the message".into()))
+    /// Two messages about one order go one at a time: the second must see the first's change.
+    fn batchable(&self, batch: &[Envelope]) -> bool {
+        distinct_orders(batch.iter())
     }
 
-    /// A batch is one or two statements whatever its size: one insert of the new orders, one update of the
-    /// settled ones, each writing its history rows too. Two messages about one order in a batch are applied
-    /// one after the other instead, so that the second sees the first.
-    async fn apply_batch(
+    /// New orders need no read: one insert that skips an order placed before. Settling reads the orders
+    /// first (their totals go into `order.confirmed`), then moves those still PENDING when written. One
+    /// statement for the batch either way.
+    async fn decide(
         &self,
-        tx: &mut PgConnection,
+        db: &mut PgConnection,
         batch: &[(&Envelope, tracing::Span)],
+        change: &mut Change,
     ) -> Result<Vec<Effects>, ServiceError> {
-        let mut seen = HashSet::with_capacity(batch.len());
-        if batch.iter().all(|(e, _)| order_id_of(&e.message).is_none_or(|id| seen.insert(id))) {
-            return settle(tx, batch).await;
+        if !distinct_orders(batch.iter().map(|(e, _)| *e)) {
+            return Err(ServiceError::Transient("two messages about one order are decided one at a time".into()));
         }
-        apply_one_by_one(self, tx, batch).await
+        decide(db, batch, change).await
     }
+}
+
+fn distinct_orders<'a>(mut batch: impl Iterator<Item = &'a Envelope>) -> bool {
+    let mut seen = HashSet::new();
+    batch.all(|e| order_id_of(&e.message).is_none_or(|id| seen.insert(id)))
 }
 
 fn order_id_of(message: &Message) -> Option<Uuid> {
@@ -77,9 +83,12 @@ enum Step<'a> {
     Settle { order_id: Uuid, status: &'static str, reason: Option<CancelReason> },
 }
 
-/// Apply messages about distinct orders, in two statements at most, with the effects of applying them one
-/// by one in the given order.
-async fn settle(tx: &mut PgConnection, batch: &[(&Envelope, tracing::Span)]) -> Result<Vec<Effects>, ServiceError> {
+/// Decide messages about distinct orders, with the effects of applying them one by one in the given order.
+async fn decide(
+    db: &mut PgConnection,
+    batch: &[(&Envelope, tracing::Span)],
+    change: &mut Change,
+) -> Result<Vec<Effects>, ServiceError> {
     let steps = batch
         .iter()
         .map(|(envelope, _)| match &envelope.message {
@@ -98,60 +107,66 @@ async fn settle(tx: &mut PgConnection, batch: &[(&Envelope, tracing::Span)]) -> 
             other => Err(ServiceError::Permanent(format!("order does not handle {}", other.message_type()))),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let placed = insert_orders(tx, batch, &steps).await?;
-    let (settled, no_longer_pending) = transition_orders(tx, batch, &steps).await?;
+    insert_orders(change, batch, &steps);
+    let current = read_orders(db, &steps).await?;
+    let mut moves = Moves::default();
 
     let mut effects = Vec::with_capacity(steps.len());
-    for ((_, span), step) in batch.iter().zip(&steps) {
+    for ((envelope, span), step) in batch.iter().zip(&steps) {
         let _in_message = span.enter();
         match step {
             Step::Place { place, total, .. } => {
-                if !placed.contains(&place.order_id) {
-                    info!(order_id = %place.order_id, "order already placed; nothing to do");
+                // Written only if the order is new: placing an existing order id again changes nothing.
+                effects.push(
+                    Effects::events(vec![Message::OrderCreated(OrderCreated {
+                        order_id: place.order_id,
+                        customer_id: place.customer_id.clone(),
+                        currency: place.currency.clone(),
+                        lines: place.lines.clone(),
+                        total_cents: *total,
+                    })])
+                    .applies_if(place.order_id),
+                );
+            }
+            Step::Settle { order_id, status, reason } => {
+                let order = current
+                    .get(order_id)
+                    .ok_or_else(|| ServiceError::Permanent(format!("order {order_id} is unknown to the order service")))?;
+                if order.status != "PENDING" {
+                    // A late event, or a copy of one handled before (the inbox says so when the change is
+                    // written): not a fault.
+                    info!(%order_id, current = %order.status, wanted = status, "order is no longer PENDING; event ignored");
                     effects.push(Effects::none());
                     continue;
                 }
-                effects.push(Effects::events(vec![Message::OrderCreated(OrderCreated {
-                    order_id: place.order_id,
-                    customer_id: place.customer_id.clone(),
-                    currency: place.currency.clone(),
-                    lines: place.lines.clone(),
-                    total_cents: *total,
-                })]));
-            }
-            Step::Settle { order_id, status, reason } => {
-                let Some(done) = settled.get(order_id) else {
-                    let current = no_longer_pending.get(order_id).map_or("?", String::as_str);
-                    // A late event, or a copy of one handled before (the inbox check comes at the end of the
-                    // transaction, and then says so): not a fault.
-                    info!(%order_id, %current, wanted = status, "order is no longer PENDING; event ignored");
-                    effects.push(Effects::none());
-                    continue;
-                };
-                let placed_at = done.placed_at;
-                effects.push(match *reason {
-                    None => Effects::events(vec![Message::OrderConfirmed(OrderConfirmed {
-                        order_id: *order_id,
-                        total_cents: done.total_cents,
-                        currency: done.currency.clone(),
-                    })])
-                    .after_commit(move || observe_outcome("confirmed", "none", placed_at)),
-                    Some(reason) => Effects::events(vec![Message::OrderCancelled(OrderCancelled { order_id: *order_id, reason })])
-                        .after_commit(move || observe_outcome("cancelled", reason.as_str(), placed_at)),
-                });
+                moves.push(*order_id, status, reason.map(|r| r.as_str()), &envelope.meta);
+                let placed_at = order.placed_at;
+                // Written only if the order is still PENDING when the change is.
+                effects.push(
+                    match *reason {
+                        None => Effects::events(vec![Message::OrderConfirmed(OrderConfirmed {
+                            order_id: *order_id,
+                            total_cents: order.total_cents,
+                            currency: order.currency.clone(),
+                        })])
+                        .after_commit(move || observe_outcome("confirmed", "none", placed_at)),
+                        Some(reason) => {
+                            Effects::events(vec![Message::OrderCancelled(OrderCancelled { order_id: *order_id, reason })])
+                                .after_commit(move || observe_outcome("cancelled", reason.as_str(), placed_at))
+                        }
+                    }
+                    .applies_if(*order_id),
+                );
             }
         }
     }
+    moves.push_onto(change);
     Ok(effects)
 }
 
-/// Create the orders of the `Place` steps that do not exist yet, with their first history row, in one
-/// statement; the ids created.
-async fn insert_orders(
-    tx: &mut PgConnection,
-    batch: &[(&Envelope, tracing::Span)],
-    steps: &[Step<'_>],
-) -> Result<HashSet<Uuid>, ServiceError> {
+/// Create the orders of the `Place` steps that do not exist yet, with their first history row; the ids
+/// created are applied keys.
+fn insert_orders(change: &mut Change, batch: &[(&Envelope, tracing::Span)], steps: &[Step<'_>]) {
     let mut ids = Vec::new();
     let mut correlations = Vec::new();
     let mut customers = Vec::new();
@@ -175,118 +190,149 @@ async fn insert_orders(
         }
     }
     if ids.is_empty() {
-        return Ok(HashSet::new());
+        return;
     }
-    let created: Vec<Uuid> = sqlx::query_scalar(
-        "WITH created AS ( \
-             INSERT INTO orders (order_id, correlation_id, customer_id, currency, total_cents, lines, placed_at, status) \
-             SELECT *, 'PENDING' FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[], \
-                                             $6::jsonb[], $7::timestamptz[]) \
-             ON CONFLICT (order_id) DO NOTHING RETURNING order_id), \
-         history AS ( \
-             INSERT INTO order_history (order_id, status, message_id, message_type) \
-             SELECT c.order_id, 'PENDING', m.message_id, m.message_type \
-             FROM created c JOIN UNNEST($1::uuid[], $8::uuid[], $9::text[]) AS m(order_id, message_id, message_type) \
-                  USING (order_id)) \
-         SELECT order_id FROM created",
-    )
-    .bind(&ids)
-    .bind(&correlations)
-    .bind(&customers)
-    .bind(&currencies)
-    .bind(&totals)
-    .bind(&lines)
-    .bind(&placed_at)
-    .bind(&message_ids)
-    .bind(&message_types)
-    .fetch_all(&mut *tx)
-    .await?;
-    Ok(created.into_iter().collect())
+    change
+        .cte("created", |q| {
+            q.push(
+                "INSERT INTO orders (order_id, correlation_id, customer_id, currency, total_cents, lines, placed_at, status) \
+                 SELECT *, 'PENDING' FROM UNNEST(",
+            )
+            .push_bind(&ids)
+            .push("::uuid[], ")
+            .push_bind(correlations)
+            .push("::uuid[], ")
+            .push_bind(customers)
+            .push("::text[], ")
+            .push_bind(currencies)
+            .push("::text[], ")
+            .push_bind(totals)
+            .push("::bigint[], ")
+            .push_bind(lines)
+            .push("::jsonb[], ")
+            .push_bind(placed_at)
+            .push("::timestamptz[]) ON CONFLICT (order_id) DO NOTHING RETURNING order_id");
+        })
+        .cte("created_history", |q| {
+            q.push(
+                "INSERT INTO order_history (order_id, status, message_id, message_type) \
+                 SELECT c.order_id, 'PENDING', m.message_id, m.message_type \
+                 FROM created c JOIN UNNEST(",
+            )
+            .push_bind(&ids)
+            .push("::uuid[], ")
+            .push_bind(message_ids)
+            .push("::uuid[], ")
+            .push_bind(message_types)
+            .push("::text[]) AS m(order_id, message_id, message_type) USING (order_id)");
+        })
+        .applied("SELECT order_id FROM created");
 }
 
-/// Moves a batch of orders from PENDING to their terminal status and writes a history row for each move;
-/// returns the moved ones. It finds the orders by primary key (one lookup per order of the batch), however
-/// many others are PENDING: `workers/tests/plans.rs` checks the plan. Public for that test only.
-#[doc(hidden)]
-pub const SETTLE_ORDERS_SQL: &str = "WITH moved AS ( \
-         UPDATE orders o SET status = t.status, cancel_reason = t.reason, completed_at = clock_timestamp() \
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[]) \
-              AS t(order_id, status, reason, message_id, message_type) \
-         WHERE o.order_id = t.order_id AND o.status = 'PENDING' \
-         RETURNING o.order_id, o.total_cents, o.currency, o.placed_at, t.status, t.reason, t.message_id, \
-                   t.message_type), \
-     history AS ( \
-         INSERT INTO order_history (order_id, status, detail, message_id, message_type) \
-         SELECT order_id, status, reason, message_id, message_type FROM moved) \
-     SELECT order_id, total_cents, currency, placed_at FROM moved";
+/// An order as the settling steps read it.
+struct CurrentOrder {
+    status: String,
+    total_cents: i64,
+    currency: String,
+    placed_at: DateTime<Utc>,
+}
 
-/// Move the orders of the `Settle` steps from PENDING to their terminal status, with a history row for each
-/// move, in one statement: the ones moved, and the current status of those that are no longer PENDING (a
-/// late or repeated event, left alone). An order we never created is a permanent error.
-async fn transition_orders<'a>(
-    tx: &mut PgConnection,
-    batch: &'a [(&Envelope, tracing::Span)],
-    steps: &'a [Step<'_>],
-) -> Result<(HashMap<Uuid, Settled>, HashMap<Uuid, String>), ServiceError> {
-    let mut wanted: Vec<(Uuid, &str, Option<&str>, &'a Envelope)> = batch
+/// The orders the `Settle` steps are about, in one query.
+async fn read_orders(db: &mut PgConnection, steps: &[Step<'_>]) -> Result<HashMap<Uuid, CurrentOrder>, ServiceError> {
+    let ids: Vec<Uuid> = steps
         .iter()
-        .zip(steps)
-        .filter_map(|((envelope, _), s)| match s {
-            Step::Settle { order_id, status, reason } => Some((*order_id, *status, reason.map(|r| r.as_str()), *envelope)),
+        .filter_map(|s| match s {
+            Step::Settle { order_id, .. } => Some(*order_id),
             Step::Place { .. } => None,
         })
         .collect();
-    if wanted.is_empty() {
-        return Ok((HashMap::new(), HashMap::new()));
+    if ids.is_empty() {
+        return Ok(HashMap::new());
     }
-    // Sorted for a stable lock order in the usual plan; should two batches still deadlock, PostgreSQL aborts
-    // one, which rolls back and goes one by one: nothing is lost.
-    wanted.sort_by_key(|w| w.0);
-    let ids: Vec<Uuid> = wanted.iter().map(|w| w.0).collect();
-    let statuses: Vec<&str> = wanted.iter().map(|w| w.1).collect();
-    let reasons: Vec<Option<&str>> = wanted.iter().map(|w| w.2).collect();
-    let message_ids: Vec<Uuid> = wanted.iter().map(|w| w.3.meta.message_id).collect();
-    let message_types: Vec<&str> = wanted.iter().map(|w| w.3.meta.message_type.as_str()).collect();
-    let rows = sqlx::query(SETTLE_ORDERS_SQL)
+    let rows = sqlx::query("SELECT order_id, status, total_cents, currency, placed_at FROM orders WHERE order_id = ANY($1)")
         .bind(&ids)
-        .bind(&statuses)
-        .bind(&reasons)
-        .bind(&message_ids)
-        .bind(&message_types)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *db)
         .await?;
-    let mut settled = HashMap::with_capacity(rows.len());
+    let mut orders = HashMap::with_capacity(rows.len());
     for row in rows {
-        settled.insert(
+        orders.insert(
             row.try_get::<Uuid, _>("order_id")?,
-            Settled {
+            CurrentOrder {
+                status: row.try_get("status")?,
                 total_cents: row.try_get("total_cents")?,
                 currency: row.try_get("currency")?,
                 placed_at: row.try_get("placed_at")?,
             },
         );
     }
-    let missing: Vec<Uuid> = ids.iter().copied().filter(|id| !settled.contains_key(id)).collect();
-    let mut current = HashMap::new();
-    if !missing.is_empty() {
-        current = sqlx::query_as::<_, (Uuid, String)>("SELECT order_id, status FROM orders WHERE order_id = ANY($1)")
-            .bind(&missing)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-        if let Some(unknown) = missing.iter().find(|id| !current.contains_key(*id)) {
-            return Err(ServiceError::Permanent(format!("order {unknown} is unknown to the order service")));
-        }
-    }
-    Ok((settled, current))
+    Ok(orders)
 }
 
-/// What a terminal transition tells the caller.
-struct Settled {
-    total_cents: i64,
-    currency: String,
-    placed_at: DateTime<Utc>,
+/// Orders to move from PENDING to a terminal status, with a history row for each move: the ids moved are
+/// applied keys. The update finds the orders by primary key (one lookup per order of the batch), however
+/// many others are PENDING: `workers/tests/plans.rs` checks the plan.
+#[derive(Default)]
+struct Moves<'a> {
+    ids: Vec<Uuid>,
+    statuses: Vec<&'static str>,
+    reasons: Vec<Option<&'static str>>,
+    message_ids: Vec<Uuid>,
+    message_types: Vec<&'a str>,
+}
+
+impl<'a> Moves<'a> {
+    fn push(&mut self, order_id: Uuid, status: &'static str, reason: Option<&'static str>, cause: &'a Metadata) {
+        self.ids.push(order_id);
+        self.statuses.push(status);
+        self.reasons.push(reason);
+        self.message_ids.push(cause.message_id);
+        self.message_types.push(cause.message_type.as_str());
+    }
+
+    fn push_onto(self, change: &mut Change) {
+        if self.ids.is_empty() {
+            return;
+        }
+        change
+            .cte("moved", |q| {
+                q.push(
+                    "UPDATE orders o SET status = t.status, cancel_reason = t.reason, completed_at = clock_timestamp() \
+                     FROM UNNEST(",
+                )
+                .push_bind(self.ids)
+                .push("::uuid[], ")
+                .push_bind(self.statuses)
+                .push("::text[], ")
+                .push_bind(self.reasons)
+                .push("::text[], ")
+                .push_bind(self.message_ids)
+                .push("::uuid[], ")
+                .push_bind(self.message_types)
+                .push(
+                    "::text[]) AS t(order_id, status, reason, message_id, message_type) \
+                     WHERE o.order_id = t.order_id AND o.status = 'PENDING' \
+                     RETURNING o.order_id, t.status, t.reason, t.message_id, t.message_type",
+                );
+            })
+            .cte("moved_history", |q| {
+                q.push(
+                    "INSERT INTO order_history (order_id, status, detail, message_id, message_type) \
+                     SELECT order_id, status, reason, message_id, message_type FROM moved",
+                );
+            })
+            .applied("SELECT order_id FROM moved");
+    }
+}
+
+/// The settling change as a statement of its own, its parameters in order: order ids, statuses, reasons,
+/// message ids, message types. Public for `workers/tests/plans.rs` only.
+#[doc(hidden)]
+pub fn settle_orders_sql() -> String {
+    let mut change = Change::new();
+    let mut moves = Moves::default();
+    moves.ids.push(Uuid::nil());
+    moves.push_onto(&mut change);
+    change.inspection_sql()
 }
 
 /// Saga outcome and end-to-end latency, counted once the transition committed.

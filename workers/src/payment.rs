@@ -5,22 +5,26 @@
 //! | `order.created` | charge the customer | `payment.succeeded` or `payment.failed` |
 //! | `inventory.failed` | refund the charge (compensation) | `payment.refunded` |
 //!
-//! The gateway is called inside the handler's transaction with the order id as idempotency key; if the
-//! worker dies after the call and before the commit, the redelivered message calls again and gets the same
-//! payment. The `payments` primary key on the order id makes a second recorded charge impossible. A batch of
-//! charges calls the gateway for all of them at once, inside the batch's transaction, under the same rule.
+//! The gateway is called before the payment is written, with the order id as idempotency key; if the worker
+//! dies after the call and before the write, the redelivered message calls again and gets the same payment.
+//! The `payments` primary key on the order id makes a second recorded charge impossible: a payment written
+//! meanwhile by a copy of the message wins, and the copy writes nothing. A batch of charges calls the
+//! gateway for all of them at once, under the same rule.
 
 use std::collections::{HashMap, HashSet};
 
-use choreo_messages::payloads::{CancelReason, OrderCreated, PaymentFailed, PaymentRefunded, PaymentSucceeded};
+use choreo_messages::payloads::{
+    CancelReason, InventoryFailed, OrderCreated, PaymentFailed, PaymentRefunded, PaymentSucceeded,
+};
 use choreo_messages::{Envelope, Message, MessageType};
 use sqlx::migrate::Migrator;
+use choreo_outbox::Change;
 use sqlx::{PgConnection, Row};
 use tracing::{Instrument, info, warn};
 use uuid::Uuid;
 
 use crate::gateway::{Charge, ChargeResult, GatewayError, PaymentGateway};
-use crate::service::{Effects, Service, ServiceError, apply_one_by_one};
+use crate::service::{Effects, Service, ServiceError};
 
 pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/payment");
 
@@ -45,12 +49,13 @@ impl From<GatewayError> for ServiceError {
 
 impl<G: PaymentGateway> PaymentService<G> {
     /// Charge the orders of `order.created` messages about distinct orders, with the effects of charging them
-    /// one by one: one statement finds (and locks) the orders already paid, the gateway is called for the
-    /// others at once, one statement records the payments.
+    /// one by one: one query finds the orders already paid, the gateway is called for the others at once,
+    /// and the change records the payments that are still new when it is written.
     async fn charge_all(
         &self,
-        tx: &mut PgConnection,
+        db: &mut PgConnection,
         batch: &[(&Envelope, tracing::Span)],
+        change: &mut Change,
     ) -> Result<Vec<Effects>, ServiceError> {
         let orders = batch
             .iter()
@@ -61,9 +66,9 @@ impl<G: PaymentGateway> PaymentService<G> {
             .collect::<Result<Vec<_>, _>>()?;
         let ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
         let existing: HashMap<Uuid, String> =
-            sqlx::query_as::<_, (Uuid, String)>("SELECT order_id, status FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE")
+            sqlx::query_as::<_, (Uuid, String)>("SELECT order_id, status FROM payments WHERE order_id = ANY($1)")
                 .bind(&ids)
-                .fetch_all(&mut *tx)
+                .fetch_all(&mut *db)
                 .await?
                 .into_iter()
                 .collect();
@@ -93,19 +98,66 @@ impl<G: PaymentGateway> PaymentService<G> {
                 ChargeResult::Declined { reason } => (Uuid::now_v7(), "DECLINED", Some(reason)),
             };
             rows.push(order, payment_id, envelope.meta.correlation_id, status, decline.map(|r| CancelReason::from(r).as_str()));
-            effects.push(Effects::events(vec![match decline {
-                None => Message::PaymentSucceeded(PaymentSucceeded {
-                    order_id: order.order_id,
-                    payment_id,
-                    amount_cents: order.total_cents,
-                    currency: order.currency.clone(),
-                    lines: order.lines.clone(),
-                }),
-                Some(reason) => Message::PaymentFailed(PaymentFailed { order_id: order.order_id, reason }),
-            }]));
+            // Written only if no copy of this message recorded the payment meanwhile.
+            effects.push(
+                Effects::events(vec![match decline {
+                    None => Message::PaymentSucceeded(PaymentSucceeded {
+                        order_id: order.order_id,
+                        payment_id,
+                        amount_cents: order.total_cents,
+                        currency: order.currency.clone(),
+                        lines: order.lines.clone(),
+                    }),
+                    Some(reason) => Message::PaymentFailed(PaymentFailed { order_id: order.order_id, reason }),
+                }])
+                .applies_if(order.order_id),
+            );
         }
-        rows.insert(tx).await?;
+        rows.push_onto(change);
         Ok(effects)
+    }
+
+    /// Refund the charge of an order whose stock could not be reserved. The change marks it refunded only if
+    /// it is still charged when written; the gateway's refund is idempotent on the payment id.
+    async fn refund(
+        &self,
+        db: &mut PgConnection,
+        failed: &InventoryFailed,
+        change: &mut Change,
+    ) -> Result<Effects, ServiceError> {
+        let row = sqlx::query("SELECT payment_id, amount_cents, currency, status FROM payments WHERE order_id = $1")
+            .bind(failed.order_id)
+            .fetch_optional(&mut *db)
+            .await?
+            .ok_or_else(|| ServiceError::Permanent(format!("no payment for order {}", failed.order_id)))?;
+        let status: String = row.try_get("status")?;
+        if status == "REFUNDED" {
+            // A repeated request: the refund was made (and its event written) the first time.
+            info!(order_id = %failed.order_id, "payment already refunded; nothing to do");
+            return Ok(Effects::none());
+        }
+        if status != "CHARGED" {
+            warn!(order_id = %failed.order_id, %status, "refund asked for a payment that is not charged; ignored");
+            return Ok(Effects::none());
+        }
+        let payment_id: Uuid = row.try_get("payment_id")?;
+        let amount_cents: i64 = row.try_get("amount_cents")?;
+        self.gateway.refund(payment_id, amount_cents).await?;
+        change
+            .cte("refunded", |q| {
+                q.push("UPDATE payments SET status = 'REFUNDED', refunded_at = now() WHERE order_id = ")
+                    .push_bind(failed.order_id)
+                    .push(" AND status = 'CHARGED' RETURNING order_id");
+            })
+            .applied("SELECT order_id FROM refunded");
+        Ok(Effects::events(vec![Message::PaymentRefunded(PaymentRefunded {
+            order_id: failed.order_id,
+            payment_id,
+            amount_cents,
+            currency: row.try_get("currency")?,
+            reason: failed.reason,
+        })])
+        .applies_if(failed.order_id))
     }
 }
 
@@ -142,28 +194,37 @@ impl<'a> Payments<'a> {
         self.decline_reasons.push(decline_reason);
     }
 
-    async fn insert(self, tx: &mut PgConnection) -> Result<(), ServiceError> {
+    /// The payments as new rows of the change; an order paid meanwhile keeps its payment, and its key is not
+    /// applied.
+    fn push_onto(self, change: &mut Change) {
         if self.order_ids.is_empty() {
-            return Ok(());
+            return;
         }
-        sqlx::query(
-            "INSERT INTO payments (order_id, payment_id, correlation_id, customer_id, amount_cents, currency, \
-                                   status, decline_reason) \
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bigint[], $6::text[], \
-                                  $7::text[], $8::text[]) \
-             ORDER BY 1",
-        )
-        .bind(&self.order_ids)
-        .bind(&self.payment_ids)
-        .bind(&self.correlation_ids)
-        .bind(&self.customer_ids)
-        .bind(&self.amounts)
-        .bind(&self.currencies)
-        .bind(&self.statuses)
-        .bind(&self.decline_reasons)
-        .execute(&mut *tx)
-        .await?;
-        Ok(())
+        change
+            .cte("charged", |q| {
+                q.push(
+                    "INSERT INTO payments (order_id, payment_id, correlation_id, customer_id, amount_cents, currency, \
+                                           status, decline_reason) \
+                     SELECT * FROM UNNEST(",
+                )
+                .push_bind(self.order_ids)
+                .push("::uuid[], ")
+                .push_bind(self.payment_ids)
+                .push("::uuid[], ")
+                .push_bind(self.correlation_ids)
+                .push("::uuid[], ")
+                .push_bind(self.customer_ids)
+                .push("::text[], ")
+                .push_bind(self.amounts)
+                .push("::bigint[], ")
+                .push_bind(self.currencies)
+                .push("::text[], ")
+                .push_bind(self.statuses)
+                .push("::text[], ")
+                .push_bind(self.decline_reasons)
+                .push("::text[]) ORDER BY 1 ON CONFLICT (order_id) DO NOTHING RETURNING order_id");
+            })
+            .applied("SELECT order_id FROM charged");
     }
 }
 
@@ -171,63 +232,32 @@ impl<G: PaymentGateway> Service for PaymentService<G> {
     const NAME: &'static str = "payment";
     const CONSUMES: &'static [MessageType] = &[MessageType::OrderCreated, MessageType::InventoryFailed];
 
-    async fn apply(&self, tx: &mut PgConnection, envelope: &Envelope) -> Result<Effects, ServiceError> {
-        match &envelope.message {
-            Message::OrderCreated(_) => {
-                let mut effects = self.charge_all(tx, &[(envelope, tracing::Span::current())]).await?;
-                effects.pop().ok_or_else(|| ServiceError::Permanent("no result for the message".into()))
-            }
-            Message::InventoryFailed(failed) => {
-                let row = sqlx::query(
-                    "SELECT payment_id, amount_cents, currency, status FROM payments WHERE order_id = $1 FOR UPDATE",
-                )
-                .bind(failed.order_id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(|| ServiceError::Permanent(format!("no payment for order {}", failed.order_id)))?;
-                let status: String = row.try_get("status")?;
-                if status == "REFUNDED" {
-                    // A repeated request: the refund was made (and its event written) the first time.
-                    info!(order_id = %failed.order_id, "payment already refunded; nothing to do");
-                    return Ok(Effects::none());
-                }
-                if status != "CHARGED" {
-                    warn!(order_id = %failed.order_id, %status, "refund asked for a payment that is not charged; ignored");
-                    return Ok(Effects::none());
-                }
-                let payment_id: uuid::Uuid = row.try_get("payment_id")?;
-                let amount_cents: i64 = row.try_get("amount_cents")?;
-                self.gateway.refund(payment_id, amount_cents).await?;
-                sqlx::query("UPDATE payments SET status = 'REFUNDED', refunded_at = now() WHERE order_id = $1")
-                    .bind(failed.order_id)
-                    .execute(&mut *tx)
-                    .await?;
-                Ok(Effects::events(vec![Message::PaymentRefunded(PaymentRefunded {
-                    order_id: failed.order_id,
-                    payment_id,
-                    amount_cents,
-                    currency: row.try_get("currency")?,
-                    reason: failed.reason,
-                })]))
-            }
-            other => Err(ServiceError::Permanent(format!("payment does not handle {}", other.message_type()))),
-        }
+    /// Charges of distinct orders are decided together (see [`PaymentService::charge_all`]); a refund, or
+    /// two messages about one order, one message at a time.
+    fn batchable(&self, batch: &[Envelope]) -> bool {
+        charges_of_distinct_orders(batch.iter())
     }
 
-    /// Charges of distinct orders are made together (see [`PaymentService::charge_all`]); a batch holding a
-    /// refund, or two messages about one order, is applied one message after the other.
-    async fn apply_batch(
+    async fn decide(
         &self,
-        tx: &mut PgConnection,
+        db: &mut PgConnection,
         batch: &[(&Envelope, tracing::Span)],
+        change: &mut Change,
     ) -> Result<Vec<Effects>, ServiceError> {
-        let mut seen = HashSet::with_capacity(batch.len());
-        let charges_only = batch
-            .iter()
-            .all(|(e, _)| matches!(&e.message, Message::OrderCreated(o) if seen.insert(o.order_id)));
-        if charges_only {
-            return self.charge_all(tx, batch).await;
+        if charges_of_distinct_orders(batch.iter().map(|(e, _)| *e)) {
+            return self.charge_all(db, batch, change).await;
         }
-        apply_one_by_one(self, tx, batch).await
+        match batch {
+            [(envelope, span)] => match &envelope.message {
+                Message::InventoryFailed(failed) => Ok(vec![self.refund(db, failed, change).instrument(span.clone()).await?]),
+                other => Err(ServiceError::Permanent(format!("payment does not handle {}", other.message_type()))),
+            },
+            _ => Err(ServiceError::Transient("a refund, or two messages about one order, are decided one at a time".into())),
+        }
     }
+}
+
+fn charges_of_distinct_orders<'a>(mut batch: impl Iterator<Item = &'a Envelope>) -> bool {
+    let mut seen = HashSet::new();
+    batch.all(|e| matches!(&e.message, Message::OrderCreated(o) if seen.insert(o.order_id)))
 }

@@ -1,15 +1,24 @@
 //! [`Service`]: the business side of a worker, and [`TransactionalHandler`], which gives every message
 //! exactly one effect.
 //!
-//! For each delivery: begin; apply the service's change; in one statement, record the message id in the
-//! inbox and write the events the change returned to the outbox; commit; hand the events to the relay. Only
-//! then is the delivery acked (by the consumer runner). If the inbox already held the id (a redelivery, a
-//! relay re-publish, a replay), the transaction rolls back instead and the delivery is acked with no effect.
+//! For each delivery: the service reads what its decision needs and decides, describing its change as a
+//! [`Change`]; then one statement, sent outside any transaction and so a transaction of its own, makes the
+//! change, records the message id in the inbox and writes the events to the outbox
+//! ([`InboxGuard::commit`]); the events go to the relay. Only then is the delivery acked (by the consumer
+//! runner). If the inbox already held the id (a redelivery, a relay re-publish, a replay), the statement
+//! writes nothing and the delivery is acked with no effect. A hop is one round trip for the write, plus the
+//! service's reads: no `BEGIN`, no `COMMIT`, one flush.
 //!
-//! A batch of deliveries is the same in one transaction: the service's change for each message in delivery
-//! order, one inbox-and-outbox statement for all, one commit. If any message fails or was processed
-//! before, the transaction rolls back whole and the consumer handles each message alone, so a batch never
-//! changes what happens to a message, only how many commits it takes.
+//! The reads and the write are separate snapshots, so a change must hold whatever happened in between: it
+//! applies only where the state it was decided on still holds (`WHERE status = 'PENDING'`, `ON CONFLICT DO
+//! NOTHING`) and names the keys it applied, and events written under a key are kept only if it was applied
+//! ([`Effects::applies_if`]); where that cannot be expressed, the change fails with `serialization_failure`
+//! and the handler decides again on fresh reads.
+//!
+//! A batch of deliveries is the same in one statement: the service decides them in delivery order, as if
+//! one by one. If the statement fails or a message of the batch was processed before, nothing is written
+//! and the consumer handles each message alone, so a batch never changes what happens to a message, only
+//! how many commits it takes.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -17,10 +26,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use choreo_messages::{EncodedEnvelope, Envelope, ErrorKind, Message, MessageType};
-use choreo_outbox::{InboxGuard, OutboxError, OutboxHandoff};
+use choreo_outbox::{Change, CommitError, InboxGuard, OutboxError, OutboxHandoff};
 use choreo_rabbitmq::Outcome;
 use sqlx::{PgConnection, PgPool};
 use tracing::{Instrument, debug, info, warn};
+use uuid::Uuid;
+
+/// How many times a message is decided again, at once, when the rows its change was decided on changed
+/// before it was written; past that it is retried like any transient failure.
+const DECISIONS: u32 = 3;
 
 /// Why a service could not apply a message.
 #[derive(Debug, thiserror::Error)]
@@ -53,17 +67,28 @@ impl From<OutboxError> for ServiceError {
     }
 }
 
-/// What applying a message produced: events for the outbox, and observations to make once it committed
-/// (metrics of business outcomes must count only what really happened).
+/// Something to observe once a message's effects committed (a metric of a business outcome).
+pub type Observation = Box<dyn FnOnce() + Send>;
+
+/// What a message causes: events for the outbox, and observations to make once it committed (metrics of
+/// business outcomes must count only what really happened); with a key, only if the change applied that key.
 #[derive(Default)]
 pub struct Effects {
     pub events: Vec<Message>,
-    pub on_commit: Vec<Box<dyn FnOnce() + Send>>,
+    pub on_commit: Vec<Observation>,
+    pub key: Option<Uuid>,
 }
 
 impl Effects {
     pub fn events(events: Vec<Message>) -> Self {
-        Effects { events, on_commit: Vec::new() }
+        Effects { events, on_commit: Vec::new(), key: None }
+    }
+
+    /// These effects happen only if the change applied `key` (see [`Change::applied`]): the change found the
+    /// state it was decided on (say, the order still PENDING) when it was written.
+    pub fn applies_if(mut self, key: Uuid) -> Self {
+        self.key = Some(key);
+        self
     }
 
     pub fn none() -> Self {
@@ -86,41 +111,27 @@ pub trait Service: Send + Sync + Sized + 'static {
     /// Register this service's own metrics at zero, so that rates and increases see their first events.
     fn register_metrics(&self) {}
 
-    /// Apply several messages inside `tx`, in order, as if one by one: one [`Effects`] per message. Each
-    /// message comes with its span: whatever is logged about one message must be logged inside it (entered,
-    /// or with `instrument`), so that the line carries the message's ids. The default calls
-    /// [`Service::apply`] for each; a service whose messages contend on the same rows does better by reading
-    /// and writing them once for the whole batch.
-    fn apply_batch(
+    /// Whether [`Service::decide`] can take these messages together (default: yes). A batch it cannot goes
+    /// one message at a time: say, two messages about one order, where the second must see the first's
+    /// change, which one statement cannot show it.
+    fn batchable(&self, batch: &[Envelope]) -> bool {
+        let _ = batch;
+        true
+    }
+
+    /// Decide what each message of `batch` does, in order, as if one by one: one [`Effects`] per message,
+    /// and the change to this service's tables pushed onto `change`. Reads go through `db`, outside any
+    /// transaction; the change is written later, with the inbox and outbox rows, in one statement, so it
+    /// must apply only where what was read still holds (see the module's notes). Must not write through `db`
+    /// or call out to anything that is not idempotent on a key derived from the message. Each message comes
+    /// with its span: whatever is logged about one message must be logged inside it (entered, or with
+    /// `instrument`), so that the line carries the message's ids.
+    fn decide(
         &self,
-        tx: &mut PgConnection,
+        db: &mut PgConnection,
         batch: &[(&Envelope, tracing::Span)],
-    ) -> impl Future<Output = Result<Vec<Effects>, ServiceError>> + Send {
-        apply_one_by_one(self, tx, batch)
-    }
-
-    /// Apply `envelope` inside `tx` and return the events it causes. Must not commit, publish or call out
-    /// to anything that is not idempotent on a key derived from the message.
-    fn apply(
-        &self,
-        tx: &mut PgConnection,
-        envelope: &Envelope,
-    ) -> impl Future<Output = Result<Effects, ServiceError>> + Send;
-}
-
-/// [`Service::apply`] for each message of a batch in turn, each in its own span: the default of
-/// [`Service::apply_batch`], and what a batch-aware service falls back to when its messages depend on each
-/// other.
-pub async fn apply_one_by_one<S: Service>(
-    service: &S,
-    tx: &mut PgConnection,
-    batch: &[(&Envelope, tracing::Span)],
-) -> Result<Vec<Effects>, ServiceError> {
-    let mut all = Vec::with_capacity(batch.len());
-    for (envelope, span) in batch {
-        all.push(service.apply(tx, envelope).instrument(span.clone()).await?);
-    }
-    Ok(all)
+        change: &mut Change,
+    ) -> impl Future<Output = Result<Vec<Effects>, ServiceError>> + Send;
 }
 
 /// Counters a test or `/metrics` can read.
@@ -165,34 +176,44 @@ impl<S: Service> TransactionalHandler<S> {
     }
 
     async fn apply_in_span(&self, envelope: &Envelope, span: &tracing::Span) -> Result<bool, ServiceError> {
-        let mut tx = self.db.begin().await?;
-        let effects = match self.service.apply(&mut tx, envelope).await {
-            Ok(effects) => effects,
-            Err(failure @ ServiceError::Permanent(_)) => {
-                drop(tx); // rolls back
-                return self.processed_before(envelope, failure).await;
+        let mut db = self.db.acquire().await?;
+        let mut decision = 1;
+        loop {
+            let mut change = Change::new();
+            let effects = match self.service.decide(&mut db, &[(envelope, span.clone())], &mut change).await {
+                Ok(mut effects) if effects.len() == 1 => effects.pop().unwrap_or_default(),
+                Ok(effects) => {
+                    return Err(ServiceError::Permanent(format!("{} gave {} results for one message", S::NAME, effects.len())));
+                }
+                Err(failure @ ServiceError::Permanent(_)) => return self.processed_before(envelope, failure).await,
+                Err(ServiceError::Conflict(reason)) => {
+                    return self.processed_before(envelope, ServiceError::Transient(reason)).await;
+                }
+                // Retried: if this is a copy of a message processed meanwhile, the retry finds it in the inbox. No
+                // lookup here, so that an outage of a dependency does not add a query per failed message.
+                Err(failure) => return Err(failure),
+            };
+            let mut written = Written::new(S::NAME);
+            written.add(envelope, effects, span);
+            match self.inbox.commit(&mut db, change, &[&envelope.meta], &written.events, self.handoff.hold()).await {
+                Ok(applied) => {
+                    written.committed(&applied, &self.handoff).await;
+                    return Ok(true);
+                }
+                Err(CommitError::ProcessedBefore) => return Ok(false),
+                // A copy of a processed message that the service does not recognise as one (say, inventory
+                // reserving an order's stock again) collides with the first copy's rows: a duplicate, not a
+                // failure to retry until it is dead-lettered.
+                Err(CommitError::Conflict(e)) => {
+                    return self.processed_before(envelope, ServiceError::Transient(format!("database: {e}"))).await;
+                }
+                Err(CommitError::Stale(e)) if decision < DECISIONS => {
+                    debug!(error = %e, decision, "the change was decided on rows that changed meanwhile; deciding again");
+                    decision += 1;
+                }
+                Err(e) => return Err(ServiceError::Transient(e.to_string())),
             }
-            // A copy of a processed message that the service does not recognise as one (say, inventory
-            // reserving an order's stock again) collides with the first copy's rows: a duplicate, not a
-            // failure to retry until it is dead-lettered.
-            Err(ServiceError::Conflict(reason)) => {
-                drop(tx);
-                return self.processed_before(envelope, ServiceError::Transient(reason)).await;
-            }
-            // Retried: if this is a copy of a message processed meanwhile, the retry finds it in the inbox. No
-            // lookup here, so that an outage of a dependency does not add a transaction per failed message.
-            Err(failure) => return Err(failure),
-        };
-        let mut written = Written::new(S::NAME);
-        written.add(envelope, effects, span);
-        let fresh = self.inbox.record_handled(&mut tx, &[&envelope.meta], &written.events, self.handoff.hold()).await?;
-        if !fresh.contains(&envelope.meta.message_id) {
-            tx.rollback().await?;
-            return Ok(false);
         }
-        tx.commit().await?;
-        written.committed(&self.handoff).await;
-        Ok(true)
     }
 
     /// The service rejected `envelope` for good: `Ok(false)` (a duplicate) if the message was processed
@@ -210,11 +231,10 @@ impl<S: Service> TransactionalHandler<S> {
         }
     }
 
-    /// Apply `envelopes` in one transaction; for each, whether it took effect (`false`: a second copy of an
-    /// id in the batch). If a message of the batch was processed before, the transaction rolls back and the
-    /// error sends the batch one by one, where that message is found to be a duplicate.
+    /// Apply `envelopes` in one statement; for each, whether it took effect (`false`: a second copy of an
+    /// id in the batch). If a message of the batch was processed before, or the statement fails, nothing is
+    /// written and the error sends the batch one by one, where that message is found to be a duplicate.
     async fn apply_batch(&self, envelopes: &[Envelope]) -> Result<Vec<bool>, ServiceError> {
-        let mut tx = self.db.begin().await?;
         // The first delivery of an id in the batch is the one applied.
         let mut seen = HashSet::with_capacity(envelopes.len());
         let applied: Vec<bool> = envelopes.iter().map(|e| seen.insert(e.meta.message_id)).collect();
@@ -225,7 +245,9 @@ impl<S: Service> TransactionalHandler<S> {
             .filter(|(_, a)| **a)
             .map(|(e, _)| (e, crate::telemetry::message_span(S::NAME, &e.meta).in_scope(|| Self::handle_span(e))))
             .collect();
-        let effects = self.service.apply_batch(&mut tx, &batch).await?;
+        let mut db = self.db.acquire().await?;
+        let mut change = Change::new();
+        let effects = self.service.decide(&mut db, &batch, &mut change).await?;
         if effects.len() != batch.len() {
             return Err(ServiceError::Permanent(format!(
                 "{} gave {} results for a batch of {}",
@@ -239,17 +261,12 @@ impl<S: Service> TransactionalHandler<S> {
             written.add(envelope, effects, span);
         }
         let metas: Vec<_> = batch.iter().map(|(e, _)| &e.meta).collect();
-        let fresh = self.inbox.record_handled(&mut tx, &metas, &written.events, self.handoff.hold()).await?;
-        if fresh.len() != metas.len() {
-            tx.rollback().await?;
-            return Err(ServiceError::Transient(format!(
-                "{} of the batch's {} messages were processed before",
-                metas.len() - fresh.len(),
-                metas.len()
-            )));
-        }
-        tx.commit().await?;
-        written.committed(&self.handoff).await;
+        let keys = self
+            .inbox
+            .commit(&mut db, change, &metas, &written.events, self.handoff.hold())
+            .await
+            .map_err(|e| ServiceError::Transient(e.to_string()))?;
+        written.committed(&keys, &self.handoff).await;
         Ok(applied)
     }
 
@@ -264,16 +281,19 @@ impl<S: Service> TransactionalHandler<S> {
     }
 }
 
-/// What handled messages wrote: their events for the outbox and what to observe once committed.
+/// What handled messages wrote: their events for the outbox (each with the key it depends on, if any) and
+/// what to observe once committed.
 struct Written {
     producer: &'static str,
-    events: Vec<EncodedEnvelope>,
-    on_commit: Vec<Box<dyn FnOnce() + Send>>,
+    events: Vec<(EncodedEnvelope, Option<Uuid>)>,
+    on_commit: Vec<(Option<Uuid>, Observation)>,
+    /// Messages whose effects depend on a key, with their spans, to say so when the key was not applied.
+    conditional: Vec<(Uuid, tracing::Span)>,
 }
 
 impl Written {
     fn new(producer: &'static str) -> Self {
-        Written { producer, events: Vec::new(), on_commit: Vec::new() }
+        Written { producer, events: Vec::new(), on_commit: Vec::new(), conditional: Vec::new() }
     }
 
     /// Encode `effects.events` as caused by `cause`, each carrying `span` as its parent: one workflow, one
@@ -283,20 +303,33 @@ impl Written {
         for message in effects.events {
             let mut e = Envelope::caused_by(&cause.meta, message, self.producer);
             e.meta.traceparent = traceparent.clone();
-            self.events.push(e.encode());
+            self.events.push((e.encode(), effects.key));
         }
-        self.on_commit.extend(effects.on_commit);
+        self.on_commit.extend(effects.on_commit.into_iter().map(|observe| (effects.key, observe)));
+        if let Some(key) = effects.key {
+            self.conditional.push((key, span.clone()));
+        }
     }
 
-    async fn committed(self, handoff: &OutboxHandoff) {
-        for observe in self.on_commit {
+    /// Observe and hand to the relay what committed: everything unconditional, and what depends on a key
+    /// the change `applied`.
+    async fn committed(self, applied: &HashSet<Uuid>, handoff: &OutboxHandoff) {
+        let happened = |key: &Option<Uuid>| key.is_none_or(|k| applied.contains(&k));
+        for (key, span) in &self.conditional {
+            if !applied.contains(key) {
+                span.in_scope(|| info!(%key, "the change was made before (by an earlier message, or one that committed meanwhile); nothing to do"));
+            }
+        }
+        for (_, observe) in self.on_commit.into_iter().filter(|(key, _)| happened(key)) {
             observe();
         }
-        for e in &self.events {
+        let events: Vec<EncodedEnvelope> =
+            self.events.into_iter().filter(|(_, key)| happened(key)).map(|(e, _)| e).collect();
+        for e in &events {
             debug!(emitted = %e.meta.message_type, emitted_id = %e.meta.message_id, correlation_id = %e.meta.correlation_id,
                 "event written to the outbox");
         }
-        handoff.committed(self.events).await;
+        handoff.committed(events).await;
     }
 }
 
@@ -331,7 +364,7 @@ impl<S: Service> choreo_rabbitmq::Handler for TransactionalHandler<S> {
     }
 
     async fn handle_batch(&self, envelopes: &[Envelope]) -> Option<Vec<Outcome>> {
-        if !envelopes.iter().all(Self::consumes) {
+        if !envelopes.iter().all(Self::consumes) || !self.service.batchable(envelopes) {
             return None;
         }
         match self.apply_batch(envelopes).await {

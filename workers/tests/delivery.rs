@@ -144,8 +144,8 @@ async fn a_copy_that_collides_with_the_first_copys_rows_is_a_duplicate_not_a_ret
     infra.drop_databases(&[name]).await;
 }
 
-/// The inbox is written at the end of the transaction, after the service's change: a copy of a message
-/// processed before is found there, and whatever the service did again is rolled back.
+/// The inbox is written in the statement that writes the service's change: a copy of a message processed
+/// before is found there, and whatever the service decided again is not written.
 #[tokio::test]
 async fn a_copy_of_a_processed_message_has_no_effect_even_when_the_service_would_act_or_fail_again() {
     let infra = Infra::from_env();
@@ -571,7 +571,12 @@ impl Service for Stuck {
     const NAME: &'static str = "stuck";
     const CONSUMES: &'static [choreo_messages::MessageType] = &[choreo_messages::MessageType::OrderCreated];
 
-    async fn apply(&self, _: &mut sqlx::PgConnection, _: &Envelope) -> Result<choreo_workers::service::Effects, choreo_workers::service::ServiceError> {
+    async fn decide(
+        &self,
+        _: &mut sqlx::PgConnection,
+        _: &[(&Envelope, tracing::Span)],
+        _: &mut choreo_outbox::Change,
+    ) -> Result<Vec<choreo_workers::service::Effects>, choreo_workers::service::ServiceError> {
         self.started.store(true, Ordering::SeqCst);
         std::future::pending().await
     }

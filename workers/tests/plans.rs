@@ -4,7 +4,7 @@
 use std::str::FromStr;
 
 use choreo_testkit::{Infra, unique_namespace};
-use choreo_workers::order::{MIGRATIONS, SETTLE_ORDERS_SQL};
+use choreo_workers::order::{MIGRATIONS, settle_orders_sql};
 use choreo_workers::runtime::prepare_database;
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
@@ -60,7 +60,7 @@ async fn settling_a_batch_finds_its_orders_by_primary_key_however_many_are_pendi
         .expect("a batch");
     let ids = batch.iter().map(uuid::Uuid::to_string).collect::<Vec<_>>().join(",");
     let mut conn = pool.acquire().await.expect("connection");
-    conn.execute(sqlx::AssertSqlSafe(format!("PREPARE settle AS {SETTLE_ORDERS_SQL}"))).await.expect("prepare");
+    conn.execute(sqlx::AssertSqlSafe(format!("PREPARE settle AS {}", settle_orders_sql()))).await.expect("prepare");
     // Both plans the server may use for a prepared statement: one made for the values of each execution, and
     // the generic one it switches to after five executions when that costs no more.
     for mode in ["force_custom_plan", "force_generic_plan"] {
