@@ -50,6 +50,11 @@ impl Change {
         self
     }
 
+    /// Whether the change names keys it applied ([`Change::applied`]).
+    pub fn names_applied_keys(&self) -> bool {
+        !self.applied.is_empty()
+    }
+
     /// Whether nothing was added.
     pub fn is_empty(&self) -> bool {
         self.ctes == 0 && self.applied.is_empty()

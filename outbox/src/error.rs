@@ -31,6 +31,10 @@ pub enum CommitError {
     /// on fresh reads, may succeed.
     #[error("the change was decided on rows that changed meanwhile: {0}")]
     Stale(sqlx::Error),
+    /// Events are written under keys, but the change names no keys it applied (see
+    /// [`crate::Change::applied`]): they could never be written. A defect of the service; nothing was sent.
+    #[error("events are written under keys, but the change names no keys it applied")]
+    UnappliedKeys,
     #[error(transparent)]
     Database(OutboxError),
 }

@@ -13,7 +13,7 @@ use crate::store::OutboxColumns;
 use crate::OutboxStore;
 use crate::{CommitError, OutboxError};
 
-/// Records processed messages per consumer, inside the consumer's transaction.
+/// Records processed messages per consumer, in the statement that commits the consumer's change.
 #[derive(Debug, Clone)]
 pub struct InboxGuard {
     consumer: String,
@@ -35,8 +35,14 @@ impl InboxGuard {
     ///
     /// One statement is one transaction: everything commits, with one round trip and one flush, or nothing
     /// does. If an id of `handled` is in the inbox already (processed before, or by a concurrent copy that
-    /// committed first: the insert waits for it), nothing is written and the error says
-    /// [`CommitError::ProcessedBefore`].
+    /// committed first: the insert waits for it), nothing is written and the error usually says
+    /// [`CommitError::ProcessedBefore`]. PostgreSQL does not specify the order in which it runs the
+    /// statement's parts, so a copy may fail on the change first instead ([`CommitError::Conflict`] on the
+    /// first copy's rows, or [`CommitError::Stale`]); a caller that checks the inbox on a conflict and
+    /// decides again when stale still ends with the duplicate.
+    ///
+    /// Events under a key need a change that names the keys it applied: without, they could never be
+    /// written, and the error says [`CommitError::UnappliedKeys`] before anything is sent.
     pub async fn commit(
         &self,
         conn: &mut PgConnection,
@@ -45,6 +51,9 @@ impl InboxGuard {
         events: &[(EncodedEnvelope, Option<Uuid>)],
         hold: Duration,
     ) -> Result<HashSet<Uuid>, CommitError> {
+        if !change.names_applied_keys() && events.iter().any(|(_, key)| key.is_some()) {
+            return Err(CommitError::UnappliedKeys);
+        }
         // Sorted: statements that record overlapping ids lock them in the same order.
         let mut sorted: Vec<&Metadata> = handled.to_vec();
         sorted.sort_by_key(|m| m.message_id);

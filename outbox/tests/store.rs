@@ -263,6 +263,14 @@ async fn a_change_its_handled_messages_and_their_events_commit_in_one_statement_
     let refused = inbox.commit(&mut conn, stale, &[&again.meta], &[], Duration::ZERO).await.expect_err("stale");
     assert!(matches!(refused, CommitError::Stale(_)), "{refused:?}");
 
+    // Events under a key with a change that names no applied keys could never be written: refused, unsent.
+    let unkeyed = inbox
+        .commit(&mut conn, Change::new(), &[&again.meta], &[(event().encode(), Some(applied_key))], Duration::ZERO)
+        .await
+        .expect_err("keys nobody applies");
+    assert!(matches!(unkeyed, CommitError::UnappliedKeys), "{unkeyed:?}");
+    assert!(!inbox.processed(&db, &again.meta).await.expect("lookup"), "nothing recorded");
+
     // Another consumer's inbox is its own.
     let other = InboxGuard::new("other");
     other.commit(&mut conn, Change::new(), &[&handled[1].meta], &[], Duration::ZERO).await.expect("another consumer");

@@ -211,7 +211,8 @@ fn insert_orders(change: &mut Change, batch: &[(&Envelope, tracing::Span)], step
             .push_bind(lines)
             .push("::jsonb[], ")
             .push_bind(placed_at)
-            .push("::timestamptz[]) ON CONFLICT (order_id) DO NOTHING RETURNING order_id");
+            // In id order: statements that insert the same orders take their keys in the same order.
+            .push("::timestamptz[]) ORDER BY 1 ON CONFLICT (order_id) DO NOTHING RETURNING order_id");
         })
         .cte("created_history", |q| {
             q.push(
@@ -281,6 +282,18 @@ struct Moves<'a> {
 }
 
 impl<'a> Moves<'a> {
+    /// In order id order, for a stable lock order in the usual plan; should two statements still deadlock,
+    /// PostgreSQL aborts one, which is decided again (a single message) or goes one by one (a batch).
+    fn sort(&mut self) {
+        let mut order: Vec<usize> = (0..self.ids.len()).collect();
+        order.sort_by_key(|&i| self.ids[i]);
+        self.ids = order.iter().map(|&i| self.ids[i]).collect();
+        self.statuses = order.iter().map(|&i| self.statuses[i]).collect();
+        self.reasons = order.iter().map(|&i| self.reasons[i]).collect();
+        self.message_ids = order.iter().map(|&i| self.message_ids[i]).collect();
+        self.message_types = order.iter().map(|&i| self.message_types[i]).collect();
+    }
+
     fn push(&mut self, order_id: Uuid, status: &'static str, reason: Option<&'static str>, cause: &'a Metadata) {
         self.ids.push(order_id);
         self.statuses.push(status);
@@ -289,10 +302,11 @@ impl<'a> Moves<'a> {
         self.message_types.push(cause.message_type.as_str());
     }
 
-    fn push_onto(self, change: &mut Change) {
+    fn push_onto(mut self, change: &mut Change) {
         if self.ids.is_empty() {
             return;
         }
+        self.sort();
         change
             .cte("moved", |q| {
                 q.push(
@@ -329,8 +343,13 @@ impl<'a> Moves<'a> {
 #[doc(hidden)]
 pub fn settle_orders_sql() -> String {
     let mut change = Change::new();
-    let mut moves = Moves::default();
-    moves.ids.push(Uuid::nil());
+    let moves = Moves {
+        ids: vec![Uuid::nil()],
+        statuses: vec!["CONFIRMED"],
+        reasons: vec![None],
+        message_ids: vec![Uuid::nil()],
+        message_types: vec!["inventory.reserved"],
+    };
     moves.push_onto(&mut change);
     change.inspection_sql()
 }
@@ -340,4 +359,27 @@ fn observe_outcome(outcome: &'static str, reason: &'static str, placed_at: DateT
     metrics::counter!("choreo_saga_outcomes_total", "outcome" => outcome, "reason" => reason).increment(1);
     let seconds = (Utc::now() - placed_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
     metrics::histogram!("choreo_workflow_duration_seconds", "outcome" => outcome).record(seconds);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moves_are_sorted_by_order_id_with_their_columns() {
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        let mut moves = Moves {
+            ids: vec![c, a, b],
+            statuses: vec!["CANCELLED", "CONFIRMED", "CANCELLED"],
+            reasons: vec![Some("card_declined"), None, Some("out_of_stock")],
+            message_ids: vec![Uuid::from_u128(30), Uuid::from_u128(10), Uuid::from_u128(20)],
+            message_types: vec!["payment.failed", "inventory.reserved", "payment.refunded"],
+        };
+        moves.sort();
+        assert_eq!(moves.ids, [a, b, c]);
+        assert_eq!(moves.statuses, ["CONFIRMED", "CANCELLED", "CANCELLED"]);
+        assert_eq!(moves.reasons, [None, Some("out_of_stock"), Some("card_declined")]);
+        assert_eq!(moves.message_ids, [Uuid::from_u128(10), Uuid::from_u128(20), Uuid::from_u128(30)]);
+        assert_eq!(moves.message_types, ["inventory.reserved", "payment.refunded", "payment.failed"]);
+    }
 }

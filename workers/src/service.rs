@@ -32,8 +32,8 @@ use sqlx::{PgConnection, PgPool};
 use tracing::{Instrument, debug, info, warn};
 use uuid::Uuid;
 
-/// How many times a message is decided again, at once, when the rows its change was decided on changed
-/// before it was written; past that it is retried like any transient failure.
+/// How many decisions a message gets, in all, when the rows its change was decided on keep changing before
+/// it is written (the first and two more, made at once); past that it is retried like any transient failure.
 const DECISIONS: u32 = 3;
 
 /// Why a service could not apply a message.
@@ -45,9 +45,10 @@ pub enum ServiceError {
     /// Retrying cannot help (a message this service does not handle, an order it never heard of).
     #[error("{0}")]
     Permanent(String),
-    /// The change collides with a row already in place (a unique key): most likely a copy of a message
-    /// processed before, whose effect the service tried to make again. The inbox decides: a duplicate if
-    /// it holds the id, otherwise transient (a race that a retry resolves).
+    /// A collision with a row already in place (a unique key): most likely a copy of a message processed
+    /// before, whose effect was made again. The inbox decides: a duplicate if it holds the id, otherwise
+    /// transient (a race that a retry resolves). A change collides when it is written
+    /// ([`CommitError::Conflict`], handled the same way); a service may also say so of what it read.
     #[error("{0}")]
     Conflict(String),
 }
@@ -185,8 +186,14 @@ impl<S: Service> TransactionalHandler<S> {
                 Ok(effects) => {
                     return Err(ServiceError::Permanent(format!("{} gave {} results for one message", S::NAME, effects.len())));
                 }
-                Err(failure @ ServiceError::Permanent(_)) => return self.processed_before(envelope, failure).await,
+                // The inbox lookup takes a connection of its own: this one goes back first, so that a pool no
+                // larger than the handler slots cannot run dry with every slot waiting for a second one.
+                Err(failure @ ServiceError::Permanent(_)) => {
+                    drop(db);
+                    return self.processed_before(envelope, failure).await;
+                }
                 Err(ServiceError::Conflict(reason)) => {
+                    drop(db);
                     return self.processed_before(envelope, ServiceError::Transient(reason)).await;
                 }
                 // Retried: if this is a copy of a message processed meanwhile, the retry finds it in the inbox. No
@@ -205,6 +212,7 @@ impl<S: Service> TransactionalHandler<S> {
                 // reserving an order's stock again) collides with the first copy's rows: a duplicate, not a
                 // failure to retry until it is dead-lettered.
                 Err(CommitError::Conflict(e)) => {
+                    drop(db);
                     return self.processed_before(envelope, ServiceError::Transient(format!("database: {e}"))).await;
                 }
                 Err(CommitError::Stale(e)) if decision < DECISIONS => {

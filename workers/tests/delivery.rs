@@ -100,6 +100,34 @@ async fn the_same_message_id_twice_changes_nothing_the_second_time() {
     infra.drop_databases(&[name]).await;
 }
 
+/// A message the service rejects for good is checked against the inbox before it is dead-lettered. That
+/// lookup takes a connection of its own, so the handler must give its own back first: with a pool of one
+/// connection, the lookup would otherwise wait for the pool until it timed out, and the message would be
+/// retried instead of dead-lettered.
+#[tokio::test]
+async fn a_rejected_message_is_checked_against_the_inbox_even_with_a_pool_of_one_connection() {
+    let infra = Infra::from_env();
+    let name = format!("{}_payment", unique_namespace());
+    let options = PgConnectOptions::from_str(&infra.database(&name)).expect("url");
+    let db = prepare_database(&options, 1, &payment::MIGRATIONS).await.expect("database");
+    let handler = TransactionalHandler::new(PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), db.clone(), Default::default());
+    let order_id = Uuid::now_v7();
+    let refund_of_nothing = Envelope::new_command(
+        Message::InventoryFailed(InventoryFailed { order_id, reason: InventoryFailureReason::OutOfStock, sku: "sku-001".into() }),
+        "inventory",
+        Some(order_id),
+    );
+    let started = std::time::Instant::now();
+    let outcome = handler.handle(&refund_of_nothing).await;
+    assert!(
+        matches!(&outcome, Outcome::Reject { reason, .. } if reason.contains("no payment")),
+        "rejected for good after {:?}: {outcome:?}",
+        started.elapsed()
+    );
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
+
 /// Inventory does not look for an earlier reservation of the order: a copy of a processed `payment.succeeded`
 /// collides with the first copy's reservation rows. That collision must end as a duplicate (acked, counted, no
 /// second effect), not as a retry that ends in the dead-letter queue.
