@@ -233,8 +233,23 @@ impl Deployment {
         Ok(())
     }
 
+    /// Bring the planner's statistics of the workers' databases up to date before a run, as autovacuum keeps
+    /// them on a database that has been running for a while. The bench starts on empty databases and fills
+    /// them within seconds. A worker's connection keeps the generic plan it made of a statement while a table
+    /// was nearly empty (a scan of the whole table: cheap then) until that table is next analyzed, which
+    /// autovacuum does at most about once a minute per database; without this, whether a run met such plans,
+    /// now scanning thousands of rows per message, depended on when autovacuum came by. Outside the
+    /// measured window.
+    async fn refresh_statistics(&self) -> anyhow::Result<()> {
+        for db in [&self.order_db, &self.payment_db, &self.inventory_db] {
+            db.execute("ANALYZE").await?;
+        }
+        Ok(())
+    }
+
     /// Place `n` orders as fast as the broker confirms them.
     async fn run_burst(&self, n: usize, label: &str) -> anyhow::Result<Run> {
+        self.refresh_statistics().await?;
         let cpu = self.cpu();
         let orders: Vec<EncodedEnvelope> = (0..n).map(|i| envelope(order(i))).collect();
         let ids: Vec<Uuid> = orders.iter().map(|e| e.meta.correlation_id).collect();
@@ -246,6 +261,7 @@ impl Deployment {
 
     /// Place orders at `rate` per second for `duration`.
     async fn run_load(&self, rate: f64, duration: Duration, label: &str) -> anyhow::Result<Run> {
+        self.refresh_statistics().await?;
         let cpu = self.cpu();
         let started = Instant::now();
         let mut ids = Vec::new();
