@@ -184,3 +184,101 @@ async fn a_confirmation_of_an_order_cancelled_meanwhile_writes_nothing() {
     db.close().await;
     infra.drop_databases(&[name]).await;
 }
+
+/// Many handlers reserve a scarce sku at once, in batches and one by one, as a busy inventory worker does.
+/// Whatever the interleaving, every message ends with exactly one outcome, the stock is never oversold and
+/// adds up, and each reservation has its event: the decisions made on reads that other handlers' writes
+/// overtook were caught and made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reservations_of_scarce_stock_never_oversell_and_each_message_has_one_outcome() {
+    const STOCK: i64 = 60;
+    const ORDERS: usize = 120;
+    let infra = Infra::from_env();
+    let (name, db) = database(&infra, "inventory", &inventory::MIGRATIONS).await;
+    inventory::seed_catalogue(&db, &[("sku-hot".to_owned(), STOCK), ("sku-cold".to_owned(), 1_000)]).await.expect("seed");
+    let handler = std::sync::Arc::new(TransactionalHandler::new(InventoryService, db.clone(), Default::default()));
+    let paid: Vec<Envelope> = (0..ORDERS)
+        .map(|i| {
+            let order_id = Uuid::now_v7();
+            Envelope::new_command(
+                Message::PaymentSucceeded(PaymentSucceeded {
+                    order_id,
+                    payment_id: Uuid::now_v7(),
+                    amount_cents: 1400,
+                    currency: "EUR".into(),
+                    // Every order wants one hot unit; every third a cold one too, so that orders lock two rows.
+                    lines: if i % 3 == 0 { vec![line("sku-hot", 1), line("sku-cold", 1)] } else { vec![line("sku-hot", 1)] },
+                }),
+                "payment",
+                Some(order_id),
+            )
+        })
+        .collect();
+
+    // Four "slots", each taking batches of up to 5 and retrying what asks to be retried, as the consumer does.
+    let tasks: Vec<_> = paid
+        .chunks(ORDERS / 4)
+        .map(|share| {
+            let (handler, share) = (std::sync::Arc::clone(&handler), share.to_vec());
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for batch in share.chunks(5) {
+                    if let Some(done) = handler.handle_batch(batch).await {
+                        outcomes.extend(done);
+                        continue;
+                    }
+                    for envelope in batch {
+                        let mut tries = 0;
+                        loop {
+                            match handler.handle(envelope).await {
+                                Outcome::Retry { reason } if tries < 20 => {
+                                    tries += 1;
+                                    tracing::debug!(%reason, "retrying");
+                                }
+                                outcome => {
+                                    outcomes.push(outcome);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.extend(task.await.expect("slot"));
+    }
+    assert_eq!(outcomes.len(), ORDERS);
+    assert!(outcomes.iter().all(|o| *o == Outcome::Done), "every message processed once: {outcomes:?}");
+
+    let (hot_available, hot_reserved, cold_available, cold_reserved): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT h.available, h.reserved, c.available, c.reserved FROM stock h, stock c \
+         WHERE h.sku = 'sku-hot' AND c.sku = 'sku-cold'",
+    )
+    .fetch_one(&db)
+    .await
+    .expect("stock");
+    assert_eq!((hot_available, hot_reserved), (0, STOCK), "the hot sku sold out exactly, never over");
+    let (reserved_events, failed_events, reserved_orders, hot_rows, cold_rows): (i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox WHERE message_type = 'inventory.reserved'), \
+                (SELECT count(*) FROM outbox WHERE message_type = 'inventory.failed'), \
+                (SELECT count(DISTINCT order_id) FROM reservations), \
+                (SELECT count(*) FROM reservations WHERE sku = 'sku-hot'), \
+                (SELECT count(*) FROM reservations WHERE sku = 'sku-cold')",
+    )
+    .fetch_one(&db)
+    .await
+    .expect("events");
+    assert_eq!(reserved_events, STOCK, "one inventory.reserved per unit of the hot sku");
+    assert_eq!(failed_events, ORDERS as i64 - STOCK, "the others are refused");
+    assert_eq!((reserved_orders, hot_rows), (STOCK, STOCK), "each reservation event has its rows");
+    assert_eq!(cold_reserved, cold_rows, "the cold sku's count matches its reservation rows");
+    assert_eq!(cold_available + cold_reserved, 1_000, "and adds up");
+    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox").fetch_one(&db).await.expect("inbox");
+    assert_eq!(inbox, ORDERS as i64);
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
