@@ -55,11 +55,6 @@ impl Change {
         !self.applied.is_empty()
     }
 
-    /// Whether nothing was added.
-    pub fn is_empty(&self) -> bool {
-        self.ctes == 0 && self.applied.is_empty()
-    }
-
     /// The builder with the change and an `applied(key)` expression, ready for the inbox and outbox
     /// expressions.
     pub(crate) fn into_builder(mut self) -> QueryBuilder<Postgres> {

@@ -65,21 +65,10 @@ impl InboxGuard {
         let keys: Vec<Option<Uuid>> = events.iter().map(|(_, key)| *key).collect();
 
         let mut sql = change.into_builder();
+        sql.push(", events AS (");
+        OutboxColumns::of(events.iter().map(|(e, _)| e)).push_insert(&mut sql, hold, Some(keys));
         sql.push(
-            ", events AS (INSERT INTO outbox (message_id, message_type, schema_version, correlation_id, causation_id, \
-                                           producer, occurred_at, traceparent, body, available_at) \
-             SELECT e.message_id, e.message_type, e.schema_version, e.correlation_id, e.causation_id, e.producer, \
-                    e.occurred_at, e.traceparent, e.body, clock_timestamp() + make_interval(secs => ",
-        )
-        .push_bind(hold.as_secs_f64())
-        .push(") FROM ");
-        OutboxColumns::of(events.iter().map(|(e, _)| e)).push_unnest(&mut sql, |sql| {
-            sql.push(", ").push_bind(keys).push("::uuid[]");
-        });
-        sql.push(
-            " AS e(message_id, message_type, schema_version, correlation_id, causation_id, producer, occurred_at, \
-                   traceparent, body, key) \
-             WHERE e.key IS NULL OR e.key IN (SELECT key FROM applied)), \
+            " WHERE e.key IS NULL OR e.key IN (SELECT key FROM applied)), \
              handled AS (INSERT INTO inbox (consumer, message_id, message_type, correlation_id, causation_id) SELECT ",
         )
         .push_bind(&self.consumer)

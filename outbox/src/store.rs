@@ -42,12 +42,9 @@ impl OutboxStore {
         if envelopes.is_empty() {
             return Ok(());
         }
-        OutboxColumns::of(envelopes)
-            .bind(sqlx::query(outbox_insert!()))
-            .bind(hold.as_secs_f64())
-            .execute(&mut *tx)
-            .await
-            .map_err(OutboxError::db("outbox insert"))?;
+        let mut sql = QueryBuilder::new("");
+        OutboxColumns::of(envelopes).push_insert(&mut sql, hold, None);
+        sql.build().execute(&mut *tx).await.map_err(OutboxError::db("outbox insert"))?;
         Ok(())
     }
 
@@ -173,21 +170,6 @@ impl OutboxStore {
     }
 }
 
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
-
-/// The insert of [`OutboxColumns`] into the outbox: `$1`–`$9` are the arrays [`OutboxColumns::bind`] binds,
-/// `$10` the hold in seconds. A macro, so that statements can embed it with `concat!` and stay `'static`.
-macro_rules! outbox_insert {
-    () => {
-        "INSERT INTO outbox (message_id, message_type, schema_version, correlation_id, causation_id, \
-                             producer, occurred_at, traceparent, body, available_at) \
-         SELECT *, clock_timestamp() + make_interval(secs => $10) \
-         FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::uuid[], $6::text[], \
-                     $7::timestamptz[], $8::text[], $9::bytea[])"
-    };
-}
-pub(crate) use outbox_insert;
-
 /// The outbox columns of a set of envelopes, as arrays for one `UNNEST` insert.
 /// Borrowed from the envelopes: nothing is copied.
 pub(crate) struct OutboxColumns<'a> {
@@ -232,24 +214,16 @@ impl<'a> OutboxColumns<'a> {
         c
     }
 
-    /// Bind the nine arrays, in column order, as the query's next parameters.
-    pub(crate) fn bind(self, query: PgQuery<'a>) -> PgQuery<'a> {
-        query
-            .bind(self.ids)
-            .bind(self.types)
-            .bind(self.versions)
-            .bind(self.correlations)
-            .bind(self.causations)
-            .bind(self.producers)
-            .bind(self.occurred)
-            .bind(self.traceparents)
-            .bind(self.bodies)
-    }
-
-    /// Push `UNNEST(...)` of the nine arrays, in column order, with `extra` arrays after them (each a bound
-    /// value followed by its cast, as in `::uuid[]`).
-    pub(crate) fn push_unnest(self, sql: &mut QueryBuilder<Postgres>, extra: impl FnOnce(&mut QueryBuilder<Postgres>)) {
-        sql.push("UNNEST(")
+    /// Push the insert of these envelopes into the outbox, held out of sweeps for `hold`, as
+    /// `INSERT INTO outbox (…) SELECT … FROM UNNEST(…) AS e(…)`. With `keys` (one per envelope), the rows
+    /// also carry `e.key`, for the caller to filter on with a `WHERE` it pushes next.
+    pub(crate) fn push_insert(self, sql: &mut QueryBuilder<Postgres>, hold: Duration, keys: Option<Vec<Option<Uuid>>>) {
+        const COLUMNS: &str = "message_id, message_type, schema_version, correlation_id, causation_id, producer, \
+                               occurred_at, traceparent, body";
+        sql.push(format_args!("INSERT INTO outbox ({COLUMNS}, available_at) SELECT {COLUMNS}, "))
+            .push("clock_timestamp() + make_interval(secs => ")
+            .push_bind(hold.as_secs_f64())
+            .push(") FROM UNNEST(")
             .push_bind(self.ids)
             .push("::uuid[], ")
             .push_bind(self.types)
@@ -268,7 +242,9 @@ impl<'a> OutboxColumns<'a> {
             .push("::text[], ")
             .push_bind(self.bodies)
             .push("::bytea[]");
-        extra(sql);
-        sql.push(")");
+        match keys {
+            Some(keys) => sql.push(", ").push_bind(keys).push(format_args!("::uuid[]) AS e({COLUMNS}, key)")),
+            None => sql.push(format_args!(") AS e({COLUMNS})")),
+        };
     }
 }
