@@ -274,54 +274,54 @@ async fn read_orders(db: &mut PgConnection, steps: &[Step<'_>]) -> Result<HashMa
 /// many others are PENDING: `workers/tests/plans.rs` checks the plan.
 #[derive(Default)]
 struct Moves<'a> {
-    ids: Vec<Uuid>,
-    statuses: Vec<&'static str>,
-    reasons: Vec<Option<&'static str>>,
-    message_ids: Vec<Uuid>,
-    message_types: Vec<&'a str>,
+    /// Order id, status, reason, and the id and type of the message that moves it.
+    rows: Vec<(Uuid, &'static str, Option<&'static str>, Uuid, &'a str)>,
 }
 
+/// The columns of a [`Moves`], each in order id order.
+type MoveColumns<'a> = (Vec<Uuid>, Vec<&'static str>, Vec<Option<&'static str>>, Vec<Uuid>, Vec<&'a str>);
+
 impl<'a> Moves<'a> {
-    /// In order id order, for a stable lock order in the usual plan; should two statements still deadlock,
-    /// PostgreSQL aborts one, which is decided again (a single message) or goes one by one (a batch).
-    fn sort(&mut self) {
-        let mut order: Vec<usize> = (0..self.ids.len()).collect();
-        order.sort_by_key(|&i| self.ids[i]);
-        self.ids = order.iter().map(|&i| self.ids[i]).collect();
-        self.statuses = order.iter().map(|&i| self.statuses[i]).collect();
-        self.reasons = order.iter().map(|&i| self.reasons[i]).collect();
-        self.message_ids = order.iter().map(|&i| self.message_ids[i]).collect();
-        self.message_types = order.iter().map(|&i| self.message_types[i]).collect();
-    }
-
     fn push(&mut self, order_id: Uuid, status: &'static str, reason: Option<&'static str>, cause: &'a Metadata) {
-        self.ids.push(order_id);
-        self.statuses.push(status);
-        self.reasons.push(reason);
-        self.message_ids.push(cause.message_id);
-        self.message_types.push(cause.message_type.as_str());
+        self.rows.push((order_id, status, reason, cause.message_id, cause.message_type.as_str()));
     }
 
-    fn push_onto(mut self, change: &mut Change) {
-        if self.ids.is_empty() {
+    /// The moves as columns, in order id order: a stable lock order in the usual plan; should two statements
+    /// still deadlock, PostgreSQL aborts one, which is decided again (a single message) or goes one by one
+    /// (a batch).
+    fn columns(mut self) -> MoveColumns<'a> {
+        self.rows.sort_by_key(|row| row.0);
+        let mut columns = MoveColumns::default();
+        for (id, status, reason, message_id, message_type) in self.rows {
+            columns.0.push(id);
+            columns.1.push(status);
+            columns.2.push(reason);
+            columns.3.push(message_id);
+            columns.4.push(message_type);
+        }
+        columns
+    }
+
+    fn push_onto(self, change: &mut Change) {
+        if self.rows.is_empty() {
             return;
         }
-        self.sort();
+        let (ids, statuses, reasons, message_ids, message_types) = self.columns();
         change
             .cte("moved", |q| {
                 q.push(
                     "UPDATE orders o SET status = t.status, cancel_reason = t.reason, completed_at = clock_timestamp() \
                      FROM UNNEST(",
                 )
-                .push_bind(self.ids)
+                .push_bind(ids)
                 .push("::uuid[], ")
-                .push_bind(self.statuses)
+                .push_bind(statuses)
                 .push("::text[], ")
-                .push_bind(self.reasons)
+                .push_bind(reasons)
                 .push("::text[], ")
-                .push_bind(self.message_ids)
+                .push_bind(message_ids)
                 .push("::uuid[], ")
-                .push_bind(self.message_types)
+                .push_bind(message_types)
                 .push(
                     "::text[]) AS t(order_id, status, reason, message_id, message_type) \
                      WHERE o.order_id = t.order_id AND o.status = 'PENDING' \
@@ -343,13 +343,7 @@ impl<'a> Moves<'a> {
 #[doc(hidden)]
 pub fn settle_orders_sql() -> String {
     let mut change = Change::new();
-    let moves = Moves {
-        ids: vec![Uuid::nil()],
-        statuses: vec!["CONFIRMED"],
-        reasons: vec![None],
-        message_ids: vec![Uuid::nil()],
-        message_types: vec!["inventory.reserved"],
-    };
+    let moves = Moves { rows: vec![(Uuid::nil(), "CONFIRMED", None, Uuid::nil(), "inventory.reserved")] };
     moves.push_onto(&mut change);
     change.inspection_sql()
 }
@@ -368,18 +362,18 @@ mod tests {
     #[test]
     fn moves_are_sorted_by_order_id_with_their_columns() {
         let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
-        let mut moves = Moves {
-            ids: vec![c, a, b],
-            statuses: vec!["CANCELLED", "CONFIRMED", "CANCELLED"],
-            reasons: vec![Some("card_declined"), None, Some("out_of_stock")],
-            message_ids: vec![Uuid::from_u128(30), Uuid::from_u128(10), Uuid::from_u128(20)],
-            message_types: vec!["payment.failed", "inventory.reserved", "payment.refunded"],
+        let moves = Moves {
+            rows: vec![
+                (c, "CANCELLED", Some("card_declined"), Uuid::from_u128(30), "payment.failed"),
+                (a, "CONFIRMED", None, Uuid::from_u128(10), "inventory.reserved"),
+                (b, "CANCELLED", Some("out_of_stock"), Uuid::from_u128(20), "payment.refunded"),
+            ],
         };
-        moves.sort();
-        assert_eq!(moves.ids, [a, b, c]);
-        assert_eq!(moves.statuses, ["CONFIRMED", "CANCELLED", "CANCELLED"]);
-        assert_eq!(moves.reasons, [None, Some("out_of_stock"), Some("card_declined")]);
-        assert_eq!(moves.message_ids, [Uuid::from_u128(10), Uuid::from_u128(20), Uuid::from_u128(30)]);
-        assert_eq!(moves.message_types, ["inventory.reserved", "payment.refunded", "payment.failed"]);
+        let (ids, statuses, reasons, message_ids, message_types) = moves.columns();
+        assert_eq!(ids, [a, b, c]);
+        assert_eq!(statuses, ["CONFIRMED", "CANCELLED", "CANCELLED"]);
+        assert_eq!(reasons, [None, Some("out_of_stock"), Some("card_declined")]);
+        assert_eq!(message_ids, [Uuid::from_u128(10), Uuid::from_u128(20), Uuid::from_u128(30)]);
+        assert_eq!(message_types, ["inventory.reserved", "payment.refunded", "payment.failed"]);
     }
 }
