@@ -46,7 +46,8 @@ pub struct Run {
 }
 
 /// The hops of a confirmed order, between the moments each handler's write began (`inbox.received_at`,
-/// the start of the statement that commits the change, the inbox and the outbox), and from the last one to the order's terminal state.
+/// the start of the statement that commits the change, the inbox and the outbox), and from the last one to
+/// the order's terminal state.
 pub const HOPS: [&str; 5] = [
     "placed -> order worker",
     "order -> payment",

@@ -180,12 +180,8 @@ impl<S: Service> TransactionalHandler<S> {
         let mut db = self.db.acquire().await?;
         let mut decision = 1;
         loop {
-            let mut change = Change::new();
-            let effects = match self.service.decide(&mut db, &[(envelope, span.clone())], &mut change).await {
-                Ok(mut effects) if effects.len() == 1 => effects.pop().unwrap_or_default(),
-                Ok(effects) => {
-                    return Err(ServiceError::Permanent(format!("{} gave {} results for one message", S::NAME, effects.len())));
-                }
+            let (change, written) = match self.decide(&mut db, &[(envelope, span.clone())]).await {
+                Ok(decided) => decided,
                 // The inbox lookup takes a connection of its own: this one goes back first, so that a pool no
                 // larger than the handler slots cannot run dry with every slot waiting for a second one.
                 Err(failure @ ServiceError::Permanent(_)) => {
@@ -200,8 +196,6 @@ impl<S: Service> TransactionalHandler<S> {
                 // lookup here, so that an outage of a dependency does not add a query per failed message.
                 Err(failure) => return Err(failure),
             };
-            let mut written = Written::new(S::NAME);
-            written.add(envelope, effects, span);
             match self.inbox.commit(&mut db, change, &[&envelope.meta], &written.events, self.handoff.hold()).await {
                 Ok(applied) => {
                     written.committed(&applied, &self.handoff).await;
@@ -222,6 +216,30 @@ impl<S: Service> TransactionalHandler<S> {
                 Err(e) => return Err(ServiceError::Transient(e.to_string())),
             }
         }
+    }
+
+    /// Have the service decide `batch`: its change, and its events encoded with what to observe once
+    /// committed. A service that does not give one result per message is at fault: a permanent error.
+    async fn decide(
+        &self,
+        db: &mut PgConnection,
+        batch: &[(&Envelope, tracing::Span)],
+    ) -> Result<(Change, Written), ServiceError> {
+        let mut change = Change::new();
+        let effects = self.service.decide(db, batch, &mut change).await?;
+        if effects.len() != batch.len() {
+            return Err(ServiceError::Permanent(format!(
+                "{} gave {} results for {} messages",
+                S::NAME,
+                effects.len(),
+                batch.len()
+            )));
+        }
+        let mut written = Written::new(S::NAME);
+        for ((envelope, span), effects) in batch.iter().zip(effects) {
+            written.add(envelope, effects, span);
+        }
+        Ok((change, written))
     }
 
     /// The service rejected `envelope` for good: `Ok(false)` (a duplicate) if the message was processed
@@ -254,20 +272,7 @@ impl<S: Service> TransactionalHandler<S> {
             .map(|(e, _)| (e, crate::telemetry::message_span(S::NAME, &e.meta).in_scope(|| Self::handle_span(e))))
             .collect();
         let mut db = self.db.acquire().await?;
-        let mut change = Change::new();
-        let effects = self.service.decide(&mut db, &batch, &mut change).await?;
-        if effects.len() != batch.len() {
-            return Err(ServiceError::Permanent(format!(
-                "{} gave {} results for a batch of {}",
-                S::NAME,
-                effects.len(),
-                batch.len()
-            )));
-        }
-        let mut written = Written::new(S::NAME);
-        for ((envelope, span), effects) in batch.iter().zip(effects) {
-            written.add(envelope, effects, span);
-        }
+        let (change, written) = self.decide(&mut db, &batch).await?;
         let metas: Vec<_> = batch.iter().map(|(e, _)| &e.meta).collect();
         let keys = self
             .inbox
