@@ -3,8 +3,8 @@
 //! - [`inbox`]: [`InboxGuard`] commits a handler's work in one statement: its [`Change`], the message ids
 //!   in the inbox (a second delivery of the same id finds it and has no effect) and the events in the outbox;
 //! - [`change`]: [`Change`], a service's change to its own tables, as expressions of that statement;
-//! - [`store`]: [`OutboxStore`] writes outgoing events in the caller's transaction, and claims, marks and
-//!   inspects rows for the relay;
+//! - [`store`]: [`OutboxStore`] claims, marks and inspects rows for the relay, and writes events for code
+//!   that commits them in a transaction of its own (handlers write theirs through [`InboxGuard`]);
 //! - [`relay`]: [`OutboxRelay`] publishes committed rows with confirms and marks them only after the confirm:
 //!   rows its own process hands off ([`OutboxHandoff`]) at once, others by a periodic sweep;
 //! - [`retention`]: [`RetentionJob`] deletes published outbox rows and old inbox rows in batches;

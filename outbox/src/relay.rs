@@ -79,8 +79,10 @@ impl Default for RelayConfig {
     }
 }
 
-/// Hands rows a handler just committed to the relay of its process. Write the rows with
-/// [`OutboxStore::enqueue_held`] for [`OutboxHandoff::hold`], commit, then call [`OutboxHandoff::committed`].
+/// Hands rows a handler just committed to the relay of its process. The rows must be written held for
+/// [`OutboxHandoff::hold`]: a handler passes that hold to [`crate::InboxGuard::commit`], whose one statement
+/// writes them held; code that writes in a transaction of its own uses [`OutboxStore::enqueue_held`] and
+/// commits. Once the rows committed, call [`OutboxHandoff::committed`] with them.
 ///
 /// The default hand-off has no relay behind it: its hold is zero, so rows are at once the sweep's, and
 /// `committed` does nothing.

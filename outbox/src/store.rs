@@ -1,4 +1,7 @@
-//! [`OutboxStore`]: the outbox table's operations. Writes happen inside the caller's transaction.
+//! [`OutboxStore`]: the outbox table's operations. Handlers write their events with
+//! [`crate::InboxGuard::commit`], in the one statement that commits their change; [`OutboxStore::enqueue`]
+//! and [`OutboxStore::enqueue_held`] serve code that writes events in a transaction of its own. The rest
+//! claims, marks and inspects rows for the relay and for `choreoctl`.
 
 use std::time::Duration;
 
@@ -27,13 +30,15 @@ pub struct Backlog {
 pub struct OutboxStore;
 
 impl OutboxStore {
-    /// Write `envelopes` in the caller's transaction, in one round trip, for the next sweep of any relay.
+    /// Write `envelopes` in the caller's transaction, in one round trip, for the next sweep of any relay. For
+    /// code that writes events in a transaction of its own; handlers use [`crate::InboxGuard::commit`].
     pub async fn enqueue(tx: &mut PgConnection, envelopes: &[EncodedEnvelope]) -> Result<(), OutboxError> {
         Self::enqueue_held(tx, envelopes, Duration::ZERO).await
     }
 
     /// Write `envelopes` in the caller's transaction, in one round trip, out of sweeps for `hold`: the caller
-    /// hands them to its relay once committed (see [`crate::OutboxHandoff`]).
+    /// hands them to its relay once committed (see [`crate::OutboxHandoff`]). For code that writes events in
+    /// a transaction of its own; [`crate::InboxGuard::commit`] writes a handler's events held the same way.
     pub async fn enqueue_held(
         tx: &mut PgConnection,
         envelopes: &[EncodedEnvelope],

@@ -41,7 +41,7 @@ pub struct CommonArgs {
     pub delivery_limit: u32,
     /// Times a redelivered message may be started again before it is dead-lettered as `crashed` (a message
     /// that takes the worker down every time). The broker's delivery limit stays the backstop.
-    #[arg(long, env = "CHOREO_CRASH_LIMIT", default_value_t = 3)]
+    #[arg(long, env = "CHOREO_CRASH_LIMIT", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub crash_limit: u32,
     /// In-process retries of a transient failure, with exponential backoff and jitter.
     #[arg(long, env = "CHOREO_HANDLER_RETRIES", default_value_t = 3)]
@@ -54,7 +54,8 @@ pub struct CommonArgs {
     /// :9465 payment, :9466 inventory).
     #[arg(long, env = "CHOREO_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
-    /// Database connections of this worker's handlers and jobs (its relay opens two more of its own).
+    /// Database connections of this worker's handlers and jobs (its relay opens two more of its own, its
+    /// readiness check one).
     #[arg(long, env = "CHOREO_DB_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub db_pool_size: u32,
     /// Outbox rows published per relay cycle.
@@ -134,7 +135,7 @@ mod tests {
 
     #[test]
     fn counts_of_zero_are_refused_with_the_setting_named() {
-        for flag in ["--prefetch", "--concurrency", "--batch-size", "--max-message-bytes", "--delivery-limit", "--db-pool-size", "--relay-batch"] {
+        for flag in ["--prefetch", "--concurrency", "--batch-size", "--max-message-bytes", "--delivery-limit", "--crash-limit", "--db-pool-size", "--relay-batch"] {
             let error = parse(&[flag, "0"]).expect_err(flag).to_string();
             assert!(error.contains(flag), "{flag}: {error}");
         }

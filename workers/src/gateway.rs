@@ -13,8 +13,9 @@
 //! - a customer id starting with `flaky-N-` (N a digit) fails the first N charge attempts of each order
 //!   with "gateway unavailable" (a transient failure), then succeeds;
 //! - a customer id starting with `unavailable` always fails with "gateway unavailable";
-//! - a customer id starting with `crash` aborts the worker process (a client library that takes the process
-//!   down: poison-message protection must stop the loop);
+//! - a customer id starting with `crash` aborts the worker process, when the rule is turned on
+//!   (`CHOREO_GATEWAY_CRASHES`, off by default: any client could trigger it): a client library that takes the
+//!   process down, so that tests see poison-message protection stop the loop;
 //! - otherwise, with probability `CHOREO_GATEWAY_TRANSIENT_FAILURE_RATE` (default 0), a charge fails with
 //!   "gateway unavailable";
 //! - refunds always succeed.
@@ -60,19 +61,28 @@ pub struct SimulatedGateway {
     pub limit_cents: i64,
     /// Share of charges that fail transiently at random, 0 to 1.
     pub transient_failure_rate: f64,
+    /// Whether a customer id starting with `crash` aborts the process (off unless turned on: a rule for
+    /// testing crash handling, which any client could otherwise trigger).
+    pub crashes: bool,
     /// Failed attempts per order so far, for the `flaky-N-` rule.
     flaky_attempts: std::sync::Mutex<std::collections::HashMap<Uuid, u32>>,
 }
 
 impl SimulatedGateway {
     pub fn new(limit_cents: i64, transient_failure_rate: f64) -> Self {
-        SimulatedGateway { limit_cents, transient_failure_rate, flaky_attempts: Default::default() }
+        SimulatedGateway { limit_cents, transient_failure_rate, crashes: false, flaky_attempts: Default::default() }
+    }
+
+    /// Turn the `crash` rule on or off.
+    pub fn with_crashes(mut self, crashes: bool) -> Self {
+        self.crashes = crashes;
+        self
     }
 
     /// Transient failures the rules call for, before any decision.
     fn outage(&self, charge: &Charge<'_>) -> Option<GatewayError> {
         let unavailable = || GatewayError::Unavailable("simulated outage".into());
-        if charge.customer_id.starts_with("crash") {
+        if self.crashes && charge.customer_id.starts_with("crash") {
             tracing::error!(order_id = %charge.order_id, "simulated gateway crash: aborting the process");
             std::process::abort();
         }
@@ -159,5 +169,14 @@ mod tests {
         assert!(matches!(g.charge(charge("unavailable-x", 10, order)).await, Err(GatewayError::Unavailable(_))));
         let always = SimulatedGateway::new(1_000, 1.0);
         assert!(matches!(always.charge(charge("c", 10, order)).await, Err(GatewayError::Unavailable(_))));
+    }
+
+    #[tokio::test]
+    async fn the_crash_rule_is_off_unless_turned_on() {
+        // With the rule on, this charge would abort the test process.
+        let g = SimulatedGateway::new(1_000, 0.0);
+        assert!(!g.crashes);
+        assert!(matches!(g.charge(charge("crash-x", 10, Uuid::now_v7())).await, Ok(ChargeResult::Charged { .. })));
+        assert!(SimulatedGateway::new(1_000, 0.0).with_crashes(true).crashes);
     }
 }

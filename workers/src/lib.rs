@@ -9,8 +9,10 @@
 //! - [`health`]: `/metrics`, `/health/live`, `/health/ready`;
 //! - [`telemetry`]: logs and traces (OTLP when configured).
 //!
-//! **Architecture invariant**: a service changes its own database only, and only through the transaction it
-//! is handed; the events it returns reach the broker through the outbox relay, never directly.
+//! **Architecture invariant**: a service reads only through the connection it is handed (it keeps that
+//! connection while it decides, a payment's gateway call included), and changes only its own database, only
+//! through the [`choreo_outbox::Change`] it is handed, which commits with the inbox and outbox rows; the
+//! events it returns reach the broker through the outbox relay, never directly.
 
 pub mod config;
 pub mod gateway;

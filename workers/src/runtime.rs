@@ -150,10 +150,12 @@ pub async fn run_worker<S: Service>(
 
     info!(worker = S::NAME, namespace = %args.namespace, "worker started");
     // One budget for the whole stop, counted from the signal: in-flight handlers finish within it; a handler
-    // that hangs (a lock, a dead connection) is then dropped: its transaction rolls back and its unacked
-    // message goes back to the queue when the connection closes. What time is left goes to the relay's last
-    // publishes (rows it cannot publish stay in the outbox for the next sweep), then connections get
-    // `CLOSE_ALLOWANCE` at least to close. Nothing is lost whenever the stop is cut short.
+    // that hangs (a lock, a dead connection) is then dropped, and its unacked message goes back to the queue
+    // when the connection closes. Its statement, sent outside any transaction, may already be on the server:
+    // it is either committed (the redelivery is then a duplicate; its events are swept after the hold) or not
+    // applied. What time is left goes to the relay's last publishes (rows it cannot publish stay in the
+    // outbox for the next sweep), then connections get `CLOSE_ALLOWANCE` at least to close. Nothing is lost
+    // whenever the stop is cut short.
     let (consumed, stop_by) = {
         let run = consumer.run(shutdown.clone());
         tokio::pin!(run);
@@ -165,7 +167,7 @@ pub async fn run_worker<S: Service>(
                     Ok(consumed) => (consumed, stop_by),
                     Err(_) => {
                         warn!(worker = S::NAME, timeout = ?args.shutdown_timeout,
-                            "in-flight messages did not finish within CHOREO_SHUTDOWN_TIMEOUT; they are rolled back and return to the queue");
+                            "in-flight messages did not finish within CHOREO_SHUTDOWN_TIMEOUT; they return to the queue, committed or not");
                         (Ok(()), stop_by)
                     }
                 }

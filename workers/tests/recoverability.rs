@@ -138,7 +138,7 @@ async fn a_failure_that_never_clears_is_dead_lettered_with_its_attempts_and_fail
 
 #[tokio::test]
 async fn a_message_that_kills_its_worker_every_time_ends_in_the_dead_letter_queue() {
-    let mut cluster = Cluster::start_with(env(&[("CHOREO_DELIVERY_LIMIT", "2")])).await;
+    let mut cluster = Cluster::start_with(env(&[("CHOREO_GATEWAY_CRASHES", "true"), ("CHOREO_DELIVERY_LIMIT", "2")])).await;
     let poison = order("crash-customer", &[("sku-001", 1, 100)]);
     cluster.place(std::slice::from_ref(&poison)).await;
     let letter = cluster.respawn_until_dead_letter("payment", DEADLINE).await;
@@ -160,7 +160,7 @@ async fn a_message_that_crashes_its_worker_is_dead_lettered_and_the_messages_wai
     // limit alone, the 30 orders waiting behind the poison message would pass it too. The worker counts only
     // what it started again, and dead-letters the poison message after CHOREO_CRASH_LIMIT restarts.
     let mut cluster =
-        Cluster::start_with(env(&[("CHOREO_CRASH_LIMIT", "2"), ("CHOREO_DELIVERY_LIMIT", "6"), ("CHOREO_CONCURRENCY", "2")])).await;
+        Cluster::start_with(env(&[("CHOREO_GATEWAY_CRASHES", "true"), ("CHOREO_CRASH_LIMIT", "2"), ("CHOREO_DELIVERY_LIMIT", "6"), ("CHOREO_CONCURRENCY", "2")])).await;
     cluster.kill("payment").await;
     let mut orders: Vec<_> = (0..30).map(|i| order(&format!("cust-behind-{i}"), &[("sku-001", 1, 100)])).collect();
     let poison = order("crash-every-time", &[("sku-001", 1, 100)]);

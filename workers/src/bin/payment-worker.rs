@@ -23,6 +23,10 @@ struct Args {
     /// Simulated gateway: share of charges (0 to 1) that fail transiently at random.
     #[arg(long, env = "CHOREO_GATEWAY_TRANSIENT_FAILURE_RATE", default_value_t = 0.0)]
     gateway_transient_failure_rate: f64,
+    /// Simulated gateway: abort the process when a customer id starts with `crash`, to exercise crash
+    /// handling (off by default: any client could trigger it).
+    #[arg(long, env = "CHOREO_GATEWAY_CRASHES")]
+    gateway_crashes: bool,
     /// Payment gateway adapter: `simulated` (deterministic rules, see docs) or `http`.
     #[arg(long, env = "CHOREO_GATEWAY", default_value = "simulated", value_parser = ["simulated", "http"])]
     gateway: String,
@@ -60,7 +64,8 @@ async fn main() -> anyhow::Result<()> {
         })?;
         run_worker(PaymentService::new(gateway), db, &args.common, shutdown_on_signals(), |_| {}).await
     } else {
-        let gateway = SimulatedGateway::new(args.gateway_limit_cents, args.gateway_transient_failure_rate);
+        let gateway = SimulatedGateway::new(args.gateway_limit_cents, args.gateway_transient_failure_rate)
+            .with_crashes(args.gateway_crashes);
         run_worker(PaymentService::new(gateway), db, &args.common, shutdown_on_signals(), |_| {}).await
     }
 }
