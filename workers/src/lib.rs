@@ -5,6 +5,7 @@
 //! - [`order`], [`payment`], [`inventory`]: the three services, each with its own database and migrations;
 //! - [`gateway`]: the payment gateway port and its simulated adapter; [`http_gateway`]: the HTTP adapter;
 //! - [`config`]: settings from the environment (and flags), with documented defaults;
+//! - [`connections`]: the database connections a handler keeps from one message to the next;
 //! - [`runtime`]: wiring: database, broker, consumer, relay, retention, signals;
 //! - [`health`]: `/metrics`, `/health/live`, `/health/ready`;
 //! - [`telemetry`]: logs and traces (OTLP when configured).
@@ -15,6 +16,7 @@
 //! events it returns reach the broker through the outbox relay, never directly.
 
 pub mod config;
+pub mod connections;
 pub mod gateway;
 pub mod health;
 pub mod http_gateway;

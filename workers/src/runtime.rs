@@ -97,7 +97,7 @@ pub async fn run_worker<S: Service>(
         },
     ));
     service.register_metrics();
-    let handler = Arc::new(TransactionalHandler::new(service, db.clone(), relay.handoff()));
+    let handler = Arc::new(TransactionalHandler::new(service, db.clone(), relay.handoff()).keeping_connections(args.concurrency));
     started(WorkerHandle { counters: handler.counters() });
 
     let mut consumer_config = ConsumerConfig::new(WorkerQueue {
@@ -176,6 +176,8 @@ pub async fn run_worker<S: Service>(
         }
     };
     info!(worker = S::NAME, "consumer stopped; flushing the outbox");
+    // The handler's kept connections go back to the pool with it, before the pool closes.
+    drop(consumer);
     background.cancel();
     if tokio::time::timeout_at(stop_by, relay_task).await.is_err() {
         warn!("relay did not stop in time; unpublished rows stay in the outbox for the next sweep");

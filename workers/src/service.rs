@@ -29,6 +29,8 @@ use choreo_messages::{EncodedEnvelope, Envelope, ErrorKind, Message, MessageType
 use choreo_outbox::{Change, CommitError, InboxGuard, OutboxError, OutboxHandoff};
 use choreo_rabbitmq::Outcome;
 use sqlx::{PgConnection, PgPool};
+
+use crate::connections::{HandlerConnection, HandlerConnections};
 use tracing::{Instrument, debug, info, warn};
 use uuid::Uuid;
 
@@ -145,6 +147,7 @@ pub struct HandlerCounters {
 pub struct TransactionalHandler<S> {
     service: S,
     db: PgPool,
+    connections: HandlerConnections,
     inbox: InboxGuard,
     handoff: OutboxHandoff,
     counters: Arc<HandlerCounters>,
@@ -156,11 +159,29 @@ impl<S: Service> TransactionalHandler<S> {
     pub fn new(service: S, db: PgPool, handoff: OutboxHandoff) -> Self {
         TransactionalHandler {
             service,
+            connections: HandlerConnections::new(db.clone()),
             db,
             inbox: InboxGuard::new(S::NAME),
             handoff,
             counters: Arc::default(),
         }
+    }
+
+    /// Keep the connections of up to `concurrency` messages handled at once from one message to the next,
+    /// untested, if the pool is larger than that (see [`HandlerConnections`]): a round trip less per message.
+    pub fn keeping_connections(mut self, concurrency: usize) -> Self {
+        self.connections = self.connections.keeping(concurrency);
+        self
+    }
+
+    /// Connections kept now, between messages.
+    pub fn kept_connections(&self) -> usize {
+        self.connections.kept()
+    }
+
+    /// The service this handler runs.
+    pub fn service(&self) -> &S {
+        &self.service
     }
 
     pub fn counters(&self) -> Arc<HandlerCounters> {
@@ -177,18 +198,21 @@ impl<S: Service> TransactionalHandler<S> {
     }
 
     async fn apply_in_span(&self, envelope: &Envelope, span: &tracing::Span) -> Result<bool, ServiceError> {
-        let mut db = self.db.acquire().await?;
+        let mut db = self.connections.get().await?;
         let mut decision = 1;
         loop {
             let (change, written) = match self.decide(&mut db, &[(envelope, span.clone())]).await {
                 Ok(decided) => decided,
                 // The inbox lookup takes a connection of its own: this one goes back first, so that a pool no
                 // larger than the handler slots cannot run dry with every slot waiting for a second one.
+                // The service's verdict, or the server's: the connection is as sound as after any answer.
                 Err(failure @ ServiceError::Permanent(_)) => {
+                    db.clean();
                     drop(db);
                     return self.processed_before(envelope, failure).await;
                 }
                 Err(ServiceError::Conflict(reason)) => {
+                    db.clean();
                     drop(db);
                     return self.processed_before(envelope, ServiceError::Transient(reason)).await;
                 }
@@ -196,7 +220,9 @@ impl<S: Service> TransactionalHandler<S> {
                 // lookup here, so that an outage of a dependency does not add a query per failed message.
                 Err(failure) => return Err(failure),
             };
-            match self.inbox.commit(&mut db, change, &[&envelope.meta], &written.events, self.handoff.hold()).await {
+            let committed = self.inbox.commit(&mut db, change, &[&envelope.meta], &written.events, self.handoff.hold()).await;
+            self.settle_connection(&mut db, &committed);
+            match committed {
                 Ok(applied) => {
                     written.committed(&applied, &self.handoff).await;
                     return Ok(true);
@@ -271,16 +297,27 @@ impl<S: Service> TransactionalHandler<S> {
             .filter(|(_, a)| **a)
             .map(|(e, _)| (e, crate::telemetry::message_span(S::NAME, &e.meta).in_scope(|| Self::handle_span(e))))
             .collect();
-        let mut db = self.db.acquire().await?;
+        let mut db = self.connections.get().await?;
         let (change, written) = self.decide(&mut db, &batch).await?;
         let metas: Vec<_> = batch.iter().map(|(e, _)| &e.meta).collect();
-        let keys = self
-            .inbox
-            .commit(&mut db, change, &metas, &written.events, self.handoff.hold())
-            .await
-            .map_err(|e| ServiceError::Transient(e.to_string()))?;
+        let committed = self.inbox.commit(&mut db, change, &metas, &written.events, self.handoff.hold()).await;
+        self.settle_connection(&mut db, &committed);
+        let keys = committed.map_err(|e| ServiceError::Transient(e.to_string()))?;
         written.committed(&keys, &self.handoff).await;
         Ok(applied)
+    }
+
+    /// After a commit: a connection the server answered (with a result or an error of its own) can serve
+    /// the next message; after any other failure, which may mean a broken connection or a restarted server,
+    /// it and every kept one go back to the pool, which tests them.
+    fn settle_connection<T>(&self, db: &mut HandlerConnection<'_>, committed: &Result<T, CommitError>) {
+        match committed {
+            Ok(_)
+            | Err(CommitError::ProcessedBefore | CommitError::Conflict(_) | CommitError::Stale(_) | CommitError::UnappliedKeys) => {
+                db.clean()
+            }
+            Err(CommitError::Database(_)) => self.connections.give_back(),
+        }
     }
 
     /// Whether this worker's queue is bound to the message's type.

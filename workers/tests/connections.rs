@@ -1,0 +1,155 @@
+//! A handler keeps the database connection a message used for the next one, untested (sqlx's pool would
+//! test it with a round trip on its return), and gives back one that may be broken. Through the real handler
+//! and a real PostgreSQL.
+
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use choreo_messages::payloads::{OrderCreated, OrderLine};
+use choreo_messages::{Envelope, Message};
+use choreo_outbox::Change;
+use choreo_rabbitmq::{Handler, Outcome};
+use choreo_testkit::{Infra, unique_namespace};
+use choreo_workers::gateway::SimulatedGateway;
+use choreo_workers::payment::{self, PaymentService};
+use choreo_workers::runtime::prepare_database;
+use choreo_workers::service::{Effects, Service, ServiceError, TransactionalHandler};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+const POOL_SIZE: u32 = 4;
+
+/// `inner`, noting which server process served each decision; while `refuse` is set, it refuses every
+/// message for good after its read.
+struct Backends<S> {
+    inner: S,
+    seen: Mutex<Vec<i32>>,
+    refuse: AtomicBool,
+}
+
+impl<S: Service> Service for Backends<S> {
+    const NAME: &'static str = S::NAME;
+    const CONSUMES: &'static [choreo_messages::MessageType] = S::CONSUMES;
+
+    async fn decide(
+        &self,
+        db: &mut PgConnection,
+        batch: &[(&Envelope, tracing::Span)],
+        change: &mut Change,
+    ) -> Result<Vec<Effects>, ServiceError> {
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *db).await?;
+        self.seen.lock().expect("seen").push(pid);
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err(ServiceError::Permanent("refused by the test".into()));
+        }
+        self.inner.decide(db, batch, change).await
+    }
+}
+
+fn handler(db: &PgPool) -> TransactionalHandler<Backends<PaymentService<SimulatedGateway>>> {
+    let service = Backends { inner: PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), seen: Mutex::default(), refuse: AtomicBool::new(false) };
+    TransactionalHandler::new(service, db.clone(), Default::default())
+}
+
+fn last_backend<S: Service>(handler: &TransactionalHandler<Backends<S>>) -> i32 {
+    *handler.service().seen.lock().expect("seen").last().expect("a decision was made")
+}
+
+async fn database(infra: &Infra) -> (String, PgPool) {
+    let name = format!("{}_payment", unique_namespace());
+    let options = PgConnectOptions::from_str(&infra.database(&name)).expect("url");
+    (name.clone(), prepare_database(&options, POOL_SIZE, &payment::MIGRATIONS).await.expect("database"))
+}
+
+fn order_created() -> Envelope {
+    let order_id = Uuid::now_v7();
+    Envelope::new_command(
+        Message::OrderCreated(OrderCreated {
+            order_id,
+            customer_id: "cust-1".into(),
+            currency: "EUR".into(),
+            lines: vec![OrderLine { sku: "sku-a".into(), quantity: 1, unit_price_cents: 700 }],
+            total_cents: 700,
+        }),
+        "order",
+        Some(order_id),
+    )
+}
+
+#[tokio::test]
+async fn a_handler_keeps_its_connection_for_the_next_message_and_gives_back_a_broken_one() {
+    let infra = Infra::from_env();
+    let (name, db) = database(&infra).await;
+    let handler = handler(&db).keeping_connections(2);
+
+    assert_eq!(handler.handle(&order_created()).await, Outcome::Done);
+    assert_eq!(handler.kept_connections(), 1, "the connection is kept, not given back to the pool");
+    let first = last_backend(&handler);
+    assert_eq!(handler.handle(&order_created()).await, Outcome::Done);
+    assert_eq!(last_backend(&handler), first, "the next message is served by the same connection");
+    assert_eq!(handler.kept_connections(), 1);
+
+    // The server ends the kept connection's process (a restart, an administrator): the next message finds it
+    // broken, fails as a transient error (the consumer retries it), and the connection is not kept.
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(first).fetch_one(&db).await.expect("terminate");
+    assert!(ended);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+            .bind(first)
+            .fetch_one(&db)
+            .await
+            .expect("activity");
+        if alive == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "backend {first} still alive after 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let message = order_created();
+    assert!(matches!(handler.handle(&message).await, Outcome::Retry { .. }), "a broken connection is a transient failure");
+    assert_eq!(handler.kept_connections(), 0, "the broken connection is not kept");
+    assert_eq!(handler.handle(&message).await, Outcome::Done, "the retry runs on a sound connection");
+    assert_ne!(last_backend(&handler), first);
+    assert_eq!(handler.kept_connections(), 1);
+    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&db).await.expect("count");
+    assert_eq!(payments, 3, "each message charged once");
+    drop(handler); // its kept connections go back to the pool, which can then close
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
+
+#[tokio::test]
+async fn a_service_refusal_keeps_the_connection() {
+    let infra = Infra::from_env();
+    let (name, db) = database(&infra).await;
+    let handler = handler(&db).keeping_connections(2);
+    handler.service().refuse.store(true, Ordering::SeqCst);
+    let outcome = handler.handle(&order_created()).await;
+    assert!(matches!(outcome, Outcome::Reject { .. }), "{outcome:?}");
+    assert_eq!(handler.kept_connections(), 1, "the server answered every statement: the connection is sound");
+    let first = last_backend(&handler);
+    handler.service().refuse.store(false, Ordering::SeqCst);
+    assert_eq!(handler.handle(&order_created()).await, Outcome::Done);
+    assert_eq!(last_backend(&handler), first);
+    drop(handler); // its kept connections go back to the pool, which can then close
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
+
+#[tokio::test]
+async fn no_connection_is_kept_unless_the_pool_is_larger_than_the_messages_handled_at_once() {
+    let infra = Infra::from_env();
+    let (name, db) = database(&infra).await;
+    // The inbox lookups and the jobs share the pool: kept connections must never take all of it.
+    let handler = handler(&db).keeping_connections(POOL_SIZE as usize);
+    assert_eq!(handler.handle(&order_created()).await, Outcome::Done);
+    assert_eq!(handler.kept_connections(), 0);
+    assert_eq!(handler.handle(&order_created()).await, Outcome::Done);
+    drop(handler); // its kept connections go back to the pool, which can then close
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
