@@ -104,12 +104,12 @@ pub fn free_port() -> u16 {
     // an outgoing connection could be taken by one between this call and the bind it is chosen for. At
     // random, so that test processes running at once rarely pick the same one.
     for _ in 0..1000 {
-        let port = rand::random_range(20_000..28_000);
+        let port = rand::random_range(10_000..28_000);
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free TCP port on 127.0.0.1 between 20000 and 28000")
+    panic!("no free TCP port on 127.0.0.1 between 10000 and 28000")
 }
 
 /// A TCP proxy between a client under test and a real server, that a test can cut (every connection

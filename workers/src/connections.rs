@@ -8,28 +8,47 @@
 //! use failed in a way that may have broken it, or was cut short (a dropped future), goes back to the pool,
 //! which tests it and closes it if it is broken.
 //!
-//! Kept connections stay counted in the pool. The handler never holds more connections than the messages it
-//! handles at once (`concurrency`): a message takes a kept one first and opens none while one is kept. It
-//! keeps none unless the pool is larger than `concurrency`, so that the inbox lookups and the jobs sharing
-//! the pool always find a connection.
+//! Kept connections stay counted in the pool. The handler keeps at most `concurrency` of them, and only while
+//! the pool is larger than that and can still hand out a connection without waiting: the inbox lookups, a
+//! failed batch's messages retried one by one (up to twice `concurrency` at once) and the jobs share the pool,
+//! and must not wait for a connection that sits kept. A connection kept longer than the pool's idle test
+//! ([`TEST_IDLE_AFTER`], the case where a server restart or a firewall may have cut it) or the pool's
+//! lifetime goes back to the pool instead of being used. After any use that may have broken a connection,
+//! every kept one goes back too: a server restart breaks them all, and a message should not find them one
+//! by one, burning a retry on each.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
+use choreo_outbox::pool::TEST_IDLE_AFTER;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
+
+/// How long a connection is kept at most when the pool sets no lifetime.
+const KEPT_AT_MOST: Duration = Duration::from_secs(30 * 60);
 
 /// The connections a handler keeps between messages (none unless turned on with [`HandlerConnections::keeping`]).
 pub struct HandlerConnections {
     pool: PgPool,
     keep: usize,
-    idle: Mutex<Vec<PoolConnection<Postgres>>>,
+    lifetime: Duration,
+    idle: Mutex<Vec<Kept>>,
+}
+
+struct Kept {
+    conn: PoolConnection<Postgres>,
+    /// When it was taken from the pool.
+    taken: Instant,
+    /// When its last use ended.
+    since: Instant,
 }
 
 impl HandlerConnections {
     /// Connections from `pool`, each given back to it after use.
     pub fn new(pool: PgPool) -> Self {
-        HandlerConnections { pool, keep: 0, idle: Mutex::new(Vec::new()) }
+        let lifetime = pool.options().get_max_lifetime().unwrap_or(KEPT_AT_MOST);
+        HandlerConnections { pool, keep: 0, lifetime, idle: Mutex::new(Vec::new()) }
     }
 
     /// Keep up to `concurrency` connections between messages, if the pool is larger than that.
@@ -37,11 +56,6 @@ impl HandlerConnections {
         let pool_size = usize::try_from(self.pool.options().get_max_connections()).unwrap_or(usize::MAX);
         self.keep = if pool_size > concurrency { concurrency } else { 0 };
         self
-    }
-
-    /// The pool the connections come from.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
     }
 
     /// How many connections are kept now, between messages.
@@ -52,42 +66,55 @@ impl HandlerConnections {
     /// A kept connection, or one from the pool.
     pub async fn get(&self) -> Result<HandlerConnection<'_>, sqlx::Error> {
         let kept = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        let conn = match kept {
-            Some(conn) => conn,
-            None => self.pool.acquire().await?,
-        };
-        Ok(HandlerConnection { owner: self, conn: Some(conn), clean: false })
+        if let Some(kept) = kept {
+            if kept.since.elapsed() >= TEST_IDLE_AFTER {
+                // The last kept is the most recently used: all of them have been idle this long.
+                drop(kept);
+                self.give_back();
+            } else if kept.taken.elapsed() < self.lifetime {
+                return Ok(HandlerConnection { owner: self, conn: Some(kept.conn), taken: kept.taken, clean: false });
+            }
+        }
+        let conn = self.pool.acquire().await?;
+        Ok(HandlerConnection { owner: self, conn: Some(conn), taken: Instant::now(), clean: false })
     }
 
-    /// Give every kept connection back to the pool, which tests each: after a failure that may mean the
-    /// server restarted, so that the next messages do not find the broken ones one by one.
+    /// Give every kept connection back to the pool, which tests each.
     pub fn give_back(&self) {
         let kept = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
         drop(kept);
     }
 
-    fn keep(&self, conn: PoolConnection<Postgres>) {
+    /// Keep `conn` if there is room and the pool can spare it; else it goes back to the pool.
+    fn keep(&self, conn: PoolConnection<Postgres>, taken: Instant) {
+        let pool_can_spare =
+            self.pool.num_idle() > 0 || self.pool.size() < self.pool.options().get_max_connections();
+        if !pool_can_spare {
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < self.keep {
-            idle.push(conn);
+            idle.push(Kept { conn, taken, since: Instant::now() });
         }
-        // Otherwise dropped here, after the lock: back to the pool.
+        // Otherwise dropped on return, after the lock: back to the pool.
     }
 }
 
-/// A connection in use by a handler; kept for the next message when dropped if marked [`clean`], else given
-/// back to the pool.
+/// A connection in use by a handler. Dropped, it is kept for the next message if marked [`clean`]; otherwise
+/// it goes back to the pool, and every kept connection with it.
 ///
 /// [`clean`]: HandlerConnection::clean
 pub struct HandlerConnection<'a> {
     owner: &'a HandlerConnections,
     conn: Option<PoolConnection<Postgres>>,
+    taken: Instant,
     clean: bool,
 }
 
 impl HandlerConnection<'_> {
-    /// Its last statement ended with an answer from the server (a result or an error of the server's): the
-    /// connection can serve the next message as it is.
+    /// Its last statement ended with an answer from the server (a result or an error of the server's), and
+    /// it will not be used again before it is dropped: it can serve the next message as it is. Call it only
+    /// on the way out.
     pub fn clean(&mut self) {
         self.clean = true;
     }
@@ -110,11 +137,15 @@ impl DerefMut for HandlerConnection<'_> {
 
 impl Drop for HandlerConnection<'_> {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take()
-            && self.clean
-            && self.owner.keep > 0
-        {
-            self.owner.keep(conn);
+        let Some(conn) = self.conn.take() else { return };
+        if self.owner.keep == 0 {
+            return;
+        }
+        if self.clean {
+            self.owner.keep(conn, self.taken);
+        } else {
+            drop(conn);
+            self.owner.give_back();
         }
     }
 }

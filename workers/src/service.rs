@@ -30,7 +30,7 @@ use choreo_outbox::{Change, CommitError, InboxGuard, OutboxError, OutboxHandoff}
 use choreo_rabbitmq::Outcome;
 use sqlx::{PgConnection, PgPool};
 
-use crate::connections::{HandlerConnection, HandlerConnections};
+use crate::connections::HandlerConnections;
 use tracing::{Instrument, debug, info, warn};
 use uuid::Uuid;
 
@@ -203,8 +203,9 @@ impl<S: Service> TransactionalHandler<S> {
         loop {
             let (change, written) = match self.decide(&mut db, &[(envelope, span.clone())]).await {
                 Ok(decided) => decided,
-                // The inbox lookup takes a connection of its own: this one goes back first, so that a pool no
-                // larger than the handler slots cannot run dry with every slot waiting for a second one.
+                // The inbox lookup takes a connection of its own: this one is let go first (kept for the next
+                // message only while the pool has one to spare), so that a pool no larger than the handler
+                // slots cannot run dry with every slot waiting for a second one.
                 // The service's verdict, or the server's: the connection is as sound as after any answer.
                 Err(failure @ ServiceError::Permanent(_)) => {
                     db.clean();
@@ -220,18 +221,22 @@ impl<S: Service> TransactionalHandler<S> {
                 // lookup here, so that an outage of a dependency does not add a query per failed message.
                 Err(failure) => return Err(failure),
             };
-            let committed = self.inbox.commit(&mut db, change, &[&envelope.meta], &written.events, self.handoff.hold()).await;
-            self.settle_connection(&mut db, &committed);
-            match committed {
+            // `db.clean()` only on the way out: a connection marked so is never used again before it is dropped.
+            match self.inbox.commit(&mut db, change, &[&envelope.meta], &written.events, self.handoff.hold()).await {
                 Ok(applied) => {
+                    db.clean();
                     written.committed(&applied, &self.handoff).await;
                     return Ok(true);
                 }
-                Err(CommitError::ProcessedBefore) => return Ok(false),
+                Err(CommitError::ProcessedBefore) => {
+                    db.clean();
+                    return Ok(false);
+                }
                 // A copy of a processed message that the service does not recognise as one (say, inventory
                 // reserving an order's stock again) collides with the first copy's rows: a duplicate, not a
                 // failure to retry until it is dead-lettered.
                 Err(CommitError::Conflict(e)) => {
+                    db.clean();
                     drop(db);
                     return self.processed_before(envelope, ServiceError::Transient(format!("database: {e}"))).await;
                 }
@@ -239,7 +244,12 @@ impl<S: Service> TransactionalHandler<S> {
                     debug!(error = %e, decision, "the change was decided on rows that changed meanwhile; deciding again");
                     decision += 1;
                 }
-                Err(e) => return Err(ServiceError::Transient(e.to_string())),
+                Err(e) => {
+                    if answered_by_server(&e) {
+                        db.clean();
+                    }
+                    return Err(ServiceError::Transient(e.to_string()));
+                }
             }
         }
     }
@@ -298,26 +308,24 @@ impl<S: Service> TransactionalHandler<S> {
             .map(|(e, _)| (e, crate::telemetry::message_span(S::NAME, &e.meta).in_scope(|| Self::handle_span(e))))
             .collect();
         let mut db = self.connections.get().await?;
-        let (change, written) = self.decide(&mut db, &batch).await?;
+        let (change, written) = match self.decide(&mut db, &batch).await {
+            Ok(decided) => decided,
+            Err(failure) => {
+                if matches!(failure, ServiceError::Permanent(_) | ServiceError::Conflict(_)) {
+                    db.clean();
+                }
+                return Err(failure);
+            }
+        };
         let metas: Vec<_> = batch.iter().map(|(e, _)| &e.meta).collect();
         let committed = self.inbox.commit(&mut db, change, &metas, &written.events, self.handoff.hold()).await;
-        self.settle_connection(&mut db, &committed);
+        if committed.as_ref().map_or_else(answered_by_server, |_| true) {
+            db.clean();
+        }
+        drop(db);
         let keys = committed.map_err(|e| ServiceError::Transient(e.to_string()))?;
         written.committed(&keys, &self.handoff).await;
         Ok(applied)
-    }
-
-    /// After a commit: a connection the server answered (with a result or an error of its own) can serve
-    /// the next message; after any other failure, which may mean a broken connection or a restarted server,
-    /// it and every kept one go back to the pool, which tests them.
-    fn settle_connection<T>(&self, db: &mut HandlerConnection<'_>, committed: &Result<T, CommitError>) {
-        match committed {
-            Ok(_)
-            | Err(CommitError::ProcessedBefore | CommitError::Conflict(_) | CommitError::Stale(_) | CommitError::UnappliedKeys) => {
-                db.clean()
-            }
-            Err(CommitError::Database(_)) => self.connections.give_back(),
-        }
     }
 
     /// Whether this worker's queue is bound to the message's type.
@@ -328,6 +336,15 @@ impl<S: Service> TransactionalHandler<S> {
     fn count_duplicate(envelope: &Envelope) {
         metrics::counter!("choreo_duplicates_skipped_total", "worker" => S::NAME, "type" => envelope.message.message_type().as_str())
             .increment(1);
+    }
+}
+
+/// Whether the server itself answered the statement that failed with `e` (the connection is then sound);
+/// `CommitError::Database` may be a broken connection or a restarted server.
+fn answered_by_server(e: &CommitError) -> bool {
+    match e {
+        CommitError::ProcessedBefore | CommitError::Conflict(_) | CommitError::Stale(_) | CommitError::UnappliedKeys => true,
+        CommitError::Database(_) => false,
     }
 }
 

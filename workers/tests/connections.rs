@@ -94,21 +94,7 @@ async fn a_handler_keeps_its_connection_for_the_next_message_and_gives_back_a_br
 
     // The server ends the kept connection's process (a restart, an administrator): the next message finds it
     // broken, fails as a transient error (the consumer retries it), and the connection is not kept.
-    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(first).fetch_one(&db).await.expect("terminate");
-    assert!(ended);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
-            .bind(first)
-            .fetch_one(&db)
-            .await
-            .expect("activity");
-        if alive == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "backend {first} still alive after 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    terminate(&db, first).await;
     let message = order_created();
     assert!(matches!(handler.handle(&message).await, Outcome::Retry { .. }), "a broken connection is a transient failure");
     assert_eq!(handler.kept_connections(), 0, "the broken connection is not kept");
@@ -117,6 +103,52 @@ async fn a_handler_keeps_its_connection_for_the_next_message_and_gives_back_a_br
     assert_eq!(handler.kept_connections(), 1);
     let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&db).await.expect("count");
     assert_eq!(payments, 3, "each message charged once");
+    drop(handler); // its kept connections go back to the pool, which can then close
+    db.close().await;
+    infra.drop_databases(&[name]).await;
+}
+
+/// End `pid`'s server process and wait, within a deadline, until it is gone.
+async fn terminate(db: &PgPool, pid: i32) {
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(pid).fetch_one(db).await.expect("terminate");
+    assert!(ended, "backend {pid} was running");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1").bind(pid).fetch_one(db).await.expect("activity");
+        if alive == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "backend {pid} still alive after 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A server restart breaks every kept connection at once. The first message to meet a broken one fails once
+/// (a transient error, retried); the others go back to the pool with it, which tests them, so its retry does
+/// not meet the next broken one.
+#[tokio::test]
+async fn one_broken_connection_sends_every_kept_one_back_to_the_pool() {
+    let infra = Infra::from_env();
+    let (name, db) = database(&infra).await;
+    let handler = handler(&db).keeping_connections(3);
+    // Two messages at once take two connections; both are kept.
+    let (a, b) = (order_created(), order_created());
+    let (first, second) = tokio::join!(handler.handle(&a), handler.handle(&b));
+    assert_eq!((first, second), (Outcome::Done, Outcome::Done));
+    assert_eq!(handler.kept_connections(), 2);
+    let backends: Vec<i32> = handler.service().seen.lock().expect("seen").clone();
+    assert_eq!(backends.len(), 2);
+    assert_ne!(backends[0], backends[1], "two messages at once, two connections");
+    for pid in &backends {
+        terminate(&db, *pid).await;
+    }
+
+    let message = order_created();
+    assert!(matches!(handler.handle(&message).await, Outcome::Retry { .. }), "the first broken connection met");
+    assert_eq!(handler.kept_connections(), 0, "every kept connection went back to the pool");
+    assert_eq!(handler.handle(&message).await, Outcome::Done, "the retry does not meet the other broken one");
+    assert!(!backends.contains(&last_backend(&handler)));
     drop(handler); // its kept connections go back to the pool, which can then close
     db.close().await;
     infra.drop_databases(&[name]).await;
