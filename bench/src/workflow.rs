@@ -123,9 +123,14 @@ async fn capacity(args: &Args, d: &Deployment, runs: &mut Vec<Run>) -> Option<Br
 async fn runs(args: &Args, d: &Deployment) -> anyhow::Result<Vec<Run>> {
     // Warm up: connections, caches, JIT-free but not cold.
     d.run_burst(500, "warm-up").await?;
-    let max = d.run_burst(args.max_rate_orders, "maximum").await?;
-    log_run(&max);
-    let mut runs = vec![max.clone()];
+    let mut bursts = Vec::new();
+    for k in 1..=args.max_rate_bursts {
+        let burst = d.run_burst(args.max_rate_orders, &format!("burst {k}")).await?;
+        log_run(&burst);
+        bursts.push(burst);
+    }
+    let mut runs = fastest_first(bursts);
+    let max = runs.first().context("no burst ran")?.clone();
     let mut fixed: Vec<(f64, String)> =
         [0.2, 0.5].iter().map(|share| (max.workflows_per_second * share, format!("{:.0}% of maximum", share * 100.0))).collect();
     fixed.extend(args.rates.iter().map(|rate| (*rate, format!("{rate:.0}/s"))));
@@ -138,6 +143,17 @@ async fn runs(args: &Args, d: &Deployment) -> anyhow::Result<Vec<Run>> {
         runs.push(run);
     }
     Ok(runs)
+}
+
+/// The bursts, the fastest first and named the maximum, the others after it as slower bursts. Noise on a
+/// shared machine (another tenant, a stall of the disk) only slows a burst down: the fastest is the best
+/// estimate of what the workflow can do, and the one the fixed loads are set from.
+fn fastest_first(mut bursts: Vec<Run>) -> Vec<Run> {
+    bursts.sort_by(|a, b| b.workflows_per_second.total_cmp(&a.workflows_per_second));
+    for (i, burst) in bursts.iter_mut().enumerate() {
+        burst.label = if i == 0 { "maximum" } else { "slower burst" }.to_owned();
+    }
+    bursts
 }
 
 fn order(i: usize) -> PlaceOrder {
@@ -406,5 +422,35 @@ impl Deployment {
                 let _ = ch.exchange_delete(e.as_str().into(), Default::default()).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::CpuUse;
+
+    fn burst(label: &str, per_second: f64) -> Run {
+        Run {
+            label: label.into(),
+            offered_per_second: None,
+            orders: 10_000,
+            workflows_per_second: per_second,
+            latency_p50_ms: 3000.0,
+            latency_p99_ms: 6000.0,
+            latency_max_ms: 6500.0,
+            peak_rss_mib: vec![],
+            hops_p50_ms: vec![],
+            cpu: CpuUse { ms_per_workflow: vec![], cores_busy: 0.0, switches_per_workflow: vec![] },
+        }
+    }
+
+    #[test]
+    fn the_fastest_burst_is_the_maximum_and_the_others_follow_it() {
+        let runs = fastest_first(vec![burst("burst 1", 1125.0), burst("burst 2", 1690.0), burst("burst 3", 1400.0)]);
+        let named: Vec<(&str, f64)> = runs.iter().map(|r| (r.label.as_str(), r.workflows_per_second)).collect();
+        assert_eq!(named, [("maximum", 1690.0), ("slower burst", 1400.0), ("slower burst", 1125.0)]);
+        assert_eq!(maximum(&runs).map(|r| r.workflows_per_second), Some(1690.0));
+        assert!(fastest_first(vec![]).is_empty());
     }
 }
