@@ -203,10 +203,10 @@ impl<S: Service> TransactionalHandler<S> {
         loop {
             let (change, written) = match self.decide(&mut db, &[(envelope, span.clone())]).await {
                 Ok(decided) => decided,
-                // The inbox lookup takes a connection of its own: this one is let go first (kept for the next
+                // The service's verdict, or the server's: the connection is as sound as after any answer. The
+                // inbox lookup takes a connection of its own: this one is let go first (kept for the next
                 // message only while the pool has one to spare), so that a pool no larger than the handler
                 // slots cannot run dry with every slot waiting for a second one.
-                // The service's verdict, or the server's: the connection is as sound as after any answer.
                 Err(failure @ ServiceError::Permanent(_)) => {
                     db.clean();
                     drop(db);
