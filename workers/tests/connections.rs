@@ -2,23 +2,21 @@
 //! test it with a round trip on its return), and gives back one that may be broken. Through the real handler
 //! and a real PostgreSQL.
 
-use std::str::FromStr;
+mod common;
+
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use choreo_messages::payloads::{OrderCreated, OrderLine};
-use choreo_messages::{Envelope, Message};
+use choreo_messages::Envelope;
 use choreo_outbox::Change;
 use choreo_rabbitmq::{Handler, Outcome};
-use choreo_testkit::{Infra, unique_namespace};
+use choreo_testkit::Infra;
 use choreo_workers::gateway::SimulatedGateway;
 use choreo_workers::payment::{self, PaymentService};
-use choreo_workers::runtime::prepare_database;
 use choreo_workers::service::{Effects, Service, ServiceError, TransactionalHandler};
-use sqlx::postgres::PgConnectOptions;
+use common::order_created;
 use sqlx::{PgConnection, PgPool};
-use uuid::Uuid;
 
 const POOL_SIZE: u32 = 4;
 
@@ -59,24 +57,7 @@ fn last_backend<S: Service>(handler: &TransactionalHandler<Backends<S>>) -> i32 
 }
 
 async fn database(infra: &Infra) -> (String, PgPool) {
-    let name = format!("{}_payment", unique_namespace());
-    let options = PgConnectOptions::from_str(&infra.database(&name)).expect("url");
-    (name.clone(), prepare_database(&options, POOL_SIZE, &payment::MIGRATIONS).await.expect("database"))
-}
-
-fn order_created() -> Envelope {
-    let order_id = Uuid::now_v7();
-    Envelope::new_command(
-        Message::OrderCreated(OrderCreated {
-            order_id,
-            customer_id: "cust-1".into(),
-            currency: "EUR".into(),
-            lines: vec![OrderLine { sku: "sku-a".into(), quantity: 1, unit_price_cents: 700 }],
-            total_cents: 700,
-        }),
-        "order",
-        Some(order_id),
-    )
+    common::migrated_database(infra, "payment", POOL_SIZE, &payment::MIGRATIONS).await
 }
 
 #[tokio::test]

@@ -3,21 +3,20 @@
 //! change and its events disagree with the database. Each test here commits such a change between a
 //! service's decision and its write, through the real handler and a real PostgreSQL.
 
-use std::str::FromStr;
+mod common;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use choreo_messages::payloads::{InventoryReserved, OrderCreated, OrderLine, PaymentSucceeded, PlaceOrder};
 use choreo_messages::{Envelope, Message};
 use choreo_outbox::Change;
 use choreo_rabbitmq::{Handler, Outcome};
-use choreo_testkit::{Infra, unique_namespace};
+use choreo_testkit::Infra;
 use choreo_workers::gateway::SimulatedGateway;
 use choreo_workers::inventory::{self, InventoryService};
 use choreo_workers::order::{self, OrderService};
 use choreo_workers::payment::{self, PaymentService};
-use choreo_workers::runtime::prepare_database;
 use choreo_workers::service::{Effects, Service, ServiceError, TransactionalHandler};
-use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -54,9 +53,7 @@ fn meanwhile<S: Service>(inner: S, db: &PgPool, sql: String) -> TransactionalHan
 }
 
 async fn database(infra: &Infra, worker: &str, migrations: &sqlx::migrate::Migrator) -> (String, PgPool) {
-    let name = format!("{}_{worker}", unique_namespace());
-    let options = PgConnectOptions::from_str(&infra.database(&name)).expect("url");
-    (name.clone(), prepare_database(&options, 4, migrations).await.expect("database"))
+    common::migrated_database(infra, worker, 4, migrations).await
 }
 
 async fn outbox_types(db: &PgPool) -> Vec<String> {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason, OrderCreated, OrderLine, PaymentSucceeded};
+use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason, OrderLine, PaymentSucceeded};
 use choreo_messages::{Envelope, Message};
 use choreo_outbox::{OutboxRelay, OutboxStore, RelayConfig};
 use choreo_rabbitmq::codec::header_string;
@@ -29,25 +29,10 @@ use choreo_workers::payment::{self, PaymentService};
 use choreo_workers::runtime::{prepare_database, run_worker};
 use choreo_workers::service::{Service, TransactionalHandler};
 use choreo_workers::telemetry::LogFormat;
-use common::{Cluster, order};
+use common::{Cluster, order, order_created};
 use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-fn order_created() -> Envelope {
-    let order_id = Uuid::now_v7();
-    Envelope::new_command(
-        Message::OrderCreated(OrderCreated {
-            order_id,
-            customer_id: "cust-1".into(),
-            currency: "EUR".into(),
-            lines: vec![OrderLine { sku: "sku-001".into(), quantity: 1, unit_price_cents: 700 }],
-            total_cents: 700,
-        }),
-        "order",
-        Some(order_id),
-    )
-}
 
 fn args(infra: &Infra, namespace: &str) -> CommonArgs {
     CommonArgs {

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use choreo_messages::payloads::{OrderLine, PlaceOrder};
+use choreo_messages::payloads::{OrderCreated, OrderLine, PlaceOrder};
 use choreo_messages::{EncodedEnvelope, Envelope, Message};
 use choreo_rabbitmq::publisher::Outgoing;
 use choreo_rabbitmq::{ConfirmingPublisher, Topology, connect_pool};
@@ -354,6 +354,36 @@ impl Cluster {
         queues.push(self.topology.outcomes_queue());
         self.infra.delete_broker_objects(&queues, &self.topology.exchange_names()).await;
     }
+}
+
+/// A fresh database `{unique namespace}_{worker}`, migrated, with a pool of `pool_size` connections; its
+/// name, for `Infra::drop_databases`, and the pool.
+pub async fn migrated_database(
+    infra: &Infra,
+    worker: &str,
+    pool_size: u32,
+    migrations: &sqlx::migrate::Migrator,
+) -> (String, PgPool) {
+    let name = format!("{}_{worker}", unique_namespace());
+    let options = PgConnectOptions::from_str(&infra.database(&name)).expect("url");
+    let pool = choreo_workers::runtime::prepare_database(&options, pool_size, migrations).await.expect("database");
+    (name, pool)
+}
+
+/// An `order.created` for one unit of `sku-001` at 7.00 EUR, as the order worker publishes it.
+pub fn order_created() -> Envelope {
+    let order_id = Uuid::now_v7();
+    Envelope::new_command(
+        Message::OrderCreated(OrderCreated {
+            order_id,
+            customer_id: "cust-1".into(),
+            currency: "EUR".into(),
+            lines: vec![OrderLine { sku: "sku-001".into(), quantity: 1, unit_price_cents: 700 }],
+            total_cents: 700,
+        }),
+        "order",
+        Some(order_id),
+    )
 }
 
 pub fn order(customer: &str, lines: &[(&str, u32, i64)]) -> PlaceOrder {
