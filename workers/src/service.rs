@@ -29,10 +29,10 @@ use choreo_messages::{EncodedEnvelope, Envelope, ErrorKind, Message, MessageType
 use choreo_outbox::{Change, CommitError, InboxGuard, OutboxError, OutboxHandoff};
 use choreo_rabbitmq::Outcome;
 use sqlx::{PgConnection, PgPool};
-
-use crate::connections::HandlerConnections;
 use tracing::{Instrument, debug, info, warn};
 use uuid::Uuid;
+
+use crate::connections::HandlerConnections;
 
 /// How many decisions a message gets, in all, when the rows its change was decided on keep changing before
 /// it is written (the first and two more, made at once); past that it is retried like any transient failure.
@@ -200,20 +200,22 @@ impl<S: Service> TransactionalHandler<S> {
     async fn apply_in_span(&self, envelope: &Envelope, span: &tracing::Span) -> Result<bool, ServiceError> {
         let mut db = self.connections.get().await?;
         let mut decision = 1;
+        // `db.clean()` only on the way out: a connection marked so is never used again before it is dropped.
         loop {
-            let (change, written) = match self.decide(&mut db, &[(envelope, span.clone())]).await {
+            let decided = self.decide(&mut db, &[(envelope, span.clone())]).await;
+            if decided.as_ref().is_err_and(is_verdict) {
+                db.clean();
+            }
+            let (change, written) = match decided {
                 Ok(decided) => decided,
-                // The service's verdict, or the server's: the connection is as sound as after any answer. The
-                // inbox lookup takes a connection of its own: this one is let go first (kept for the next
+                // The inbox lookup takes a connection of its own: this one is let go first (kept for the next
                 // message only while the pool has one to spare), so that a pool no larger than the handler
                 // slots cannot run dry with every slot waiting for a second one.
                 Err(failure @ ServiceError::Permanent(_)) => {
-                    db.clean();
                     drop(db);
                     return self.processed_before(envelope, failure).await;
                 }
                 Err(ServiceError::Conflict(reason)) => {
-                    db.clean();
                     drop(db);
                     return self.processed_before(envelope, ServiceError::Transient(reason)).await;
                 }
@@ -221,35 +223,29 @@ impl<S: Service> TransactionalHandler<S> {
                 // lookup here, so that an outage of a dependency does not add a query per failed message.
                 Err(failure) => return Err(failure),
             };
-            // `db.clean()` only on the way out: a connection marked so is never used again before it is dropped.
-            match self.inbox.commit(&mut db, change, &[&envelope.meta], &written.events, self.handoff.hold()).await {
+            let committed = self.inbox.commit(&mut db, change, &[&envelope.meta], &written.events, self.handoff.hold()).await;
+            let decide_again = decision < DECISIONS && matches!(committed, Err(CommitError::Stale(_)));
+            if !decide_again && server_answered(&committed) {
+                db.clean();
+            }
+            match committed {
                 Ok(applied) => {
-                    db.clean();
                     written.committed(&applied, &self.handoff).await;
                     return Ok(true);
                 }
-                Err(CommitError::ProcessedBefore) => {
-                    db.clean();
-                    return Ok(false);
-                }
+                Err(CommitError::ProcessedBefore) => return Ok(false),
                 // A copy of a processed message that the service does not recognise as one (say, inventory
                 // reserving an order's stock again) collides with the first copy's rows: a duplicate, not a
                 // failure to retry until it is dead-lettered.
                 Err(CommitError::Conflict(e)) => {
-                    db.clean();
                     drop(db);
                     return self.processed_before(envelope, ServiceError::Transient(format!("database: {e}"))).await;
                 }
-                Err(CommitError::Stale(e)) if decision < DECISIONS => {
+                Err(CommitError::Stale(e)) if decide_again => {
                     debug!(error = %e, decision, "the change was decided on rows that changed meanwhile; deciding again");
                     decision += 1;
                 }
-                Err(e) => {
-                    if answered_by_server(&e) {
-                        db.clean();
-                    }
-                    return Err(ServiceError::Transient(e.to_string()));
-                }
+                Err(e) => return Err(ServiceError::Transient(e.to_string())),
             }
         }
     }
@@ -308,18 +304,14 @@ impl<S: Service> TransactionalHandler<S> {
             .map(|(e, _)| (e, crate::telemetry::message_span(S::NAME, &e.meta).in_scope(|| Self::handle_span(e))))
             .collect();
         let mut db = self.connections.get().await?;
-        let (change, written) = match self.decide(&mut db, &batch).await {
-            Ok(decided) => decided,
-            Err(failure) => {
-                if matches!(failure, ServiceError::Permanent(_) | ServiceError::Conflict(_)) {
-                    db.clean();
-                }
-                return Err(failure);
-            }
-        };
+        let decided = self.decide(&mut db, &batch).await;
+        if decided.as_ref().is_err_and(is_verdict) {
+            db.clean();
+        }
+        let (change, written) = decided?;
         let metas: Vec<_> = batch.iter().map(|(e, _)| &e.meta).collect();
         let committed = self.inbox.commit(&mut db, change, &metas, &written.events, self.handoff.hold()).await;
-        if committed.as_ref().map_or_else(answered_by_server, |_| true) {
+        if server_answered(&committed) {
             db.clean();
         }
         drop(db);
@@ -339,13 +331,22 @@ impl<S: Service> TransactionalHandler<S> {
     }
 }
 
-/// Whether the server itself answered the statement that failed with `e` (the connection is then sound);
-/// `CommitError::Database` may be a broken connection or a restarted server.
-fn answered_by_server(e: &CommitError) -> bool {
-    match e {
-        CommitError::ProcessedBefore | CommitError::Conflict(_) | CommitError::Stale(_) | CommitError::UnappliedKeys => true,
-        CommitError::Database(_) => false,
+/// Whether the server itself answered the commit (the connection is then sound): a result, or an error of its
+/// own. `CommitError::Database` may be a broken connection or a restarted server.
+fn server_answered<T>(committed: &Result<T, CommitError>) -> bool {
+    match committed {
+        Ok(_)
+        | Err(CommitError::ProcessedBefore | CommitError::Conflict(_) | CommitError::Stale(_) | CommitError::UnappliedKeys) => {
+            true
+        }
+        Err(CommitError::Database(_)) => false,
     }
+}
+
+/// Whether a service's failure is a verdict (its own, or a conflict the server reported) rather than a failure
+/// of the connection or of a dependency: the connection is then as sound as after any answer.
+fn is_verdict(failure: &ServiceError) -> bool {
+    matches!(failure, ServiceError::Permanent(_) | ServiceError::Conflict(_))
 }
 
 /// What handled messages wrote: their events for the outbox (each with the key it depends on, if any) and
