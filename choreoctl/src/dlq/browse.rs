@@ -30,10 +30,15 @@ pub const MAX_BROWSE: usize = 65_535;
 const IDLE: Duration = Duration::from_secs(3);
 /// Longest a read of the queue goes on while messages are still ready for it.
 const READ_DEADLINE: Duration = Duration::from_secs(120);
+/// Longest a command waits, after giving messages back, for the broker to count them as ready again.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(15);
+/// How often the queue is looked at while waiting for given-back messages to be ready again.
+const SETTLE_POLL: Duration = Duration::from_millis(20);
 
 /// Messages of a queue held unacknowledged on one channel.
 pub struct Browse {
     pub channel: Channel,
+    queue: String,
     /// Our consumer; cancelled before anything is given back, or the broker would hand the first returned
     /// message straight back to it and the order would change.
     consumer_tag: Option<String>,
@@ -45,12 +50,18 @@ pub struct Browse {
 /// How many messages wait in `queue`; a clear error when it does not exist.
 pub async fn depth(pool: &BrokerPool, queue: &str) -> anyhow::Result<u32> {
     let channel = open_channel(pool).await?;
+    let ready = ready_on(&channel, queue).await;
+    let _ = channel.close(200, "ok".into()).await;
+    ready
+}
+
+/// Messages ready in `queue`, asked on `channel` (a failed passive declare closes the channel).
+async fn ready_on(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
     let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
     let q = channel
         .queue_declare(queue.into(), options, FieldTable::default())
         .await
         .with_context(|| format!("queue `{queue}` does not exist (check the name and CHOREO_NAMESPACE)"))?;
-    let _ = channel.close(200, "ok".into()).await;
     Ok(q.message_count())
 }
 
@@ -60,7 +71,7 @@ pub async fn browse(pool: &BrokerPool, queue: &str, limit: Option<usize>) -> any
     let wanted = (queue_depth as usize).min(limit.unwrap_or(MAX_BROWSE)).min(MAX_BROWSE);
     let channel = open_channel(pool).await?;
     if wanted == 0 {
-        return Ok(Browse { channel, consumer_tag: None, deliveries: Vec::new(), queue_depth });
+        return Ok(Browse { channel, queue: queue.to_owned(), consumer_tag: None, deliveries: Vec::new(), queue_depth });
     }
     channel.basic_qos(wanted as u16, BasicQosOptions::default()).await.context("basic.qos")?;
     let mut consumer = channel
@@ -94,7 +105,7 @@ pub async fn browse(pool: &BrokerPool, queue: &str, limit: Option<usize>) -> any
         }
     }
     let consumer_tag = Some(consumer.tag().to_string());
-    Ok(Browse { channel, consumer_tag, deliveries, queue_depth })
+    Ok(Browse { channel, queue: queue.to_owned(), consumer_tag, deliveries, queue_depth })
 }
 
 impl Browse {
@@ -106,17 +117,56 @@ impl Browse {
     /// Give back every message not acknowledged, one by one in queue order: returned messages go back to
     /// the head of the queue in the order they are returned (closing the channel would return them in no
     /// particular order). Acknowledged messages are skipped (lapin does not send a second settlement).
+    ///
+    /// Then wait until the broker counts them as ready again. A returned message is not ready the moment
+    /// the return is sent: a quorum queue first writes the return to its log. Without this wait, a command
+    /// run right after this one (`dlq show`, then `dlq export --all`) could count fewer messages than the
+    /// queue holds and read only those.
     pub async fn release(self) {
         if let Some(tag) = &self.consumer_tag {
             let _ = self.channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
         }
+        // Ready before anything is given back: messages that arrived while we held ours.
+        let ready_before = ready_on(&self.channel, &self.queue).await.ok();
         let requeue = BasicNackOptions { multiple: false, requeue: true };
+        let mut returned = 0u32;
         for delivery in &self.deliveries {
-            if delivery.acker.nack(requeue).await.is_err() {
+            match delivery.acker.nack(requeue).await {
+                Ok(true) => returned += 1,
+                Ok(false) => {}
                 // The channel is gone: the broker returns whatever is left by itself.
-                break;
+                Err(_) => break,
             }
         }
+        if let (Some(before), true) = (ready_before, returned > 0) {
+            self.wait_ready(before.saturating_add(returned), returned).await;
+        }
         let _ = self.channel.close(200, "browse done".into()).await;
+    }
+
+    /// Poll until at least `expected` messages are ready, or say on stderr that the broker has not caught up.
+    async fn wait_ready(&self, expected: u32, returned: u32) {
+        let deadline = tokio::time::Instant::now() + SETTLE_DEADLINE;
+        loop {
+            let ready = match ready_on(&self.channel, &self.queue).await {
+                Ok(ready) => ready,
+                // The channel or the queue is gone: nothing left to wait for here.
+                Err(_) => return,
+            };
+            if ready >= expected {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                eprintln!(
+                    "warning: gave back {returned} messages to `{}`, but after {} s the broker counts {ready} ready \
+                     where {expected} were expected; the rest are still being returned (or another consumer took \
+                     them). Check with `choreoctl dlq list` before the next command.",
+                    self.queue,
+                    SETTLE_DEADLINE.as_secs()
+                );
+                return;
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
     }
 }

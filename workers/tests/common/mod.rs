@@ -32,6 +32,16 @@ pub struct Cluster {
     pub metrics_ports: HashMap<&'static str, u16>,
 }
 
+/// Panic, naming the worker and how it ended, if a worker process has exited: a start-up that failed says so
+/// at once (its error is on stderr above) instead of at the end of a wait for something it will never do.
+fn assert_running(children: &mut HashMap<&'static str, Child>) {
+    for (worker, child) in children.iter_mut() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the {worker} worker exited while the test waited for it ({status}); its log is above");
+        }
+    }
+}
+
 fn binary(worker: &str) -> &'static str {
     match worker {
         "order" => env!("CARGO_BIN_EXE_order-worker"),
@@ -68,7 +78,9 @@ impl Cluster {
         }
         for worker in WORKERS {
             let url = cluster.database_url(worker);
+            let children = &mut cluster.children;
             let db = wait_for(&format!("{worker} database"), Duration::from_secs(60), || {
+                assert_running(children);
                 let url = url.clone();
                 async move {
                     let options = PgConnectOptions::from_str(&url).map_err(|e| e.to_string())?;
@@ -192,22 +204,26 @@ impl Cluster {
         tokio::time::timeout(Duration::from_secs(40), child.wait()).await.expect("worker exits after SIGTERM").expect("wait")
     }
 
-    /// Wait until every worker's queue has a consumer.
-    pub async fn wait_consuming(&self) {
+    /// Wait until every worker's queue has a consumer; panic at once if a worker has exited.
+    pub async fn wait_consuming(&mut self) {
         let conn = choreo_rabbitmq::lapin::Connection::connect(&self.infra.amqp_url, choreo_rabbitmq::lapin::ConnectionProperties::default())
             .await
             .expect("broker");
+        let children = &mut self.children;
         for worker in WORKERS {
             let queue = self.topology.worker_queue(worker);
-            wait_for(&format!("a consumer on {queue}"), Duration::from_secs(60), || async {
-                let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-                let options = choreo_rabbitmq::lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-                let q = channel
-                    .queue_declare(queue.as_str().into(), options, Default::default())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let _ = channel.close(200, "ok".into()).await;
-                if q.consumer_count() > 0 { Ok(()) } else { Err("no consumer yet".to_string()) }
+            wait_for(&format!("a consumer on {queue}"), Duration::from_secs(60), || {
+                assert_running(children);
+                async {
+                    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+                    let options = choreo_rabbitmq::lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+                    let q = channel
+                        .queue_declare(queue.as_str().into(), options, Default::default())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let _ = channel.close(200, "ok".into()).await;
+                    if q.consumer_count() > 0 { Ok(()) } else { Err("no consumer yet".to_string()) }
+                }
             })
             .await;
         }
