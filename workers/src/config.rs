@@ -51,7 +51,7 @@ pub struct CommonArgs {
     #[arg(long, env = "CHOREO_RETRY_DELAYS", value_delimiter = ',', default_value = "1s,10s,60s", value_parser = humantime::parse_duration)]
     pub retry_delays: Vec<Duration>,
     /// Address of `/metrics`, `/health/live` and `/health/ready` (default: 127.0.0.1:9464 for order,
-    /// :9465 payment, :9466 inventory).
+    /// :9465 payment, :9466 inventory; port 0 takes a free port, logged at start-up).
     #[arg(long, env = "CHOREO_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// Database connections of this worker's handlers and jobs (its relay opens two more of its own, its

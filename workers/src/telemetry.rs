@@ -15,7 +15,6 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, fmt};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -60,7 +59,14 @@ pub fn init(format: LogFormat, service: &'static str) -> TelemetryGuard {
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_filter(EnvFilter::new("info,sqlx=off,lapin=off,h2=off,hyper=off,reqwest=off,opentelemetry=off"));
-    if let Err(e) = tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).try_init() {
+    // Installed without `SubscriberInitExt::try_init`, which would also route the `log` crate into tracing
+    // (`LogTracer`). With per-layer filters that bridge loses lines: a `log_enabled!` check that every layer
+    // refuses leaves its verdict behind, and the next event on the thread is dropped (tokio-rs/tracing#2519).
+    // sqlx makes such a check for every server notice (a migration's "already exists, skipping"), so a
+    // worker restarted on its database never said where it serves /metrics. sqlx logs through tracing; the
+    // `log` crate's lines (reqwest's, at debug) are not shown.
+    let subscriber = tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel);
+    if let Err(e) = tracing::subscriber::set_global_default(subscriber) {
         eprintln!("logging was already initialised: {e}");
     }
     TelemetryGuard { provider }

@@ -13,7 +13,7 @@ const DEADLINE: Duration = Duration::from_secs(90);
 
 /// The value of one sample of `/metrics` (a line starting with `series`), 0 when absent.
 async fn metric(cluster: &Cluster, worker: &str, series: &str) -> f64 {
-    let url = format!("http://127.0.0.1:{}/metrics", cluster.metrics_ports[worker]);
+    let url = format!("http://127.0.0.1:{}/metrics", cluster.metrics_port(worker).await);
     let text = reqwest::get(&url).await.expect("metrics endpoint").text().await.expect("metrics text");
     text.lines()
         .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok()))

@@ -95,18 +95,18 @@ async fn readiness_turns_false_when_the_broker_is_gone_and_true_when_it_returns(
     let proxy = TcpProxy::start(broker_addr.clone()).await;
     let proxied_url = infra.amqp_url.replace(&broker_addr, &format!("127.0.0.1:{}", proxy.port));
     let namespace = choreo_testkit::unique_namespace();
-    let port = choreo_testkit::free_port();
     let db_name = format!("{namespace}_order");
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_order-worker"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_order-worker"));
+    command
         .env("AMQP_URL", &proxied_url)
         .env("DATABASE_URL", &infra.database_url)
         .env("CHOREO_ORDER_DATABASE_URL", infra.database(&db_name))
         .env("CHOREO_NAMESPACE", &namespace)
-        .env("CHOREO_METRICS_ADDR", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("order-worker");
+        .kill_on_drop(true);
+    let mut worker = common::followed_worker_env(&mut command).spawn().expect("order-worker");
+    let ports = common::MetricsPorts::default();
+    common::follow_log("order", &mut worker, ports.clone());
+    let port = common::metrics_port_of(&ports, "order", worker.id().expect("pid")).await;
     let ready = format!("http://127.0.0.1:{port}/health/ready");
     let live = format!("http://127.0.0.1:{port}/health/live");
     let status = |want: u16| {
@@ -146,7 +146,7 @@ async fn metrics_carry_the_catalogue_after_a_workload() {
     let orders = common::mixed_orders(20);
     let ids = cluster.place(&orders).await;
     cluster.wait_terminal(&ids, Duration::from_secs(60)).await;
-    let order_metrics = get(&format!("http://127.0.0.1:{}/metrics", cluster.metrics_ports["order"])).await.expect("metrics").1;
+    let order_metrics = get(&format!("http://127.0.0.1:{}/metrics", cluster.metrics_port("order").await)).await.expect("metrics").1;
     for needle in [
         "choreo_messages_consumed_total{worker=\"order\",type=\"order.place\",outcome=\"processed\"} 20",
         "choreo_saga_outcomes_total{outcome=\"confirmed\",reason=\"none\"} 16",
@@ -164,7 +164,7 @@ async fn metrics_carry_the_catalogue_after_a_workload() {
     }
     // No worker crashed and no publish failed: every event went out by its handler's hand-off, none by a sweep.
     for worker in common::WORKERS {
-        let metrics = get(&format!("http://127.0.0.1:{}/metrics", cluster.metrics_ports[worker])).await.expect("metrics").1;
+        let metrics = get(&format!("http://127.0.0.1:{}/metrics", cluster.metrics_port(worker).await)).await.expect("metrics").1;
         let needle = format!("choreo_relay_swept_total{{worker=\"{worker}\"}} 0");
         assert!(metrics.contains(&needle), "missing `{needle}` in:\n{metrics}");
     }
@@ -176,11 +176,11 @@ async fn choreoctl_top_shows_the_live_figures() {
     let cluster = Cluster::start().await;
     let ids = cluster.place(&common::mixed_orders(20)).await;
     cluster.wait_terminal(&ids, Duration::from_secs(60)).await;
-    let targets = common::WORKERS
-        .iter()
-        .map(|w| format!("{w}=127.0.0.1:{}", cluster.metrics_ports[w]))
-        .collect::<Vec<_>>()
-        .join(",");
+    let mut targets = Vec::new();
+    for w in common::WORKERS {
+        targets.push(format!("{w}=127.0.0.1:{}", cluster.metrics_port(w).await));
+    }
+    let targets = targets.join(",");
     let output = Command::new(common::choreoctl())
         .args(["top", "--json", "--interval", "300ms", "--targets", &targets])
         .output()
@@ -203,4 +203,20 @@ async fn choreoctl_top_shows_the_live_figures() {
         .expect("choreoctl top");
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no worker answered"));
+}
+
+/// A worker restarted on its migrated database says where it serves /metrics. Its migrations then draw
+/// "already exists, skipping" notices from the server, and a log bridge that loses the line after one of
+/// those (tokio-rs/tracing#2519) once hid this line, and with it the address an operator looks for.
+#[tokio::test]
+async fn a_worker_restarted_on_its_database_logs_where_it_serves_metrics() {
+    let mut cluster = Cluster::start().await;
+    for worker in common::WORKERS {
+        cluster.kill(worker).await;
+        cluster.spawn(worker);
+        let port = cluster.metrics_port(worker).await;
+        let (code, body) = get(&format!("http://127.0.0.1:{port}/health/live")).await.expect("live");
+        assert_eq!((code, body.trim()), (200, "live"), "{worker}");
+    }
+    cluster.shutdown().await;
 }

@@ -15,7 +15,11 @@ fn repo() -> PathBuf {
 }
 
 /// The shipped configuration with its targets replaced by this test's.
-fn test_config(cluster: &Cluster, rabbit_port: &str, dir: &std::path::Path) -> String {
+async fn test_config(cluster: &Cluster, rabbit_port: &str, dir: &std::path::Path) -> String {
+    let mut worker_ports = std::collections::HashMap::new();
+    for worker in common::WORKERS {
+        worker_ports.insert(worker, cluster.metrics_port(worker).await);
+    }
     let shipped = std::fs::read_to_string(repo().join("monitoring/prometheus/prometheus.yml")).expect("prometheus.yml");
     let mut config: Value = serde_yaml_ng::from_str(&shipped).expect("prometheus.yml is YAML");
     config["global"]["scrape_interval"] = Value::from("1s");
@@ -31,7 +35,7 @@ fn test_config(cluster: &Cluster, rabbit_port: &str, dir: &std::path::Path) -> S
                 "choreo-workers" => {
                     let worker = target_group["labels"]["worker"].as_str().expect("worker label").to_owned();
                     let worker = common::WORKERS.into_iter().find(|w| *w == worker).expect("known worker");
-                    format!("127.0.0.1:{}", cluster.metrics_ports[worker])
+                    format!("127.0.0.1:{}", worker_ports[worker])
                 }
                 "rabbitmq" => format!("127.0.0.1:{rabbit_port}"),
                 other => panic!("unexpected job {other} in prometheus.yml"),
@@ -70,7 +74,7 @@ async fn prometheus_scrapes_the_workload_and_every_dashboard_query_returns_data(
     let cluster = Cluster::start().await;
     let dir = std::env::temp_dir().join(format!("choreo-prom-{}", cluster.namespace));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = test_config(&cluster, &rabbit_port, &dir);
+    let config = test_config(&cluster, &rabbit_port, &dir).await;
     let port = free_port();
     let mut prometheus = tokio::process::Command::new(&prometheus_bin)
         .arg(format!("--config.file={config}"))

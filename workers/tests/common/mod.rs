@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use choreo_messages::payloads::{OrderCreated, OrderLine, PlaceOrder};
@@ -28,8 +28,61 @@ pub struct Cluster {
     publisher: Arc<ConfirmingPublisher>,
     dbs: HashMap<&'static str, PgPool>,
     pub extra_env: Vec<(String, String)>,
-    /// Where each worker serves /metrics and /health.
-    pub metrics_ports: HashMap<&'static str, u16>,
+    /// The port each worker process serves /metrics and /health on, by worker and process id: the workers
+    /// bind port 0 and say which port they got in their log (see [`follow_log`]). A port chosen here and
+    /// bound later by the worker could be taken in between by another test running at the same time.
+    metrics_ports: MetricsPorts,
+}
+
+/// Where the worker logs the address it serves /metrics on (at info; tests log at warn otherwise).
+const SERVING_TARGET: &str = "choreo_workers::health";
+
+/// Settings for a worker process started with [`follow_log`]: JSON logs on stdout, at warn but for the line
+/// that says where /metrics is served, on a port the worker picks itself.
+pub fn followed_worker_env(command: &mut Command) -> &mut Command {
+    command
+        .env("CHOREO_LOG_FORMAT", "json")
+        .env("CHOREO_METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", format!("warn,{SERVING_TARGET}=info"))
+        .stdout(Stdio::piped())
+}
+
+/// Copy a worker's log (JSON lines on its stdout, piped) to the test's stderr, which the test runner shows
+/// when the test fails, and note in `ports` the port it serves /metrics on, under its name and process id.
+/// A thread of its own, so that a test busy elsewhere never leaves the pipe full and the worker blocked on a
+/// log line.
+pub fn follow_log(worker: &'static str, child: &mut Child, ports: MetricsPorts) {
+    use std::io::BufRead;
+    let pid = child.id().expect("a running child has a pid");
+    let log = std::fs::File::from(child.stdout.take().expect("piped stdout").into_owned_fd().expect("stdout pipe"));
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(log).lines() {
+            let Ok(line) = line else { return };
+            if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+                && event["message"].as_str().is_some_and(|m| m.starts_with("serving /metrics"))
+            {
+                if let Some(addr) = event["addr"].as_str().and_then(|a| a.parse::<std::net::SocketAddr>().ok()) {
+                    ports.lock().expect("ports").insert(worker, (pid, addr.port()));
+                }
+                continue;
+            }
+            eprintln!("[{worker}-worker {pid}] {line}");
+        }
+    });
+}
+
+/// Where each followed worker process serves /metrics: worker name to (process id, port).
+pub type MetricsPorts = Arc<Mutex<HashMap<&'static str, (u32, u16)>>>;
+
+/// The port process `pid` of `worker` serves /metrics on, once its log has said so.
+pub async fn metrics_port_of(ports: &MetricsPorts, worker: &str, pid: u32) -> u16 {
+    wait_for(&format!("the {worker} worker's metrics port"), Duration::from_secs(60), || async {
+        match ports.lock().expect("ports").get(worker) {
+            Some((of, port)) if *of == pid => Ok(*port),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
 }
 
 /// Panic, naming the worker and how it ended, if a worker process has exited: a start-up that failed says so
@@ -71,7 +124,7 @@ impl Cluster {
             publisher,
             dbs: HashMap::new(),
             extra_env,
-            metrics_ports: WORKERS.iter().map(|w| (*w, choreo_testkit::free_port())).collect(),
+            metrics_ports: Arc::new(Mutex::new(HashMap::new())),
         };
         for worker in WORKERS {
             cluster.spawn(worker);
@@ -121,22 +174,26 @@ impl Cluster {
             .env("DATABASE_URL", &self.infra.database_url)
             .env(format!("CHOREO_{}_DATABASE_URL", worker.to_uppercase()), self.database_url(worker))
             .env("CHOREO_NAMESPACE", &self.namespace)
-            .env("CHOREO_LOG_FORMAT", "json")
             .env("CHOREO_RELAY_SWEEP", "200ms")
-            .env("CHOREO_METRICS_ADDR", format!("127.0.0.1:{}", self.metrics_ports[worker]))
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        followed_worker_env(&mut command);
         for (k, v) in &self.extra_env {
             command.env(k, v);
         }
         for (k, v) in own {
             command.env(k, v);
         }
-        let child = command.spawn().unwrap_or_else(|e| panic!("spawning {worker}-worker: {e}"));
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("spawning {worker}-worker: {e}"));
+        follow_log(worker, &mut child, Arc::clone(&self.metrics_ports));
         self.children.insert(worker, child);
+    }
+
+    /// The port the running `worker` process serves /metrics on, once it has bound it.
+    pub async fn metrics_port(&self, worker: &str) -> u16 {
+        let pid = self.children.get(worker).and_then(|c| c.id()).unwrap_or_else(|| panic!("the {worker} worker is not running"));
+        metrics_port_of(&self.metrics_ports, worker, pid).await
     }
 
     /// SIGKILL a worker: no draining, no final relay pass.
