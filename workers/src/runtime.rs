@@ -25,6 +25,8 @@ use crate::service::{HandlerCounters, Service, TransactionalHandler};
 /// Everything a running worker exposes to its caller (tests read the counters).
 pub struct WorkerHandle {
     pub counters: Arc<HandlerCounters>,
+    /// Where `/metrics` and the health endpoints are served (the port the system chose, for port 0).
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 /// Connect to the worker's database, creating it when it does not exist, and migrate it.
@@ -98,7 +100,8 @@ pub async fn run_worker<S: Service>(
     ));
     service.register_metrics();
     let handler = Arc::new(TransactionalHandler::new(service, db.clone(), relay.handoff()).keeping_connections(args.concurrency));
-    started(WorkerHandle { counters: handler.counters() });
+    let metrics_addr = listener.local_addr().context("the metrics listener's address")?;
+    started(WorkerHandle { counters: handler.counters(), metrics_addr });
 
     let mut consumer_config = ConsumerConfig::new(WorkerQueue {
         worker: S::NAME.to_owned(),

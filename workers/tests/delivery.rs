@@ -543,15 +543,22 @@ async fn a_worker_whose_handlers_hold_every_database_connection_is_still_ready()
     let name = format!("{ns}_payment");
     let db = database(&infra, &name, &payment::MIGRATIONS).await;
     let mut args = args(&infra, &ns);
-    let port = choreo_testkit::free_port();
-    args.metrics_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    // Port 0: the worker takes a free port and says which, with no window for another process to take it.
+    args.metrics_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     let shutdown = CancellationToken::new();
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let worker = tokio::spawn({
         let db = db.clone();
         let shutdown = shutdown.clone();
-        async move { run_worker(PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), db, &args, shutdown, |_| {}).await }
+        async move {
+            let started = move |handle: choreo_workers::runtime::WorkerHandle| {
+                let _ = addr_tx.send(handle.metrics_addr);
+            };
+            run_worker(PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), db, &args, shutdown, started).await
+        }
     });
-    let ready = format!("http://127.0.0.1:{port}/health/ready");
+    let addr = tokio::time::timeout(Duration::from_secs(30), addr_rx).await.expect("worker started").expect("metrics address");
+    let ready = format!("http://{addr}/health/ready");
     let client = reqwest::Client::new();
     wait_for("ready", Duration::from_secs(30), || async {
         let status = client.get(&ready).send().await.map_err(|e| e.to_string())?.status();

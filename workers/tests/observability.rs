@@ -105,7 +105,7 @@ async fn readiness_turns_false_when_the_broker_is_gone_and_true_when_it_returns(
         .kill_on_drop(true);
     let mut worker = common::followed_worker_env(&mut command).spawn().expect("order-worker");
     let ports = common::MetricsPorts::default();
-    common::follow_log("order", &mut worker, ports.clone());
+    let _log = common::follow_log("order", &mut worker, ports.clone());
     let port = common::metrics_port_of(&ports, "order", worker.id().expect("pid")).await;
     let ready = format!("http://127.0.0.1:{port}/health/ready");
     let live = format!("http://127.0.0.1:{port}/health/live");

@@ -127,14 +127,17 @@ impl Browse {
             let _ = self.channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
         }
         // Ready before anything is given back: messages that arrived while we held ours.
-        let ready_before = ready_on(&self.channel, &self.queue).await.ok();
+        let ready_before =
+            if self.deliveries.is_empty() { None } else { ready_on(&self.channel, &self.queue).await.ok() };
         let requeue = BasicNackOptions { multiple: false, requeue: true };
         let mut returned = 0u32;
         for delivery in &self.deliveries {
             match delivery.acker.nack(requeue).await {
                 Ok(true) => returned += 1,
+                // Settled already (acknowledged by the command), or the channel is closed: the broker
+                // returns whatever a closed channel held by itself.
                 Ok(false) => {}
-                // The channel is gone: the broker returns whatever is left by itself.
+                // The channel died while this nack was under way.
                 Err(_) => break,
             }
         }

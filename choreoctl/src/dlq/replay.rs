@@ -9,6 +9,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use chrono::{SecondsFormat, Utc};
 use choreo_rabbitmq::ConfirmingPublisher;
 use choreo_rabbitmq::dead_letter::headers as dl;
@@ -262,9 +263,18 @@ pub async fn purge(
             return Ok(ExitCode::from(EXIT_NOT_CONFIRMED));
         }
         eprint!("Delete {count} messages from {queue} for good? Type the number to confirm: ");
-        std::io::stderr().flush()?;
-        let mut answer = String::new();
-        std::io::stdin().lock().read_line(&mut answer)?;
+        let answer = std::io::stderr().flush().and_then(|()| {
+            let mut answer = String::new();
+            std::io::stdin().lock().read_line(&mut answer).map(|_| answer)
+        });
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                drop(selected);
+                held.release().await;
+                return Err(e).context("reading the confirmation");
+            }
+        };
         if answer.trim() != count.to_string() {
             drop(selected);
             held.release().await;

@@ -16,6 +16,7 @@ use choreo_rabbitmq::ConfirmingPublisher;
 use choreo_rabbitmq::codec::headers_to_republish;
 use choreo_rabbitmq::dead_letter::kept_properties;
 use choreo_rabbitmq::lapin::BasicProperties;
+use choreo_rabbitmq::lapin::message::Delivery;
 use choreo_rabbitmq::publisher::Outgoing;
 use serde::{Deserialize, Serialize};
 
@@ -34,18 +35,26 @@ pub struct ExportedLetter {
 pub async fn export(broker: &BrokerArgs, queue: &str, filter: &Filter) -> anyhow::Result<ExitCode> {
     let pool = broker.pool()?;
     let held = browse(&pool, queue, None).await?;
+    // Written out before anything else, and the messages given back even when writing fails (`| head`).
+    let written = write_export(queue, held.select(filter).into_iter().map(|(d, _)| d));
+    held.release().await;
+    let n = written.context("writing the export")?;
+    eprintln!("exported {n} messages from {queue} (they are still in the queue)");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One JSON line per message on stdout; how many were written.
+fn write_export<'a>(queue: &str, letters: impl Iterator<Item = &'a Delivery>) -> std::io::Result<usize> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut n = 0usize;
-    for (d, _) in held.select(filter) {
+    for d in letters {
         let line = ExportedLetter { queue: queue.to_owned(), properties: exported_properties(&d.properties), body_base64: STANDARD.encode(&d.data) };
         serde_json::to_writer(&mut out, &line)?;
         out.write_all(b"\n")?;
         n += 1;
     }
     out.flush()?;
-    held.release().await;
-    eprintln!("exported {n} messages from {queue} (they are still in the queue)");
-    Ok(ExitCode::SUCCESS)
+    Ok(n)
 }
 
 /// The message's own properties: without the delivery count the broker adds when it delivers from a

@@ -32,6 +32,8 @@ pub struct Cluster {
     /// bind port 0 and say which port they got in their log (see [`follow_log`]). A port chosen here and
     /// bound later by the worker could be taken in between by another test running at the same time.
     metrics_ports: MetricsPorts,
+    /// The threads copying each worker process's log, by process id.
+    logs: HashMap<u32, std::thread::JoinHandle<()>>,
 }
 
 /// Where the worker logs the address it serves /metrics on (at info; tests log at warn otherwise).
@@ -48,48 +50,58 @@ pub fn followed_worker_env(command: &mut Command) -> &mut Command {
 }
 
 /// Copy a worker's log (JSON lines on its stdout, piped) to the test's stderr, which the test runner shows
-/// when the test fails, and note in `ports` the port it serves /metrics on, under its name and process id.
-/// A thread of its own, so that a test busy elsewhere never leaves the pipe full and the worker blocked on a
-/// log line.
-pub fn follow_log(worker: &'static str, child: &mut Child, ports: MetricsPorts) {
+/// when the test fails, and note in `ports` the port it serves /metrics on, under its process id, for as long
+/// as it runs. A thread of its own, so that a test busy elsewhere never leaves the pipe full and the worker
+/// blocked on a log line; it ends when the worker has exited.
+pub fn follow_log(worker: &'static str, child: &mut Child, ports: MetricsPorts) -> std::thread::JoinHandle<()> {
     use std::io::BufRead;
     let pid = child.id().expect("a running child has a pid");
     let log = std::fs::File::from(child.stdout.take().expect("piped stdout").into_owned_fd().expect("stdout pipe"));
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(log).lines() {
-            let Ok(line) = line else { return };
-            if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
-                && event["message"].as_str().is_some_and(|m| m.starts_with("serving /metrics"))
+        let mut log = std::io::BufReader::new(log);
+        let mut bytes = Vec::new();
+        loop {
+            bytes.clear();
+            match log.read_until(b'\n', &mut bytes) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&bytes);
+            let line = line.trim_end();
+            if line.contains("serving /metrics")
+                && let Ok(event) = serde_json::from_str::<serde_json::Value>(line)
+                && let Some(addr) = event["addr"].as_str().and_then(|a| a.parse::<std::net::SocketAddr>().ok())
             {
-                if let Some(addr) = event["addr"].as_str().and_then(|a| a.parse::<std::net::SocketAddr>().ok()) {
-                    ports.lock().expect("ports").insert(worker, (pid, addr.port()));
-                }
+                ports.lock().expect("ports").insert(pid, addr.port());
                 continue;
             }
             eprintln!("[{worker}-worker {pid}] {line}");
         }
-    });
+        ports.lock().expect("ports").remove(&pid);
+    })
 }
 
-/// Where each followed worker process serves /metrics: worker name to (process id, port).
-pub type MetricsPorts = Arc<Mutex<HashMap<&'static str, (u32, u16)>>>;
+/// Where each followed worker process serves /metrics: process id to port.
+pub type MetricsPorts = Arc<Mutex<HashMap<u32, u16>>>;
 
 /// The port process `pid` of `worker` serves /metrics on, once its log has said so.
 pub async fn metrics_port_of(ports: &MetricsPorts, worker: &str, pid: u32) -> u16 {
-    wait_for(&format!("the {worker} worker's metrics port"), Duration::from_secs(60), || async {
-        match ports.lock().expect("ports").get(worker) {
-            Some((of, port)) if *of == pid => Ok(*port),
-            other => Err(format!("{other:?}")),
-        }
+    wait_for(&format!("the {worker} worker's metrics port (process {pid})"), Duration::from_secs(60), || async {
+        ports.lock().expect("ports").get(&pid).copied().ok_or("not logged yet")
     })
     .await
 }
 
 /// Panic, naming the worker and how it ended, if a worker process has exited: a start-up that failed says so
-/// at once (its error is on stderr above) instead of at the end of a wait for something it will never do.
-fn assert_running(children: &mut HashMap<&'static str, Child>) {
+/// at once, after the last lines of its log, instead of at the end of a wait for something it will never do.
+fn assert_running(children: &mut HashMap<&'static str, Child>, logs: &mut HashMap<u32, std::thread::JoinHandle<()>>) {
     for (worker, child) in children.iter_mut() {
+        let pid = child.id();
         if let Ok(Some(status)) = child.try_wait() {
+            // The process is gone, so its log ends: let the thread copy what is left before the panic.
+            if let Some(log) = pid.and_then(|pid| logs.remove(&pid)) {
+                let _ = log.join();
+            }
             panic!("the {worker} worker exited while the test waited for it ({status}); its log is above");
         }
     }
@@ -124,16 +136,17 @@ impl Cluster {
             publisher,
             dbs: HashMap::new(),
             extra_env,
-            metrics_ports: Arc::new(Mutex::new(HashMap::new())),
+            metrics_ports: MetricsPorts::default(),
+            logs: HashMap::new(),
         };
         for worker in WORKERS {
             cluster.spawn(worker);
         }
         for worker in WORKERS {
             let url = cluster.database_url(worker);
-            let children = &mut cluster.children;
+            let (children, logs) = (&mut cluster.children, &mut cluster.logs);
             let db = wait_for(&format!("{worker} database"), Duration::from_secs(60), || {
-                assert_running(children);
+                assert_running(children, logs);
                 let url = url.clone();
                 async move {
                     let options = PgConnectOptions::from_str(&url).map_err(|e| e.to_string())?;
@@ -186,7 +199,9 @@ impl Cluster {
             command.env(k, v);
         }
         let mut child = command.spawn().unwrap_or_else(|e| panic!("spawning {worker}-worker: {e}"));
-        follow_log(worker, &mut child, Arc::clone(&self.metrics_ports));
+        let pid = child.id().expect("a running child has a pid");
+        self.logs.retain(|_, log| !log.is_finished());
+        self.logs.insert(pid, follow_log(worker, &mut child, Arc::clone(&self.metrics_ports)));
         self.children.insert(worker, child);
     }
 
@@ -266,11 +281,11 @@ impl Cluster {
         let conn = choreo_rabbitmq::lapin::Connection::connect(&self.infra.amqp_url, choreo_rabbitmq::lapin::ConnectionProperties::default())
             .await
             .expect("broker");
-        let children = &mut self.children;
+        let (children, logs) = (&mut self.children, &mut self.logs);
         for worker in WORKERS {
             let queue = self.topology.worker_queue(worker);
             wait_for(&format!("a consumer on {queue}"), Duration::from_secs(60), || {
-                assert_running(children);
+                assert_running(children, logs);
                 async {
                     let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
                     let options = choreo_rabbitmq::lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
