@@ -213,10 +213,13 @@ impl Deployment {
             ports.push(port);
         }
         let deadline = Instant::now() + Duration::from_secs(60);
-        for port in ports {
+        for ((w, child), port) in children.iter_mut().zip(ports) {
             while !ready(port).await {
+                if let Ok(Some(status)) = child.try_wait() {
+                    bail!("the {w} worker exited before it was ready ({status}); its error is above");
+                }
                 if Instant::now() > deadline {
-                    bail!("a worker did not become ready within 60 s");
+                    bail!("the {w} worker did not become ready within 60 s (its /health/ready on 127.0.0.1:{port})");
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
