@@ -252,34 +252,12 @@ pub async fn purge(
         return finish(&report, "would purge", json);
     }
     if !yes {
-        let count = selected.len();
-        if !std::io::stdin().is_terminal() {
+        let confirmed = confirm_purge(selected.len(), queue);
+        if !matches!(confirmed, Ok(true)) {
+            // Refused, or the question could not be asked: the messages go back untouched either way.
             drop(selected);
             held.release().await;
-            eprintln!(
-                "refusing to delete {count} messages from {queue} without confirmation: there is no terminal to ask. \
-                 Add --yes to purge from a script."
-            );
-            return Ok(ExitCode::from(EXIT_NOT_CONFIRMED));
-        }
-        eprint!("Delete {count} messages from {queue} for good? Type the number to confirm: ");
-        let answer = std::io::stderr().flush().and_then(|()| {
-            let mut answer = String::new();
-            std::io::stdin().lock().read_line(&mut answer).map(|_| answer)
-        });
-        let answer = match answer {
-            Ok(answer) => answer,
-            Err(e) => {
-                drop(selected);
-                held.release().await;
-                return Err(e).context("reading the confirmation");
-            }
-        };
-        if answer.trim() != count.to_string() {
-            drop(selected);
-            held.release().await;
-            eprintln!("not confirmed; nothing was deleted");
-            return Ok(ExitCode::from(EXIT_NOT_CONFIRMED));
+            return confirmed.map(|_| ExitCode::from(EXIT_NOT_CONFIRMED));
         }
     }
     let bar = bar(selected.len() as u64, "purging", json);
@@ -287,6 +265,27 @@ pub async fn purge(
     bar.finish_and_clear();
     held.release().await;
     finish(&report, "purged", json)
+}
+
+/// Ask the person at the terminal to confirm deleting `count` messages by typing the number; false, and why
+/// on stderr, when there is no terminal to ask or the answer is not the number.
+fn confirm_purge(count: usize, queue: &str) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        eprintln!(
+            "refusing to delete {count} messages from {queue} without confirmation: there is no terminal to ask. \
+             Add --yes to purge from a script."
+        );
+        return Ok(false);
+    }
+    eprint!("Delete {count} messages from {queue} for good? Type the number to confirm: ");
+    std::io::stderr().flush().context("asking for confirmation")?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer).context("reading the confirmation")?;
+    if answer.trim() != count.to_string() {
+        eprintln!("not confirmed; nothing was deleted");
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 fn finish(report: &Report, verb: &str, json: bool) -> anyhow::Result<ExitCode> {
