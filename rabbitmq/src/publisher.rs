@@ -7,17 +7,24 @@
 //! again later and consumers deduplicate.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use choreo_messages::EncodedEnvelope;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::message::BasicReturnMessage;
-use lapin::{BasicProperties, Channel, Confirmation};
+use futures_util::future::{MaybeDone, maybe_done};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::sync::Mutex;
 
 use crate::codec::{properties_for, short};
 use crate::connection::{BrokerPool, open_channel};
 use crate::{BrokerError, PublishError};
+
+/// A `basic_publish` under way: done once lapin's I/O thread wrote its frames.
+type Sending<'a> = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send + 'a>>;
 
 /// The longest a batch may take, in confirm timeouts, however steadily its confirms come.
 const BATCH_TIMEOUTS: u32 = 3;
@@ -117,25 +124,37 @@ impl ConfirmingPublisher {
                 return messages.iter().map(|_| Err(BrokerError::Pool(text.clone()).into())).collect();
             }
         };
-        let mut pending = Vec::with_capacity(messages.len());
-        for message in messages {
-            let options = BasicPublishOptions { mandatory: true, immediate: false };
-            let publish = channel.basic_publish(
-                short(message.exchange),
-                short(message.routing_key),
-                options,
-                message.body,
-                message.properties.clone(),
-            );
-            let sent = match tokio::time::timeout_at(deadline, publish).await {
-                Ok(sent) => {
-                    deadline = next_deadline();
-                    sent.map_err(|e| PublishError::from(BrokerError::amqp("basic.publish")(e)))
-                }
-                Err(_) => Err(PublishError::ConfirmTimeout { message_id: message.message_id.clone(), timeout_ms: timeout.as_millis() }),
-            };
-            pending.push(sent);
-        }
+        // Every message is queued for lapin's I/O thread before any is waited for: lapin's `basic_publish`
+        // resolves only once that thread wrote the frames, so awaiting each in turn costs one hand-off
+        // between the threads per message, and the frames go out one write at a time. Each first poll
+        // registers the message's confirm and queues its frames before the next message's does, so
+        // confirms and frames keep the order of `messages`.
+        let mut sends: Vec<MaybeDone<Sending<'_>>> = messages
+            .iter()
+            .map(|message| {
+                let options = BasicPublishOptions { mandatory: true, immediate: false };
+                let publish = channel.basic_publish(
+                    short(message.exchange),
+                    short(message.routing_key),
+                    options,
+                    message.body,
+                    message.properties.clone(),
+                );
+                maybe_done(Box::pin(publish) as Sending<'_>)
+            })
+            .collect();
+        written_in_order(&mut sends, &mut deadline, next_deadline).await;
+        let pending: Vec<Result<PublisherConfirm, PublishError>> = sends
+            .iter_mut()
+            .zip(messages)
+            .map(|(send, message)| match Pin::new(send).take_output() {
+                Some(sent) => sent.map_err(|e| PublishError::from(BrokerError::amqp("basic.publish")(e))),
+                None => Err(PublishError::ConfirmTimeout {
+                    message_id: message.message_id.clone(),
+                    timeout_ms: timeout.as_millis(),
+                }),
+            })
+            .collect();
         let mut returned: HashMap<String, String> = HashMap::new();
         let mut results = Vec::with_capacity(messages.len());
         for (sent, message) in pending.into_iter().zip(messages) {
@@ -191,6 +210,36 @@ impl ConfirmingPublisher {
         }
         results
     }
+}
+
+/// Drive every send until all are written or `deadline` passes without one completing. Each pass polls the
+/// sends in order, so the first poll of each (which queues its frames) follows the previous one's.
+async fn written_in_order<F: Future + Unpin>(
+    sends: &mut [MaybeDone<F>],
+    deadline: &mut tokio::time::Instant,
+    next_deadline: impl Fn() -> tokio::time::Instant,
+) {
+    let expiry = tokio::time::sleep_until(*deadline);
+    tokio::pin!(expiry);
+    let mut written = 0;
+    std::future::poll_fn(|cx| {
+        let mut done = 0;
+        for send in sends.iter_mut() {
+            if Pin::new(send).poll(cx).is_ready() {
+                done += 1;
+            }
+        }
+        if done == sends.len() {
+            return Poll::Ready(());
+        }
+        if done > written {
+            written = done;
+            *deadline = next_deadline();
+            expiry.as_mut().reset(*deadline);
+        }
+        expiry.as_mut().poll(cx)
+    })
+    .await;
 }
 
 fn note_returned(returned: &mut HashMap<String, String>, message: Option<BasicReturnMessage>) {

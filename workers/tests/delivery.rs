@@ -18,7 +18,7 @@ use choreo_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString};
 use choreo_rabbitmq::lapin::{BasicProperties, Connection, ConnectionProperties};
 use choreo_rabbitmq::publisher::Outgoing;
 use choreo_rabbitmq::{
-    ConfirmingPublisher, ConsumerConfig, ConsumerRunner, Handler, Outcome, Topology, TopologyError, WorkerQueue,
+    ConfirmingPublisher, ConsumerConfig, ConsumerRunner, Handler, Outcome, PublishError, Topology, TopologyError, WorkerQueue,
     connect_pool,
 };
 use choreo_testkit::{Infra, unique_namespace, wait_for};
@@ -739,6 +739,56 @@ async fn a_batch_to_a_broker_that_stopped_answering_fails_within_one_timeout() {
 
     let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
     let _ = direct.close(200, "ok".into()).await;
+}
+
+/// A batch's messages are all handed to lapin before any is waited for; they must still reach the queue in
+/// the batch's order, and each result must be its own message's: one that no queue is bound for fails alone.
+#[tokio::test]
+async fn a_batch_arrives_in_order_and_only_its_unroutable_messages_fail() {
+    let infra = Infra::from_env();
+    let conn = Connection::connect(&infra.amqp_url, ConnectionProperties::default()).await.expect("conn");
+    let channel = conn.create_channel().await.expect("channel");
+    let queue = format!("{}.order", unique_namespace());
+    channel.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("queue");
+    let nowhere = format!("{queue}.nowhere");
+
+    let publisher = ConfirmingPublisher::new(connect_pool(&infra.amqp_url, "test-order", 1).expect("pool"), Duration::from_secs(10));
+    let unroutable = [0usize, 17, 18, 99];
+    let bodies: Vec<Vec<u8>> = (0..100).map(|i| format!("{i}").into_bytes()).collect();
+    let outgoing: Vec<Outgoing<'_>> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, body)| Outgoing {
+            exchange: "",
+            routing_key: if unroutable.contains(&i) { &nowhere } else { &queue },
+            properties: BasicProperties::default().with_message_id(format!("m-{i}").into()),
+            body,
+            message_id: format!("m-{i}"),
+        })
+        .collect();
+    // Twice: the second batch goes out on a channel that already has confirms behind it.
+    for round in 0..2 {
+        let results = publisher.publish_batch(&outgoing).await;
+        assert_eq!(results.len(), outgoing.len());
+        for (i, result) in results.iter().enumerate() {
+            if unroutable.contains(&i) {
+                assert!(matches!(result, Err(PublishError::Unroutable { message_id, .. }) if *message_id == format!("m-{i}")),
+                    "round {round}: message {i} has no queue and must fail as unroutable, got {result:?}");
+            } else {
+                assert!(result.is_ok(), "round {round}: message {i} was routed and must be confirmed, got {result:?}");
+            }
+        }
+    }
+
+    let mut received = Vec::new();
+    while let Some(message) = channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await.expect("basic.get") {
+        received.push(String::from_utf8_lossy(&message.delivery.data).into_owned());
+    }
+    let sent: Vec<String> = (0..100).filter(|i| !unroutable.contains(i)).map(|i| i.to_string()).collect();
+    assert_eq!(received, [sent.clone(), sent].concat(), "the queue holds both batches, each in its order");
+
+    let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+    let _ = conn.close(200, "ok".into()).await;
 }
 
 /// A `ConsumerRunner` for worker `order` with a handler of the test's, consuming in its own namespace.
