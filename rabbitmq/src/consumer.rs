@@ -329,6 +329,7 @@ impl<H: Handler> ConsumerRunner<H> {
                 Some(outcomes) if outcomes.len() == valid.len() => {
                     metrics::histogram!("choreo_batch_messages", "worker" => worker.clone()).record(valid.len() as f64);
                     let elapsed = started.elapsed().as_secs_f64();
+                    let mut acks = Vec::with_capacity(valid.len());
                     for ((delivery, envelope), outcome) in valid.iter().zip(&envelopes).zip(outcomes) {
                         let span = self.delivery_span(delivery);
                         let settled = match outcome {
@@ -343,10 +344,13 @@ impl<H: Handler> ConsumerRunner<H> {
                             }
                         };
                         if settled != Settled::Requeued {
-                            self.ack(delivery).instrument(span).await;
+                            acks.push(self.ack(delivery).instrument(span));
                         }
                         self.observe_settled(&envelope.meta.message_type, settled, elapsed);
                     }
+                    // All at once: lapin's I/O thread then writes them together, instead of one hand-off
+                    // between the threads per ack.
+                    futures_util::future::join_all(acks).await;
                 }
                 _ => {
                     debug!(worker = %worker, size = valid.len(), "batch not applied as a whole; handling its messages one by one");
