@@ -76,6 +76,12 @@ pub trait Handler: Send + Sync + 'static {
         std::future::ready(Ok(0))
     }
 
+    /// Which of `envelopes` may be applied together, one flag per envelope in order; the others are handled
+    /// alone, after the batch, and the rest still make one. The default: all of them.
+    fn batch_members(&self, envelopes: &[Envelope]) -> Vec<bool> {
+        vec![true; envelopes.len()]
+    }
+
     /// Apply several messages all or nothing: `Some` with one outcome per envelope (in order) once all of them
     /// took effect, or `None` when nothing did, and the consumer then hands each to [`Handler::handle`] alone.
     /// The default applies no batch.
@@ -316,6 +322,22 @@ impl<H: Handler> ConsumerRunner<H> {
                 }
                 // Dead-lettered with its reason by the single-message path.
                 Err(_) => alone.push(delivery),
+            }
+        }
+        if valid.len() >= 2 {
+            // A message the handler cannot apply with the others goes alone; the rest still make a batch.
+            let members = self.handler.batch_members(&envelopes);
+            if members.len() != envelopes.len() || members.contains(&false) {
+                let (mut kept, mut kept_envelopes) = (Vec::with_capacity(valid.len()), Vec::with_capacity(valid.len()));
+                for (i, (delivery, envelope)) in valid.into_iter().zip(envelopes).enumerate() {
+                    if members.get(i).copied().unwrap_or(false) {
+                        kept.push(delivery);
+                        kept_envelopes.push(envelope);
+                    } else {
+                        alone.push(delivery);
+                    }
+                }
+                (valid, envelopes) = (kept, kept_envelopes);
             }
         }
         if valid.len() >= 2 {

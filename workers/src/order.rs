@@ -41,11 +41,6 @@ impl Service for OrderService {
         }
     }
 
-    /// Two messages about one order go one at a time: the second must see the first's change.
-    fn batchable(&self, batch: &[Envelope]) -> bool {
-        distinct_orders(batch.iter())
-    }
-
     /// New orders need no read: one insert that skips an order placed before. Settling reads the orders
     /// first (their totals go into `order.confirmed`), then moves those still PENDING when written. One
     /// statement for the batch either way.

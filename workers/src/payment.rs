@@ -232,10 +232,9 @@ impl<G: PaymentGateway> Service for PaymentService<G> {
     const NAME: &'static str = "payment";
     const CONSUMES: &'static [MessageType] = &[MessageType::OrderCreated, MessageType::InventoryFailed];
 
-    /// Charges of distinct orders are decided together (see [`PaymentService::charge_all`]); a refund, or
-    /// two messages about one order, one message at a time.
-    fn batchable(&self, batch: &[Envelope]) -> bool {
-        charges_of_distinct_orders(batch.iter())
+    /// Charges are decided together (see [`PaymentService::charge_all`]); a refund alone.
+    fn batchable(&self, envelope: &Envelope) -> bool {
+        matches!(envelope.message, Message::OrderCreated(_))
     }
 
     async fn decide(

@@ -20,7 +20,7 @@
 //! and the consumer handles each message alone, so a batch never changes what happens to a message, only
 //! how many commits it takes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -114,11 +114,11 @@ pub trait Service: Send + Sync + Sized + 'static {
     /// Register this service's own metrics at zero, so that rates and increases see their first events.
     fn register_metrics(&self) {}
 
-    /// Whether [`Service::decide`] can take these messages together (default: yes). A batch it cannot goes
-    /// one message at a time: say, two messages about one order, where the second must see the first's
-    /// change, which one statement cannot show it.
-    fn batchable(&self, batch: &[Envelope]) -> bool {
-        let _ = batch;
+    /// Whether [`Service::decide`] can take this message together with messages about other orders (default:
+    /// yes). One it cannot is handled alone, and so is every message about an order that another message of
+    /// the batch is about too: the second must see the first's change, which one statement cannot show it.
+    fn batchable(&self, envelope: &Envelope) -> bool {
+        let _ = envelope;
         true
     }
 
@@ -431,8 +431,21 @@ impl<S: Service> choreo_rabbitmq::Handler for TransactionalHandler<S> {
         self.inbox.record_restart(&self.db, &envelope.meta).await.map_err(|e| e.to_string())
     }
 
+    fn batch_members(&self, envelopes: &[Envelope]) -> Vec<bool> {
+        let mut messages_per_order: HashMap<Uuid, usize> = HashMap::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            *messages_per_order.entry(envelope.message.order_id()).or_default() += 1;
+        }
+        envelopes
+            .iter()
+            .map(|e| {
+                Self::consumes(e) && self.service.batchable(e) && messages_per_order.get(&e.message.order_id()) == Some(&1)
+            })
+            .collect()
+    }
+
     async fn handle_batch(&self, envelopes: &[Envelope]) -> Option<Vec<Outcome>> {
-        if !envelopes.iter().all(Self::consumes) || !self.service.batchable(envelopes) {
+        if self.batch_members(envelopes).contains(&false) {
             return None;
         }
         match self.apply_batch(envelopes).await {

@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason};
 use choreo_messages::{EncodedEnvelope, Envelope, Message};
 use choreo_testkit::wait_for;
 use common::{Cluster, order};
@@ -121,5 +122,67 @@ async fn waiting_deliveries_are_applied_in_batches_with_exactly_the_effects_of_o
     }
     let fallbacks = metric(&cluster, "payment", "choreo_batch_fallbacks_total{worker=\"payment\"}").await;
     assert!(fallbacks >= 1.0, "a payment batch holding a failing charge went one by one");
+    cluster.shutdown().await;
+}
+
+/// A message a service cannot decide with others (payment: a refund) and every message about an order that
+/// another waiting message is about too go alone; the other messages waiting with them still make one batch.
+/// (Before, one refund among the waiting charges sent the whole batch one message at a time.)
+#[tokio::test]
+async fn messages_that_cannot_join_a_batch_go_alone_and_the_rest_still_make_one() {
+    // One slot, so that the waiting deliveries are taken many at a time.
+    let mut cluster = Cluster::start_with(vec![("CHOREO_CONCURRENCY".into(), "1".into())]).await;
+    for worker in common::WORKERS {
+        cluster.kill(worker).await;
+    }
+    let t = cluster.topology.clone();
+
+    // Two orders charged first, so that they can be refunded later.
+    let first: Vec<Envelope> = (0..2).map(|_| common::order_created()).collect();
+    cluster.publish(&first.iter().map(Envelope::encode).collect::<Vec<_>>()).await;
+    cluster.spawn("payment");
+    cluster.wait_depth(&t.worker_queue("inventory"), 2).await;
+    cluster.kill("payment").await;
+
+    // Then waiting together: twelve new charges, with the two refunds among them, and one more order
+    // charged twice under two message ids (a producer's retry), which must be charged once.
+    let refund = |created: &Envelope| {
+        let Message::OrderCreated(o) = &created.message else { unreachable!("built as order.created above") };
+        Envelope::caused_by(
+            &created.meta,
+            Message::InventoryFailed(InventoryFailed { order_id: o.order_id, reason: InventoryFailureReason::OutOfStock, sku: "sku-001".into() }),
+            "inventory",
+        )
+    };
+    let charges: Vec<Envelope> = (0..12).map(|_| common::order_created()).collect();
+    let twice = common::order_created();
+    let mut again = twice.clone();
+    again.meta.message_id = uuid::Uuid::now_v7();
+    let mut waiting: Vec<Envelope> = charges.clone();
+    waiting.insert(3, refund(&first[0]));
+    waiting.insert(9, refund(&first[1]));
+    waiting.insert(6, twice.clone());
+    waiting.push(again);
+    cluster.publish(&waiting.iter().map(Envelope::encode).collect::<Vec<_>>()).await;
+    cluster.wait_depth(&t.worker_queue("payment"), waiting.len() as u32).await;
+    cluster.spawn("payment");
+
+    wait_for("the charges and refunds", DEADLINE, || async {
+        let counts: (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'CHARGED'), count(*) FILTER (WHERE status = 'REFUNDED') FROM payments",
+        )
+        .fetch_one(cluster.db("payment"))
+        .await
+        .expect("payments");
+        if counts == (13, 2) { Ok(()) } else { Err(counts) }
+    })
+    .await;
+    // Every message settled.
+    cluster.wait_depth(&t.worker_queue("payment"), 0).await;
+
+    let fallbacks = metric(&cluster, "payment", "choreo_batch_fallbacks_total{worker=\"payment\"}").await;
+    assert_eq!(fallbacks, 0.0, "no batch went one by one: the refunds and the twice-charged order were left out of it");
+    let batched = metric(&cluster, "payment", "choreo_batch_messages_sum{worker=\"payment\"}").await;
+    assert!(batched >= 2.0, "charges waiting together were applied together ({batched} in batches)");
     cluster.shutdown().await;
 }
