@@ -11,7 +11,7 @@ use crate::capacity::Bracket;
 use crate::cpu::PARTS;
 use crate::db_ceiling::DbCeiling;
 use crate::wakeup::{WakeupCost, describe};
-use crate::workflow::{HOPS, MESSAGES_PER_WORKFLOW, Run, STEPS_PER_WORKFLOW, maximum};
+use crate::workflow::{HOPS, MESSAGES_PER_WORKFLOW, OFF_PATH, Run, STEPS_PER_WORKFLOW, maximum};
 
 pub const TARGET_WORKFLOWS_PER_SECOND: f64 = 1_000.0;
 pub const TARGET_P50_MS: f64 = 15.0;
@@ -125,6 +125,20 @@ pub fn print(r: &Results) {
             print!(" {n:>9.1}");
         }
         println!(" {:>9.1}", run.cpu.switches_per_workflow.iter().map(|(_, n)| n).sum::<f64>());
+    }
+    println!();
+    println!("off the fast path: counts per run, all workers (a stall in a run with none is not the workers' retry or relay path)");
+    print!("{:<16}", "run");
+    for (_, name) in OFF_PATH {
+        print!(" {name:>16}");
+    }
+    println!();
+    for run in &r.runs {
+        print!("{:<16}", run.label);
+        for (_, n) in &run.off_path {
+            print!(" {n:>16.0}");
+        }
+        println!();
     }
     let max = maximum(&r.runs);
     let half = r.runs.iter().find(|run| run.label.starts_with("50%"));
@@ -247,6 +261,7 @@ mod tests {
             peak_rss_mib: vec![],
             hops_p50_ms: vec![],
             cpu: CpuUse { ms_per_workflow: vec![], cores_busy: 0.0, switches_per_workflow: vec![] },
+            off_path: vec![],
         }
     }
 

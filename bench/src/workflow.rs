@@ -43,6 +43,48 @@ pub struct Run {
     pub hops_p50_ms: Vec<(String, f64)>,
     /// Processor time per workflow, by part: where the CPU is.
     pub cpu: CpuUse,
+    /// What left the fast path during the run, counted by the workers ([`OFF_PATH`]): where a stall may come
+    /// from.
+    pub off_path: Vec<(String, f64)>,
+}
+
+/// The workers' counters of what leaves the fast path, with the names the report gives them: rows a relay
+/// sweep published (a hand-off the relay could not take, or a failed publish), batches gone one message at a
+/// time, retries of a message, dead letters.
+pub const OFF_PATH: [(&str, &str); 4] = [
+    ("choreo_relay_swept_total", "relay sweeps"),
+    ("choreo_batch_fallbacks_total", "batch fallbacks"),
+    ("choreo_retries_total", "retries"),
+    ("choreo_dead_lettered_total", "dead letters"),
+];
+
+/// The sum over all series of each [`OFF_PATH`] counter in a Prometheus text exposition.
+fn off_path_counts(exposition: &str) -> [f64; OFF_PATH.len()] {
+    let mut counts = [0.0; OFF_PATH.len()];
+    for line in exposition.lines() {
+        for (count, (metric, _)) in counts.iter_mut().zip(OFF_PATH) {
+            let Some(rest) = line.strip_prefix(metric) else { continue };
+            // `name{labels} value` or `name value`, not a longer name that starts the same.
+            if !(rest.starts_with('{') || rest.starts_with(' ')) {
+                continue;
+            }
+            if let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                *count += value;
+            }
+        }
+    }
+    counts
+}
+
+/// `GET path` on a worker's HTTP port; the body of a 200 reply.
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).await.ok()?;
+    let reply = String::from_utf8_lossy(&reply);
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    (head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")).then(|| body.to_owned())
 }
 
 /// The hops of a confirmed order, between the moments each handler's write began (`inbox.received_at`,
@@ -60,6 +102,8 @@ struct Deployment {
     namespace: String,
     server_url: String,
     children: Vec<(String, Child)>,
+    /// Each worker's `/metrics` port.
+    ports: Vec<u16>,
     order_db: PgPool,
     payment_db: PgPool,
     inventory_db: PgPool,
@@ -171,13 +215,7 @@ fn envelope(o: PlaceOrder) -> EncodedEnvelope {
 }
 
 async fn ready(port: u16) -> bool {
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return false };
-    if s.write_all(b"GET /health/ready HTTP/1.0\r\nHost: localhost\r\n\r\n").await.is_err() {
-        return false;
-    }
-    let mut reply = Vec::new();
-    let _ = s.read_to_end(&mut reply).await;
-    reply.starts_with(b"HTTP/1.1 200") || reply.starts_with(b"HTTP/1.0 200")
+    http_get(port, "/health/ready").await.is_some()
 }
 
 impl Deployment {
@@ -213,7 +251,7 @@ impl Deployment {
             ports.push(port);
         }
         let deadline = Instant::now() + Duration::from_secs(60);
-        for ((w, child), port) in children.iter_mut().zip(ports) {
+        for ((w, child), port) in children.iter_mut().zip(ports.iter().copied()) {
             while !ready(port).await {
                 if let Ok(Some(status)) = child.try_wait() {
                     bail!("the {w} worker exited before it was ready ({status}); its error is above");
@@ -237,6 +275,7 @@ impl Deployment {
             namespace,
             server_url: args.database_url.clone(),
             children,
+            ports,
             order_db,
             payment_db,
             inventory_db,
@@ -271,18 +310,20 @@ impl Deployment {
     async fn run_burst(&self, n: usize, label: &str) -> anyhow::Result<Run> {
         self.refresh_statistics().await?;
         let cpu = self.cpu();
+        let off_path = self.off_path().await;
         let orders: Vec<EncodedEnvelope> = (0..n).map(|i| envelope(order(i))).collect();
         let ids: Vec<Uuid> = orders.iter().map(|e| e.meta.correlation_id).collect();
         for chunk in orders.chunks(500) {
             self.publish(chunk).await?;
         }
-        self.finish(label, None, &ids, cpu).await
+        self.finish(label, None, &ids, cpu, off_path).await
     }
 
     /// Place orders at `rate` per second for `duration`.
     async fn run_load(&self, rate: f64, duration: Duration, label: &str) -> anyhow::Result<Run> {
         self.refresh_statistics().await?;
         let cpu = self.cpu();
+        let off_path = self.off_path().await;
         let started = Instant::now();
         let mut ids = Vec::new();
         let mut i = 0usize;
@@ -296,7 +337,7 @@ impl Deployment {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.finish(label, Some(rate), &ids, cpu).await
+        self.finish(label, Some(rate), &ids, cpu, off_path).await
     }
 
     /// CPU time used so far by the workers, the servers and the benchmark.
@@ -305,7 +346,27 @@ impl Deployment {
         Snapshot::take(&pids)
     }
 
-    async fn finish(&self, label: &str, offered: Option<f64>, ids: &[Uuid], cpu_before: Snapshot) -> anyhow::Result<Run> {
+    /// The workers' [`OFF_PATH`] counters, summed over the workers (a worker that does not answer counts 0).
+    async fn off_path(&self) -> [f64; OFF_PATH.len()] {
+        let mut counts = [0.0; OFF_PATH.len()];
+        for port in &self.ports {
+            if let Some(text) = http_get(*port, "/metrics").await {
+                for (count, n) in counts.iter_mut().zip(off_path_counts(&text)) {
+                    *count += n;
+                }
+            }
+        }
+        counts
+    }
+
+    async fn finish(
+        &self,
+        label: &str,
+        offered: Option<f64>,
+        ids: &[Uuid],
+        cpu_before: Snapshot,
+        off_path_before: [f64; OFF_PATH.len()],
+    ) -> anyhow::Result<Run> {
         let deadline = Instant::now() + Duration::from_secs(600);
         // Runs follow each other, so "this run is done" is "every order of this run exists and none is
         // pending": two cheap counts instead of a lookup of every id, which would load the database we measure.
@@ -327,6 +388,12 @@ impl Deployment {
             }
         }
         let cpu = cpu_before.until(&self.cpu(), ids.len());
+        let off_path = self.off_path().await;
+        let off_path = OFF_PATH
+            .iter()
+            .zip(off_path.iter().zip(off_path_before))
+            .map(|((_, name), (after, before))| ((*name).to_owned(), (after - before).max(0.0)))
+            .collect();
         let row = sqlx::query(
             "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(placed_at))::float8 AS wall, \
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM completed_at - placed_at))::float8 AS p50, \
@@ -349,6 +416,7 @@ impl Deployment {
             peak_rss_mib: self.children.iter().map(|(w, c)| (w.clone(), c.id().map(cpu::peak_rss_mib).unwrap_or(0.0))).collect(),
             hops_p50_ms: self.hops_p50_ms(ids).await?,
             cpu,
+            off_path,
         })
     }
 
@@ -445,6 +513,7 @@ mod tests {
             peak_rss_mib: vec![],
             hops_p50_ms: vec![],
             cpu: CpuUse { ms_per_workflow: vec![], cores_busy: 0.0, switches_per_workflow: vec![] },
+            off_path: vec![],
         }
     }
 
@@ -455,5 +524,22 @@ mod tests {
         assert_eq!(named, [("maximum", 1690.0), ("slower burst", 1400.0), ("slower burst", 1125.0)]);
         assert_eq!(maximum(&runs).map(|r| r.workflows_per_second), Some(1690.0));
         assert!(fastest_first(vec![]).is_empty());
+    }
+
+    #[test]
+    fn off_path_counters_are_summed_over_their_series_and_other_metrics_are_ignored() {
+        let exposition = "\
+# TYPE choreo_relay_swept_total counter
+choreo_relay_swept_total{worker=\"order\"} 12
+choreo_batch_fallbacks_total{worker=\"payment\"} 3
+choreo_retries_total{worker=\"payment\",stage=\"in_process\"} 2
+choreo_retries_total{worker=\"payment\",stage=\"delayed\"} 1
+choreo_dead_lettered_total{worker=\"order\",error_kind=\"malformed_body\"} 4
+choreo_dead_lettered_total{worker=\"order\",error_kind=\"crashed\"} 0
+choreo_relay_swept_total_other 99
+choreo_messages_consumed_total{worker=\"order\"} 1000
+";
+        assert_eq!(off_path_counts(exposition), [12.0, 3.0, 3.0, 4.0]);
+        assert_eq!(off_path_counts(""), [0.0; 4]);
     }
 }
