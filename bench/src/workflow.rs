@@ -10,10 +10,10 @@ use choreo_messages::payloads::{OrderLine, PlaceOrder};
 use choreo_messages::{EncodedEnvelope, Envelope, Message};
 use choreo_rabbitmq::publisher::Outgoing;
 use choreo_rabbitmq::{ConfirmingPublisher, Topology, connect_pool};
+use prometheus_parse::{Scrape, Value};
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool, Row};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -61,30 +61,24 @@ pub const OFF_PATH: [(&str, &str); 4] = [
 /// The sum over all series of each [`OFF_PATH`] counter in a Prometheus text exposition.
 fn off_path_counts(exposition: &str) -> [f64; OFF_PATH.len()] {
     let mut counts = [0.0; OFF_PATH.len()];
-    for line in exposition.lines() {
-        for (count, (metric, _)) in counts.iter_mut().zip(OFF_PATH) {
-            let Some(rest) = line.strip_prefix(metric) else { continue };
-            // `name{labels} value` or `name value`, not a longer name that starts the same.
-            if !(rest.starts_with('{') || rest.starts_with(' ')) {
-                continue;
-            }
-            if let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
-                *count += value;
-            }
+    let Ok(scrape) = Scrape::parse(exposition.lines().map(|l| Ok(l.to_owned()))) else { return counts };
+    for sample in &scrape.samples {
+        if let (Some(i), Value::Counter(v) | Value::Untyped(v)) =
+            (OFF_PATH.iter().position(|(metric, _)| *metric == sample.metric), &sample.value)
+        {
+            counts[i] += v;
         }
     }
     counts
 }
 
 /// `GET path` on a worker's HTTP port; the body of a 200 reply.
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
-    let mut reply = Vec::new();
-    s.read_to_end(&mut reply).await.ok()?;
-    let reply = String::from_utf8_lossy(&reply);
-    let (head, body) = reply.split_once("\r\n\r\n")?;
-    (head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")).then(|| body.to_owned())
+async fn http_get(client: &reqwest::Client, port: u16, path: &str) -> Option<String> {
+    let reply = client.get(format!("http://127.0.0.1:{port}{path}")).send().await.ok()?;
+    if !reply.status().is_success() {
+        return None;
+    }
+    reply.text().await.ok()
 }
 
 /// The hops of a confirmed order, between the moments each handler's write began (`inbox.received_at`,
@@ -104,6 +98,7 @@ struct Deployment {
     children: Vec<(String, Child)>,
     /// Each worker's `/metrics` port.
     ports: Vec<u16>,
+    http: reqwest::Client,
     order_db: PgPool,
     payment_db: PgPool,
     inventory_db: PgPool,
@@ -214,8 +209,8 @@ fn envelope(o: PlaceOrder) -> EncodedEnvelope {
     Envelope::new_command(Message::OrderPlace(o), "bench", Some(id)).encode()
 }
 
-async fn ready(port: u16) -> bool {
-    http_get(port, "/health/ready").await.is_some()
+async fn ready(client: &reqwest::Client, port: u16) -> bool {
+    http_get(client, port, "/health/ready").await.is_some()
 }
 
 impl Deployment {
@@ -226,6 +221,7 @@ impl Deployment {
             let base = args.database_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&args.database_url);
             format!("{base}/{namespace}_{w}")
         };
+        let http = reqwest::Client::new();
         let mut children = Vec::new();
         let mut ports = Vec::new();
         for w in WORKERS {
@@ -252,7 +248,7 @@ impl Deployment {
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         for ((w, child), port) in children.iter_mut().zip(ports.iter().copied()) {
-            while !ready(port).await {
+            while !ready(&http, port).await {
                 if let Ok(Some(status)) = child.try_wait() {
                     bail!("the {w} worker exited before it was ready ({status}); its error is above");
                 }
@@ -276,6 +272,7 @@ impl Deployment {
             server_url: args.database_url.clone(),
             children,
             ports,
+            http,
             order_db,
             payment_db,
             inventory_db,
@@ -350,7 +347,7 @@ impl Deployment {
     async fn off_path(&self) -> [f64; OFF_PATH.len()] {
         let mut counts = [0.0; OFF_PATH.len()];
         for port in &self.ports {
-            if let Some(text) = http_get(*port, "/metrics").await {
+            if let Some(text) = http_get(&self.http, *port, "/metrics").await {
                 for (count, n) in counts.iter_mut().zip(off_path_counts(&text)) {
                     *count += n;
                 }
