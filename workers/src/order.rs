@@ -59,17 +59,7 @@ impl Service for OrderService {
 
 fn distinct_orders<'a>(mut batch: impl Iterator<Item = &'a Envelope>) -> bool {
     let mut seen = HashSet::new();
-    batch.all(|e| order_id_of(&e.message).is_none_or(|id| seen.insert(id)))
-}
-
-fn order_id_of(message: &Message) -> Option<Uuid> {
-    match message {
-        Message::OrderPlace(m) => Some(m.order_id),
-        Message::InventoryReserved(m) => Some(m.order_id),
-        Message::PaymentFailed(m) => Some(m.order_id),
-        Message::PaymentRefunded(m) => Some(m.order_id),
-        _ => None,
-    }
+    batch.all(|e| seen.insert(e.message.order_id()))
 }
 
 /// What one message asks of the order service.

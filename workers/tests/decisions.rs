@@ -33,6 +33,10 @@ impl<S: Service> Service for Meanwhile<S> {
     const NAME: &'static str = S::NAME;
     const CONSUMES: &'static [choreo_messages::MessageType] = S::CONSUMES;
 
+    fn batchable(&self, envelope: &Envelope) -> bool {
+        self.inner.batchable(envelope)
+    }
+
     async fn decide(
         &self,
         db: &mut PgConnection,
