@@ -14,11 +14,14 @@ use serde::Serialize;
 /// The parts whose CPU time a run reports, in table order.
 pub const PARTS: [&str; 4] = ["workers", "postgres", "rabbitmq", "bench"];
 
-/// CPU seconds used so far by each part, and its threads' context switches, at one instant.
+/// CPU seconds used so far by each part, and the context switches of each of its threads (by thread id), at
+/// one instant. Switches are kept per thread because a thread that ends between two snapshots takes its
+/// count with it (a PostgreSQL backend that closes, a blocking-pool thread that idles out, another test's
+/// thread): summed by part, its whole past would come off the difference.
 pub struct Snapshot {
     at: Instant,
     seconds: HashMap<&'static str, f64>,
-    switches: HashMap<&'static str, u64>,
+    switches: HashMap<i32, (&'static str, u64)>,
 }
 
 /// CPU time of a run, per workflow.
@@ -60,16 +63,17 @@ impl Snapshot {
         let ticks = procfs::ticks_per_second() as f64;
         let own = std::process::id() as i32;
         let mut seconds: HashMap<&'static str, f64> = PARTS.iter().map(|p| (*p, 0.0)).collect();
-        let mut switches: HashMap<&'static str, u64> = PARTS.iter().map(|p| (*p, 0)).collect();
+        let mut switches: HashMap<i32, (&'static str, u64)> = HashMap::new();
         if let Ok(all) = procfs::process::all_processes() {
             for process in all.flatten() {
                 let Ok(stat) = process.stat() else { continue };
                 let Some(part) = part_of(stat.pid, &stat.comm, workers, own) else { continue };
                 *seconds.entry(part).or_default() += (stat.utime + stat.stime) as f64 / ticks;
                 let threads = process.tasks().into_iter().flatten().flatten().filter_map(|t| t.status().ok());
-                *switches.entry(part).or_default() += threads
-                    .map(|s| s.voluntary_ctxt_switches.unwrap_or(0) + s.nonvoluntary_ctxt_switches.unwrap_or(0))
-                    .sum::<u64>();
+                for t in threads {
+                    let n = t.voluntary_ctxt_switches.unwrap_or(0) + t.nonvoluntary_ctxt_switches.unwrap_or(0);
+                    switches.insert(t.pid, (part, n));
+                }
             }
         }
         Snapshot { at: Instant::now(), seconds, switches }
@@ -93,9 +97,14 @@ impl Snapshot {
             switches_per_workflow: PARTS
                 .iter()
                 .map(|p| {
-                    let before = self.switches.get(p).copied().unwrap_or(0);
-                    let after = later.switches.get(p).copied().unwrap_or(0);
-                    (p.to_string(), after.saturating_sub(before) as f64 / n)
+                    // Threads seen at the end: what they did since the start, or all they did if they are new.
+                    let switched: u64 = later
+                        .switches
+                        .iter()
+                        .filter(|(_, (part, _))| part == p)
+                        .map(|(tid, (_, after))| after.saturating_sub(self.switches.get(tid).map_or(0, |(_, b)| *b)))
+                        .sum();
+                    (p.to_string(), switched as f64 / n)
                 })
                 .collect(),
         }
@@ -123,6 +132,19 @@ mod tests {
         assert_eq!(part_of(5, "postgres", &[10], 99), Some("postgres"));
         assert_eq!(part_of(6, "beam.smp", &[10], 99), Some("rabbitmq"));
         assert_eq!(part_of(7, "bash", &[10], 99), None);
+    }
+
+    #[test]
+    fn a_thread_that_ends_between_snapshots_takes_nothing_off_and_a_new_one_counts_in_full() {
+        let snapshot = |threads: &[(i32, u64)]| Snapshot {
+            at: Instant::now(),
+            seconds: HashMap::new(),
+            switches: threads.iter().map(|(tid, n)| (*tid, ("bench", *n))).collect(),
+        };
+        // Thread 2 ended with 50 switches; thread 3 started and made 4; thread 1 made 3 more.
+        let used = snapshot(&[(1, 100), (2, 50)]).until(&snapshot(&[(1, 103), (3, 4)]), 1);
+        let bench = used.switches_per_workflow.iter().find(|(p, _)| p == "bench").map(|(_, n)| *n);
+        assert_eq!(bench, Some(7.0));
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //!    acks, with the same client library;
 //! 2. the database's ceiling for one saga step: inbox insert + state update + outbox insert in one
 //!    transaction, at the workers' concurrency;
-//! 3. the workflow at its maximum rate (the fastest of a few bursts), then at 20% and 50% of it, with
-//!    end-to-end latency and each worker's peak memory;
+//! 3. the workflow in a few bursts, then at its maximum sustainable rate (the highest load offered steadily
+//!    that it keeps up with, searched for from the fastest burst's rate down), then at 20% and 50% of that,
+//!    with end-to-end latency and each worker's peak memory;
 //! 4. the capacity at the latency targets: the highest offered rate whose p50 and p99 meet them, found by
 //!    bisection between the fixed loads.
 //!
@@ -18,6 +19,7 @@ mod capacity;
 mod cpu;
 mod db_ceiling;
 mod report;
+mod sustained;
 mod wakeup;
 mod workflow;
 
@@ -45,11 +47,12 @@ pub struct Args {
     /// Concurrent saga-step transactions (the workers' database pools together: 3 x 16).
     #[arg(long, default_value_t = 48)]
     db_concurrency: usize,
-    /// Orders for the maximum-rate run.
+    /// Orders in each burst.
     #[arg(long, default_value_t = 10_000)]
     max_rate_orders: usize,
-    /// Bursts at the maximum rate; the fastest is the maximum (noise on a shared machine only slows a burst
-    /// down), the others are printed as slower bursts.
+    /// Bursts of `max-rate-orders` placed at once; the fastest (noise on a shared machine only slows a burst
+    /// down) is where the search for the maximum sustainable rate starts, the others are printed as slower
+    /// bursts.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     max_rate_bursts: u32,
     /// Offered rate of a last, light run (workflows/s): the service time of a workflow without queueing, to
@@ -60,6 +63,10 @@ pub struct Args {
     /// two builds at the same load.
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
+    /// Steady-load runs that search for the maximum sustainable rate, from the fastest burst's rate down
+    /// (0 skips the search, and the fastest burst stands for the maximum).
+    #[arg(long, default_value_t = 4)]
+    sustain_steps: usize,
     /// Fixed-load runs that bisect for the highest offered rate meeting the latency targets (p50 and p99),
     /// after the others (0 skips the search).
     #[arg(long, default_value_t = 3)]
@@ -103,12 +110,16 @@ async fn main() -> anyhow::Result<()> {
         0 => String::new(),
         n => format!(", then up to {n} runs bisecting for the capacity at the latency targets"),
     };
+    let maximum = match args.sustain_steps {
+        0 => "the fastest burst as the maximum".to_owned(),
+        n => format!("up to {n} steady loads searching for the maximum sustainable rate"),
+    };
     eprintln!(
-        "[bench] 3/3 workflow: maximum rate (the fastest of {} bursts), then 20% and 50% of it, then {} workflows/s{search}",
+        "[bench] 3/3 workflow: {} bursts, {maximum}, then 20% and 50% of it, then {} workflows/s{search}",
         args.max_rate_bursts, args.light_rate
     );
-    let (runs, capacity) = workflow::measure(&args, &bin_dir).await?;
-    let results = report::Results::new(wakeup, broker, db, runs, capacity);
+    let measured = workflow::measure(&args, &bin_dir).await?;
+    let results = report::Results::new(wakeup, broker, db, measured);
     report::print(&results);
     std::fs::create_dir_all(&args.out)?;
     let json = args.out.join("results.json");

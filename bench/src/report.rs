@@ -10,8 +10,9 @@ use crate::broker_ceiling::BrokerCeiling;
 use crate::capacity::Bracket;
 use crate::cpu::PARTS;
 use crate::db_ceiling::DbCeiling;
+use crate::sustained::{Search, kept_up};
 use crate::wakeup::{WakeupCost, describe};
-use crate::workflow::{HOPS, MESSAGES_PER_WORKFLOW, OFF_PATH, Run, STEPS_PER_WORKFLOW, maximum};
+use crate::workflow::{HOPS, MESSAGES_PER_WORKFLOW, Measured, OFF_PATH, Run, STEPS_PER_WORKFLOW, maximum};
 
 pub const TARGET_WORKFLOWS_PER_SECOND: f64 = 1_000.0;
 pub const TARGET_P50_MS: f64 = 15.0;
@@ -26,6 +27,8 @@ pub struct Results {
     pub broker: BrokerCeiling,
     pub database: DbCeiling,
     pub runs: Vec<Run>,
+    /// The search for the maximum sustainable rate (`None` when skipped: the fastest burst is the maximum).
+    pub maximum_sustainable: Option<Search>,
     /// Workflow messages per second at the maximum rate, divided by the broker's ceiling.
     pub broker_share: f64,
     /// Saga-step transactions per second at the maximum rate, divided by the database's ceiling.
@@ -36,13 +39,8 @@ pub struct Results {
 }
 
 impl Results {
-    pub fn new(
-        wakeup: Option<WakeupCost>,
-        broker: BrokerCeiling,
-        database: DbCeiling,
-        runs: Vec<Run>,
-        capacity_at_latency_targets: Option<Bracket>,
-    ) -> Results {
+    pub fn new(wakeup: Option<WakeupCost>, broker: BrokerCeiling, database: DbCeiling, measured: Measured) -> Results {
+        let Measured { runs, sustained, capacity } = measured;
         let max = maximum(&runs).map(|r| r.workflows_per_second).unwrap_or(0.0);
         Results {
             broker_share: max * MESSAGES_PER_WORKFLOW / broker.messages_per_second.max(1e-9),
@@ -51,7 +49,8 @@ impl Results {
             broker,
             database,
             runs,
-            capacity_at_latency_targets,
+            maximum_sustainable: sustained,
+            capacity_at_latency_targets: capacity,
         }
     }
 }
@@ -143,6 +142,12 @@ pub fn print(r: &Results) {
     let max = maximum(&r.runs);
     let half = r.runs.iter().find(|run| run.label.starts_with("50%"));
     println!();
+    println!("maximum sustainable rate (steady loads; one run per rate, an estimate)");
+    match &r.maximum_sustainable {
+        Some(search) => println!("  {}", search.describe()),
+        None => println!("  not searched: the fastest burst stands for the maximum"),
+    }
+    println!();
     println!("targets");
     if let Some(max) = max {
         println!("  workflows/s at maximum      {:>8.0}  (target >= {TARGET_WORKFLOWS_PER_SECOND:.0})  {}", max.workflows_per_second, verdict(max.workflows_per_second >= TARGET_WORKFLOWS_PER_SECOND));
@@ -172,14 +177,15 @@ fn log_ticks(low: f64, high: f64) -> Vec<f64> {
     (-1..=6).flat_map(|e| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(e))).filter(|t| (low..=high).contains(t)).collect()
 }
 
-/// End-to-end latency against throughput: p50 and p99 of each fixed-load run on a logarithmic axis, the
-/// latency targets as dashed lines, and the maximum as a vertical line. The maximum's own latency is left
-/// out: it is the queueing of a burst placed at once, not a service time, and would flatten everything else.
+/// End-to-end latency against throughput: p50 and p99 of each fixed-load run that kept up on a logarithmic
+/// axis, the latency targets as dashed lines, and the maximum as a vertical line. A burst's latency is left
+/// out, and so is that of a run that fell behind: each is the queueing of a backlog, which grows with the
+/// run's length, not a service time, and would flatten everything else.
 pub fn chart(r: &Results, path: &Path) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(drawing)?;
     let max = maximum(&r.runs).map(|run| run.workflows_per_second).unwrap_or(0.0);
-    let mut loads: Vec<&Run> = r.runs.iter().filter(|run| run.offered_per_second.is_some()).collect();
+    let mut loads: Vec<&Run> = r.runs.iter().filter(|run| kept_up(run)).collect();
     loads.sort_by(|a, b| a.workflows_per_second.total_cmp(&b.workflows_per_second));
     let x_max = loads.iter().map(|run| run.workflows_per_second).fold(max, f64::max).max(1.0) * 1.08;
     let y_min = (loads.iter().map(|run| run.latency_p50_ms).fold(TARGET_P50_MS, f64::min) / 2.0).max(0.1);
@@ -224,7 +230,7 @@ pub fn chart(r: &Results, path: &Path) -> anyhow::Result<()> {
         chart
             .draw_series(LineSeries::new([(max, y_min), (max, y_max)], BLACK.stroke_width(1)))
             .map_err(drawing)?
-            .label(format!("maximum (burst), {max:.0}/s"))
+            .label(format!("maximum sustainable, {max:.0}/s"))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
         let half = max * 0.5;
         chart
@@ -265,31 +271,33 @@ mod tests {
         }
     }
 
-    /// The loaded runs, not the burst's queueing, set the latency axis: a 9-second burst would flatten a
-    /// 10 ms point into the axis.
+    /// The loaded runs that kept up, not the queueing of a burst or of a run that fell behind, set the
+    /// latency axis: a 9-second burst would flatten a 10 ms point into the axis.
     #[test]
-    fn the_chart_shows_the_loaded_runs_against_the_targets_and_leaves_the_burst_latency_out() {
+    fn the_chart_shows_the_loaded_runs_against_the_targets_and_leaves_backlogs_out() {
         let runs = vec![
-            run("maximum", None, 1000.0, 8000.0, 9000.0),
+            run("maximum", Some(1010.0), 1000.0, 150.0, 300.0),
+            run("steady 1300/s", Some(1300.0), 1050.0, 4000.0, 7000.0),
+            run("fastest burst", None, 1300.0, 8000.0, 9000.0),
             run("20% of maximum", Some(200.0), 200.0, 12.0, 40.0),
             run("50% of maximum", Some(500.0), 500.0, 30.0, 80.0),
         ];
         let broker = BrokerCeiling { messages: 1, seconds: 1.0, messages_per_second: 10_000.0 };
         let database = DbCeiling { concurrency: 1, transactions: 1, seconds: 1.0, transactions_per_second: 5_000.0 };
-        let results = Results::new(None, broker, database, runs, None);
+        let results = Results::new(None, broker, database, Measured { runs, sustained: None, capacity: None });
         let dir = std::env::temp_dir().join(format!("choreo-chart-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("workflow.svg");
         chart(&results, &path).expect("chart");
         let svg = std::fs::read_to_string(&path).expect("svg");
         std::fs::remove_dir_all(&dir).ok();
-        for label in ["p50 target, 15 ms", "p99 target, 100 ms", "maximum (burst), 1000/s", "50% of the maximum, 500/s"] {
+        for label in ["p50 target, 15 ms", "p99 target, 100 ms", "maximum sustainable, 1000/s", "50% of the maximum, 500/s"] {
             assert!(svg.contains(label), "the chart names {label:?}");
         }
-        // Two circles per loaded run (p50 and p99), none for the burst.
-        assert_eq!(svg.matches("<circle").count(), 4, "{svg}");
-        // The latency axis reaches twice the highest p99 of the loaded runs (or of the target), not the burst's
-        // 9 s; the throughput axis a little past the maximum. No tick label comes near 9,000.
+        // Two circles per loaded run that kept up (p50 and p99), none for the burst or the run that fell behind.
+        assert_eq!(svg.matches("<circle").count(), 6, "{svg}");
+        // The latency axis reaches twice the highest p99 of those runs (or of the target), not the burst's 9 s
+        // nor the backlog's 7 s; the throughput axis a little past the maximum. No tick label comes near 9,000.
         let ticks: Vec<f64> = svg
             .split("<text")
             .skip(1)
