@@ -84,19 +84,13 @@ pub fn print(r: &Results) {
         );
     }
     println!();
-    println!("where the time goes: p50 of each hop of a confirmed order, ms (from each handler's write)");
-    print!("{:<16}", "run");
-    for hop in HOPS {
-        print!(" {hop:>22}");
-    }
+    hops_table("where the time goes: p50 of each hop of a confirmed order, ms (from each handler's write)", &r.runs, |run| &run.hops_p50_ms);
     println!();
-    for run in &r.runs {
-        print!("{:<16}", run.label);
-        for (_, ms) in &run.hops_p50_ms {
-            print!(" {ms:>22.1}");
-        }
-        println!();
-    }
+    hops_table(
+        "where a stall was: each hop of the slowest confirmed order of the run, ms (a stall delays every order then in that hop)",
+        &r.runs,
+        |run| &run.slowest_hops_ms,
+    );
     println!();
     println!("where the CPU goes: ms of processor time per workflow (postgres and rabbitmq: 0 if not on this machine)");
     print!("{:<16}", "run");
@@ -164,6 +158,23 @@ pub fn print(r: &Results) {
         println!();
         println!("capacity at the latency targets (p50 <= {TARGET_P50_MS:.0} ms and p99 <= {TARGET_P99_MS:.0} ms; one run per rate, an estimate)");
         println!("  {}", b.describe());
+    }
+}
+
+/// One row of hop times per run, under `title`.
+fn hops_table(title: &str, runs: &[Run], hops: fn(&Run) -> &Vec<(String, f64)>) {
+    println!("{title}");
+    print!("{:<16}", "run");
+    for hop in HOPS {
+        print!(" {hop:>22}");
+    }
+    println!();
+    for run in runs {
+        print!("{:<16}", run.label);
+        for (_, ms) in hops(run) {
+            print!(" {ms:>22.1}");
+        }
+        println!();
     }
 }
 
@@ -266,6 +277,7 @@ mod tests {
             latency_max_ms: p99 * 1.5,
             peak_rss_mib: vec![],
             hops_p50_ms: vec![],
+            slowest_hops_ms: vec![],
             cpu: CpuUse { ms_per_workflow: vec![], cores_busy: 0.0, switches_per_workflow: vec![] },
             off_path: vec![],
         }

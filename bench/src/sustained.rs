@@ -190,6 +190,7 @@ mod tests {
             latency_max_ms: 0.0,
             peak_rss_mib: vec![],
             hops_p50_ms: vec![],
+            slowest_hops_ms: vec![],
             cpu: crate::cpu::CpuUse { ms_per_workflow: vec![], cores_busy: 0.0, switches_per_workflow: vec![] },
             off_path: vec![],
         };

@@ -43,6 +43,8 @@ pub struct Run {
     pub peak_rss_mib: Vec<(String, f64)>,
     /// Median time of each hop of the happy path, in ms: where the latency is.
     pub hops_p50_ms: Vec<(String, f64)>,
+    /// Each hop of the slowest confirmed workflow, in ms: which hop a stall was in.
+    pub slowest_hops_ms: Vec<(String, f64)>,
     /// Processor time per workflow, by part: where the CPU is.
     pub cpu: CpuUse,
     /// What left the fast path during the run, counted by the workers ([`OFF_PATH`]): where a stall may come
@@ -86,6 +88,43 @@ async fn http_get(client: &reqwest::Client, port: u16, path: &str) -> Option<Str
 /// The hops of a confirmed order, between the moments each handler's write began (`inbox.received_at`,
 /// the start of the statement that commits the change, the inbox and the outbox), and from the last one to
 /// the order's terminal state.
+/// The hops of workflows whose ends (id, placed, completed) and handler starts (one map per handler, in the
+/// order of the path) are given, in seconds; a workflow missing a start is left out.
+fn hops_of(ends: Vec<(Uuid, f64, f64)>, steps: &[std::collections::HashMap<Uuid, f64>]) -> Hops {
+    let mut hops: Vec<Vec<f64>> = vec![Vec::with_capacity(ends.len()); HOPS.len()];
+    let mut slowest: Option<(f64, Vec<f64>)> = None;
+    for (id, placed, completed) in ends {
+        let Some(times) = steps.iter().map(|s| s.get(&id).copied()).collect::<Option<Vec<f64>>>() else { continue };
+        let points: Vec<f64> = std::iter::once(placed).chain(times).chain(std::iter::once(completed)).collect();
+        let each: Vec<f64> = points.windows(2).map(|pair| (pair[1] - pair[0]) * 1000.0).collect();
+        for (hop, ms) in hops.iter_mut().zip(&each) {
+            hop.push(*ms);
+        }
+        let total = completed - placed;
+        if slowest.as_ref().is_none_or(|(t, _)| total > *t) {
+            slowest = Some((total, each));
+        }
+    }
+    let named = |times: Vec<f64>| HOPS.iter().map(|n| n.to_string()).zip(times).collect();
+    Hops {
+        p50: named(
+            hops.into_iter()
+                .map(|mut times| {
+                    times.sort_by(f64::total_cmp);
+                    times.get(times.len() / 2).copied().unwrap_or(f64::NAN)
+                })
+                .collect(),
+        ),
+        slowest: named(slowest.map(|(_, each)| each).unwrap_or_default()),
+    }
+}
+
+/// The hops of one run's confirmed workflows: the median of each, and each of the slowest workflow.
+struct Hops {
+    p50: Vec<(String, f64)>,
+    slowest: Vec<(String, f64)>,
+}
+
 pub const HOPS: [&str; 5] = [
     "placed -> order worker",
     "order -> payment",
@@ -457,6 +496,7 @@ impl Deployment {
         .fetch_one(&self.order_db)
         .await?;
         let wall: f64 = row.try_get("wall")?;
+        let hops = self.hops_ms(ids).await?;
         Ok(Run {
             label: label.to_owned(),
             offered_per_second: offered,
@@ -466,14 +506,15 @@ impl Deployment {
             latency_p99_ms: row.try_get::<f64, _>("p99")? * 1000.0,
             latency_max_ms: row.try_get::<f64, _>("max")? * 1000.0,
             peak_rss_mib: self.children.iter().map(|(w, c)| (w.clone(), c.id().map(cpu::peak_rss_mib).unwrap_or(0.0))).collect(),
-            hops_p50_ms: self.hops_p50_ms(ids).await?,
+            hops_p50_ms: hops.p50,
+            slowest_hops_ms: hops.slowest,
             cpu,
             off_path,
         })
     }
 
     /// Median of each hop over the confirmed orders of `ids` (their correlation ids).
-    async fn hops_p50_ms(&self, ids: &[Uuid]) -> anyhow::Result<Vec<(String, f64)>> {
+    async fn hops_ms(&self, ids: &[Uuid]) -> anyhow::Result<Hops> {
         type Stamps = std::collections::HashMap<Uuid, f64>;
         async fn started(db: &PgPool, message_type: &str, ids: &[Uuid]) -> anyhow::Result<Stamps> {
             let rows: Vec<(Uuid, f64)> = sqlx::query_as(
@@ -499,22 +540,7 @@ impl Deployment {
             started(&self.inventory_db, "payment.succeeded", ids).await?,
             started(&self.order_db, "inventory.reserved", ids).await?,
         ];
-        let mut hops: Vec<Vec<f64>> = vec![Vec::with_capacity(ends.len()); HOPS.len()];
-        for (id, placed, completed) in ends {
-            let Some(times) = steps.iter().map(|s| s.get(&id).copied()).collect::<Option<Vec<f64>>>() else { continue };
-            let points: Vec<f64> = std::iter::once(placed).chain(times).chain(std::iter::once(completed)).collect();
-            for (hop, pair) in hops.iter_mut().zip(points.windows(2)) {
-                hop.push((pair[1] - pair[0]) * 1000.0);
-            }
-        }
-        Ok(HOPS
-            .iter()
-            .zip(hops)
-            .map(|(name, mut times)| {
-                times.sort_by(f64::total_cmp);
-                (name.to_string(), times.get(times.len() / 2).copied().unwrap_or(f64::NAN))
-            })
-            .collect())
+        Ok(hops_of(ends, &steps))
     }
 
     async fn stop(mut self, amqp_url: &str) {
@@ -564,6 +590,7 @@ mod tests {
             latency_max_ms: 6500.0,
             peak_rss_mib: vec![],
             hops_p50_ms: vec![],
+            slowest_hops_ms: vec![],
             cpu: CpuUse { ms_per_workflow: vec![], cores_busy: 0.0, switches_per_workflow: vec![] },
             off_path: vec![],
         }
@@ -575,6 +602,28 @@ mod tests {
         let named: Vec<(&str, f64)> = runs.iter().map(|r| (r.label.as_str(), r.workflows_per_second)).collect();
         assert_eq!(named, [(FASTEST_BURST, 1690.0), ("slower burst", 1400.0), ("slower burst", 1125.0)]);
         assert!(fastest_first(vec![]).is_empty());
+    }
+
+    #[test]
+    fn the_slowest_workflow_names_the_hop_it_lost_its_time_in() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let starts = |times: [(Uuid, f64); 3]| times.into_iter().collect::<std::collections::HashMap<Uuid, f64>>();
+        // Placed at 0; handlers start at 1, 2, 3, 4 ms (b: its payment hop took 500 ms); completed 1 ms later.
+        let steps = [
+            starts([(a, 0.001), (b, 0.001), (c, 0.001)]),
+            starts([(a, 0.002), (b, 0.501), (c, 0.002)]),
+            starts([(a, 0.003), (b, 0.502), (c, 0.003)]),
+            starts([(a, 0.004), (b, 0.503), (c, 0.004)]),
+        ];
+        let ends = vec![(a, 0.0, 0.005), (b, 0.0, 0.504), (c, 0.0, 0.005)];
+        let hops = hops_of(ends, &steps);
+        let ms = |v: &[(String, f64)]| v.iter().map(|(_, ms)| ms.round()).collect::<Vec<f64>>();
+        assert_eq!(ms(&hops.p50), vec![1.0, 1.0, 1.0, 1.0, 1.0]);
+        assert_eq!(ms(&hops.slowest), vec![1.0, 500.0, 1.0, 1.0, 1.0]);
+        assert_eq!(hops.slowest[1].0, HOPS[1]);
+        // A workflow without every start is left out, and no workflow gives no hops.
+        let none = hops_of(vec![(Uuid::now_v7(), 0.0, 1.0)], &steps);
+        assert!(none.slowest.is_empty() && none.p50.iter().all(|(_, ms)| ms.is_nan()));
     }
 
     #[test]
