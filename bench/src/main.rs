@@ -18,6 +18,7 @@ mod broker_ceiling;
 mod capacity;
 mod cpu;
 mod db_ceiling;
+mod probe;
 mod report;
 mod sustained;
 mod wakeup;

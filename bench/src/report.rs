@@ -92,6 +92,13 @@ pub fn print(r: &Results) {
         |run| &run.slowest_hops_ms,
     );
     println!();
+    println!("the machine during each run, ms: the most a 10 ms sleep overran, the longest flush of 4 KiB (a stall all hops share and these do not is not the machine's)");
+    println!("{:<16} {:>16} {:>16}", "run", "timer late", "4 KiB flush");
+    for run in &r.runs {
+        let flush = run.machine.flush_max_ms.map(|ms| format!("{ms:.1}")).unwrap_or_else(|| "-".into());
+        println!("{:<16} {:>16.1} {:>16}", run.label, run.machine.timer_late_max_ms, flush);
+    }
+    println!();
     println!("where the CPU goes: ms of processor time per workflow (postgres and rabbitmq: 0 if not on this machine)");
     print!("{:<16}", "run");
     for part in PARTS {
@@ -280,6 +287,7 @@ mod tests {
             slowest_hops_ms: vec![],
             cpu: CpuUse { ms_per_workflow: vec![], cores_busy: 0.0, switches_per_workflow: vec![] },
             off_path: vec![],
+            machine: crate::probe::Stalls::default(),
         }
     }
 

@@ -193,6 +193,7 @@ mod tests {
             slowest_hops_ms: vec![],
             cpu: crate::cpu::CpuUse { ms_per_workflow: vec![], cores_busy: 0.0, switches_per_workflow: vec![] },
             off_path: vec![],
+            machine: crate::probe::Stalls::default(),
         };
         assert!(kept_up(&run(Some(1000.0), 980.0)));
         assert!(!kept_up(&run(Some(1000.0), 960.0)));

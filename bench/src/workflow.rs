@@ -21,6 +21,7 @@ use uuid::Uuid;
 use crate::Args;
 use crate::capacity::{self, Bracket};
 use crate::cpu::{self, CpuUse, Snapshot};
+use crate::probe::{Probe, Stalls};
 use crate::sustained::Search;
 
 const WORKERS: [&str; 3] = ["order", "payment", "inventory"];
@@ -50,6 +51,8 @@ pub struct Run {
     /// What left the fast path during the run, counted by the workers ([`OFF_PATH`]): where a stall may come
     /// from.
     pub off_path: Vec<(String, f64)>,
+    /// The largest stalls of the machine during the run ([`crate::probe`]): whether a stall was the machine's.
+    pub machine: Stalls,
 }
 
 /// The workers' counters of what leaves the fast path, with the names the report gives them: rows a relay
@@ -145,6 +148,7 @@ struct Deployment {
     inventory_db: PgPool,
     publisher: ConfirmingPublisher,
     exchange: String,
+    probe: Probe,
 }
 
 /// What the workflow runs measured: the runs (the maximum first), the search for the maximum sustainable rate
@@ -372,6 +376,7 @@ impl Deployment {
             inventory_db,
             publisher,
             exchange,
+            probe: Probe::start(&args.out),
         })
     }
 
@@ -402,6 +407,7 @@ impl Deployment {
         self.refresh_statistics().await?;
         let cpu = self.cpu();
         let off_path = self.off_path().await;
+        self.probe.take();
         let orders: Vec<EncodedEnvelope> = (0..n).map(|i| envelope(order(i))).collect();
         let ids: Vec<Uuid> = orders.iter().map(|e| e.meta.correlation_id).collect();
         for chunk in orders.chunks(500) {
@@ -415,6 +421,7 @@ impl Deployment {
         self.refresh_statistics().await?;
         let cpu = self.cpu();
         let off_path = self.off_path().await;
+        self.probe.take();
         let started = Instant::now();
         let mut ids = Vec::new();
         let mut i = 0usize;
@@ -510,6 +517,7 @@ impl Deployment {
             slowest_hops_ms: hops.slowest,
             cpu,
             off_path,
+            machine: self.probe.take(),
         })
     }
 
@@ -593,6 +601,7 @@ mod tests {
             slowest_hops_ms: vec![],
             cpu: CpuUse { ms_per_workflow: vec![], cores_busy: 0.0, switches_per_workflow: vec![] },
             off_path: vec![],
+            machine: Stalls::default(),
         }
     }
 
