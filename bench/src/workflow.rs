@@ -15,6 +15,7 @@ use prometheus_parse::{Scrape, Value};
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool, Row};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -120,6 +121,39 @@ fn hops_of(ends: Vec<(Uuid, f64, f64)>, steps: &[std::collections::HashMap<Uuid,
         ),
         slowest: named(slowest.map(|(_, each)| each).unwrap_or_default()),
     }
+}
+
+/// Where a worker logs the address it serves /metrics on (at info; the bench's workers log at warn otherwise).
+const SERVING_TARGET: &str = "choreo_workers::health";
+
+/// The port in a worker's "serving /metrics" log line (JSON), if `line` is that line.
+fn serving_port(line: &str) -> Option<u16> {
+    if !line.contains("serving /metrics") {
+        return None;
+    }
+    let event: serde_json::Value = serde_json::from_str(line).ok()?;
+    event["addr"].as_str()?.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
+}
+
+/// Copy a worker's log to the bench's stderr until it ends, and resolve the returned receiver with the port
+/// the worker says it serves /metrics on. A task of its own, so that the pipe never fills.
+fn follow_log(worker: &'static str, log: tokio::process::ChildStdout) -> tokio::sync::oneshot::Receiver<u16> {
+    let (port_tx, port_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut port_tx = Some(port_tx);
+        let mut lines = BufReader::new(log).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            match serving_port(&line) {
+                Some(port) => {
+                    if let Some(tx) = port_tx.take() {
+                        let _ = tx.send(port);
+                    }
+                }
+                None => eprintln!("[{worker}-worker] {line}"),
+            }
+        }
+    });
+    port_rx
 }
 
 /// The hops of one run's confirmed workflows: the median of each, and each of the slowest workflow.
@@ -323,29 +357,38 @@ impl Deployment {
         let mut children = Vec::new();
         let mut ports = Vec::new();
         for w in WORKERS {
-            let port = choreo_testkit::free_port();
             let binary = bin_dir.join(format!("{w}-worker"));
             if !binary.exists() {
                 bail!("{} is missing: build with `cargo build --release -p choreo-workers`", binary.display());
             }
-            let child = Command::new(&binary)
+            // Each worker binds a port of its own choosing and says which in its log: a port chosen here and
+            // bound later could be taken in between.
+            let mut child = Command::new(&binary)
                 .env("AMQP_URL", &args.amqp_url)
                 .env("DATABASE_URL", &args.database_url)
                 .env(format!("CHOREO_{}_DATABASE_URL", w.to_uppercase()), db_url(w))
                 .env("CHOREO_NAMESPACE", &namespace)
-                .env("CHOREO_METRICS_ADDR", format!("127.0.0.1:{port}"))
+                .env("CHOREO_METRICS_ADDR", "127.0.0.1:0")
                 .env("CHOREO_LOG_FORMAT", "json")
-                .env("RUST_LOG", "warn")
+                .env("RUST_LOG", format!("warn,{SERVING_TARGET}=info"))
                 .stdin(Stdio::null())
-                .stdout(Stdio::null())
+                .stdout(Stdio::piped())
                 .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("starting {}", binary.display()))?;
+            let log = child.stdout.take().context("the worker's piped stdout")?;
+            ports.push(follow_log(w, log));
             children.push((w.to_owned(), child));
-            ports.push(port);
         }
         let deadline = Instant::now() + Duration::from_secs(60);
-        for ((w, child), port) in children.iter_mut().zip(ports.iter().copied()) {
+        let mut ready_ports = Vec::new();
+        for ((w, child), port) in children.iter_mut().zip(ports) {
+            let port = tokio::select! {
+                port = port => port.ok(),
+                status = child.wait() => bail!("the {w} worker exited before it was ready ({}); its error is above", status?),
+                () = tokio::time::sleep_until(deadline.into()) => None,
+            };
+            let Some(port) = port else { bail!("the {w} worker did not say where it serves /metrics within 60 s") };
             while !ready(&http, port).await {
                 if let Ok(Some(status)) = child.try_wait() {
                     bail!("the {w} worker exited before it was ready ({status}); its error is above");
@@ -355,7 +398,9 @@ impl Deployment {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            ready_ports.push(port);
         }
+        let ports = ready_ports;
         let connect = |w: &str| {
             PgPoolOptions::new().max_connections(2).connect_with(server.clone().database(&format!("{namespace}_{w}")))
         };
@@ -633,6 +678,14 @@ mod tests {
         // A workflow without every start is left out, and no workflow gives no hops.
         let none = hops_of(vec![(Uuid::now_v7(), 0.0, 1.0)], &steps);
         assert!(none.slowest.is_empty() && none.p50.iter().all(|(_, ms)| ms.is_nan()));
+    }
+
+    #[test]
+    fn the_port_comes_from_the_serving_line_and_no_other() {
+        let serving = r#"{"timestamp":"2026-11-24T06:50:50.588185Z","level":"INFO","message":"serving /metrics, /health/live and /health/ready","addr":"127.0.0.1:9466"}"#;
+        assert_eq!(serving_port(serving), Some(9466));
+        assert_eq!(serving_port(r#"{"level":"WARN","message":"relay busy","addr":"127.0.0.1:1"}"#), None);
+        assert_eq!(serving_port("serving /metrics, not JSON"), None);
     }
 
     #[test]
