@@ -6,7 +6,8 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use choreo_testkit::{free_port, wait_for};
+use choreo_testkit::wait_for;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use common::{Cluster, mixed_orders};
 use serde_yaml_ng::Value;
 
@@ -49,6 +50,42 @@ async fn test_config(cluster: &Cluster, rabbit_port: &str, dir: &std::path::Path
     path.display().to_string()
 }
 
+/// The port in Prometheus's `msg="Listening on" address=127.0.0.1:PORT` log line, if `line` is that line.
+fn listening_port(line: &str) -> Option<u16> {
+    if !line.contains("msg=\"Listening on\"") {
+        return None;
+    }
+    let addr = line.split_whitespace().find_map(|field| field.strip_prefix("address="))?;
+    addr.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
+}
+
+/// Copy Prometheus's log to the test's stderr (shown when the test fails) until it ends, and resolve the
+/// returned receiver with the port it listens on.
+fn follow_prometheus_log(log: tokio::process::ChildStderr) -> tokio::sync::oneshot::Receiver<u16> {
+    let (port_tx, port_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut port_tx = Some(port_tx);
+        let mut lines = BufReader::new(log).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("[prometheus] {line}");
+            if let Some(port) = listening_port(&line)
+                && let Some(tx) = port_tx.take()
+            {
+                let _ = tx.send(port);
+            }
+        }
+    });
+    port_rx
+}
+
+#[test]
+fn the_port_comes_from_prometheus_listening_line() {
+    let listening = r#"ts=2026-11-24T07:00:41.980Z caller=tls_config.go:232 level=info component=web msg="Listening on" address=127.0.0.1:37741"#;
+    assert_eq!(listening_port(listening), Some(37741));
+    let configured = r#"ts=2026-11-24T07:00:41.979Z caller=web.go:503 level=info component=web msg="Start listening for connections" address=127.0.0.1:0"#;
+    assert_eq!(listening_port(configured), None);
+}
+
 fn dashboard_queries() -> Vec<(String, String)> {
     let text = std::fs::read_to_string(repo().join("monitoring/grafana/dashboards/choreo.json")).expect("dashboard");
     let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
@@ -75,16 +112,22 @@ async fn prometheus_scrapes_the_workload_and_every_dashboard_query_returns_data(
     let dir = std::env::temp_dir().join(format!("choreo-prom-{}", cluster.namespace));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let config = test_config(&cluster, &rabbit_port, &dir).await;
-    let port = free_port();
+    // On a port of its own choosing, which it logs: a port chosen here and bound later could be taken first
+    // by another test running at the same time.
     let mut prometheus = tokio::process::Command::new(&prometheus_bin)
         .arg(format!("--config.file={config}"))
         .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--web.listen-address=127.0.0.1:0")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("starting {prometheus_bin} (Debian package `prometheus`): {e}"));
+    let port = follow_prometheus_log(prometheus.stderr.take().expect("piped stderr"));
+    let port = tokio::time::timeout(Duration::from_secs(60), port)
+        .await
+        .expect("Prometheus did not say where it listens within 60 s; its log is above")
+        .expect("Prometheus exited before it listened; its log is above");
 
     let client = reqwest::Client::new();
     let api = format!("http://127.0.0.1:{port}/api/v1/query");
