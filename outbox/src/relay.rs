@@ -64,6 +64,13 @@ pub struct RelayConfig {
     pub handoff_hold: Duration,
     /// Hand-offs waiting for the relay before handlers wait for it (backpressure).
     pub handoff_capacity: usize,
+    /// How long a handler waits for room in a full hand-off queue before it leaves its rows to the sweep
+    /// (zero: never waits). The wait holds the handler, so a relay that falls behind slows consumption down
+    /// to its pace and the backlog stays in the broker; leaving rows to the sweep costs the database a
+    /// statement per hand-off and a claim per sweep, which under an overload made the relay fall further
+    /// behind. Bounded, so that a relay that cannot publish at all (a broker blocking publishers during a
+    /// resource alarm) does not stop consumption. At most half the hold: older hand-offs are the sweep's.
+    pub handoff_wait: Duration,
 }
 
 impl Default for RelayConfig {
@@ -75,6 +82,7 @@ impl Default for RelayConfig {
             failure_retry_after: Duration::from_millis(500),
             handoff_hold: Duration::from_secs(5),
             handoff_capacity: 64,
+            handoff_wait: Duration::from_millis(250),
         }
     }
 }
@@ -90,6 +98,7 @@ impl Default for RelayConfig {
 pub struct OutboxHandoff {
     relay: Option<Relay>,
     hold: Duration,
+    wait: Duration,
 }
 
 /// What a hand-off reaches of its relay.
@@ -113,9 +122,9 @@ impl OutboxHandoff {
         self.hold
     }
 
-    /// Give the relay rows whose transaction committed. Never waits for the relay: if it is
-    /// `handoff_capacity` hand-offs behind or has stopped, the rows' hold is lifted (one statement) and its
-    /// sweep woken, so they take the sweep's path at once.
+    /// Give the relay rows whose transaction committed. If the relay is `handoff_capacity` hand-offs behind,
+    /// waits up to `handoff_wait` for room; if there is none by then, or the relay has stopped, the rows'
+    /// hold is lifted (one statement) and its sweep woken, so they take the sweep's path at once.
     pub async fn committed(&self, rows: Vec<EncodedEnvelope>) {
         let Some(relay) = &self.relay else { return };
         if rows.is_empty() {
@@ -126,9 +135,14 @@ impl OutboxHandoff {
             relay.sweep_now.notify_one();
             return;
         }
-        let Err(refused) = relay.handoffs.try_send(HandOff { committed: Instant::now(), rows }) else { return };
-        let rows = match refused {
-            mpsc::error::TrySendError::Full(h) | mpsc::error::TrySendError::Closed(h) => h.rows,
+        let rows = match relay.handoffs.try_send(HandOff { committed: Instant::now(), rows }) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(h)) => h.rows,
+            Err(mpsc::error::TrySendError::Full(h)) if self.wait.is_zero() => h.rows,
+            Err(mpsc::error::TrySendError::Full(h)) => match relay.handoffs.send_timeout(h, self.wait).await {
+                Ok(()) => return,
+                Err(mpsc::error::SendTimeoutError::Timeout(h) | mpsc::error::SendTimeoutError::Closed(h)) => h.rows,
+            },
         };
         let ids: Vec<Uuid> = rows.iter().map(|r| r.meta.message_id).collect();
         match OutboxStore::release_held(&relay.db, &ids).await {
@@ -175,7 +189,7 @@ impl OutboxRelay {
         let (sender, receiver) = mpsc::channel(config.handoff_capacity.max(1));
         let sweep_now = Arc::new(Notify::new());
         let relay = Relay { handoffs: sender, sweep_now: Arc::clone(&sweep_now), db: db.clone() };
-        let handoff = OutboxHandoff { relay: Some(relay), hold: config.handoff_hold };
+        let handoff = OutboxHandoff { relay: Some(relay), hold: config.handoff_hold, wait: config.handoff_wait };
         OutboxRelay { db, publisher, exchange, config, handoff, handoffs: Mutex::new(Some(receiver)), sweep_now }
     }
 

@@ -70,6 +70,11 @@ pub struct CommonArgs {
     /// publish them: the longest a crash between commit and publish delays them.
     #[arg(long, env = "CHOREO_RELAY_HANDOFF_HOLD", default_value = "5s", value_parser = humantime::parse_duration)]
     pub relay_handoff_hold: Duration,
+    /// How long a handler waits for its relay when the relay is 64 hand-offs behind, before it leaves its
+    /// events to the relay's sweep (0: never waits). Waiting holds the handler's slot, so the backlog of an
+    /// overload stays in the broker's queue instead of turning into sweeps, which cost the database more.
+    #[arg(long, env = "CHOREO_RELAY_HANDOFF_WAIT", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub relay_handoff_wait: Duration,
     /// How long published outbox rows are kept (for tracing workflows).
     #[arg(long, env = "CHOREO_OUTBOX_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub outbox_retention: Duration,
@@ -105,6 +110,14 @@ impl CommonArgs {
         }
         if self.relay_sweep.is_zero() {
             problems.push("CHOREO_RELAY_SWEEP must be longer than 0 (the relay would sweep without pause)".into());
+        }
+        if !self.relay_handoff_hold.is_zero() && self.relay_handoff_wait * 2 > self.relay_handoff_hold {
+            problems.push(format!(
+                "CHOREO_RELAY_HANDOFF_WAIT ({}) must be at most half CHOREO_RELAY_HANDOFF_HOLD ({}): the relay leaves \
+                 a hand-off older than three quarters of its hold to the sweep",
+                humantime::format_duration(self.relay_handoff_wait),
+                humantime::format_duration(self.relay_handoff_hold)
+            ));
         }
         if self.retry_delays.iter().any(Duration::is_zero) {
             problems.push("CHOREO_RETRY_DELAYS must all be longer than 0".into());
@@ -152,9 +165,13 @@ mod tests {
 
     #[test]
     fn every_problem_of_settings_taken_together_is_reported() {
-        let args = parse(&["--inbox-retention", "1m", "--retry-delays", "0s,10s,60s", "--relay-sweep", "0s"]).expect("parse");
+        let args = parse(&[
+            "--inbox-retention", "1m", "--retry-delays", "0s,10s,60s", "--relay-sweep", "0s", "--relay-handoff-wait", "3s",
+        ])
+        .expect("parse");
         let problems = args.problems();
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems[2].contains("CHOREO_RELAY_HANDOFF_WAIT (3s)") && problems[2].contains("(5s)"), "{problems:?}");
         assert!(problems[0].contains("CHOREO_INBOX_RETENTION") && problems[0].contains("1m 10s"), "{problems:?}");
     }
 }

@@ -95,6 +95,7 @@ pub async fn run_worker<S: Service>(
             batch_size: args.relay_batch,
             sweep_interval: args.relay_sweep,
             handoff_hold: args.relay_handoff_hold,
+            handoff_wait: args.relay_handoff_wait,
             ..RelayConfig::default()
         },
     ));

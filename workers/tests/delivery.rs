@@ -52,6 +52,7 @@ fn args(infra: &Infra, namespace: &str) -> CommonArgs {
         relay_batch: 64,
         relay_sweep: Duration::from_millis(100),
         relay_handoff_hold: Duration::from_secs(1),
+        relay_handoff_wait: Duration::from_millis(250),
         outbox_retention: Duration::from_secs(3600),
         inbox_retention: Duration::from_secs(3600),
         shutdown_timeout: Duration::from_secs(10),
@@ -395,9 +396,9 @@ async fn handed_off_rows_are_published_at_once_and_rows_left_by_a_crash_wait_for
     bench.stop().await;
 }
 
-/// A relay that falls behind never makes handlers wait, and never publishes a row twice for it: a hand-off
-/// it has no room for is released to the sweep at once, and a hand-off it takes up only after its hold is
-/// (nearly) over is left to the sweep, which by then has published it.
+/// A relay that falls behind makes a handler wait no longer than `handoff_wait`, and never publishes a row
+/// twice for it: a hand-off it still has no room for then is released to the sweep, and a hand-off it takes
+/// up only after its hold is (nearly) over is left to the sweep, which by then has published it.
 #[tokio::test]
 async fn hand_offs_a_busy_relay_cannot_take_in_time_go_to_the_sweep_and_are_published_once() {
     let hold = Duration::from_secs(2);
@@ -405,6 +406,7 @@ async fn hand_offs_a_busy_relay_cannot_take_in_time_go_to_the_sweep_and_are_publ
         sweep_interval: Duration::from_secs(3600),
         handoff_hold: hold,
         handoff_capacity: 1,
+        handoff_wait: Duration::from_millis(50),
         ..RelayConfig::default()
     })
     .await;
@@ -433,6 +435,46 @@ async fn hand_offs_a_busy_relay_cannot_take_in_time_go_to_the_sweep_and_are_publ
     let shutdown = CancellationToken::new();
     shutdown.cancel();
     bench.run(&shutdown).await.expect("relay stops");
+    assert_eq!(bench.queue_depth().await, 2, "each row published once");
+    bench.stop().await;
+}
+
+/// A relay that falls behind for less than `handoff_wait` holds the handler until it has room, and the rows
+/// keep the fast path: published from the hand-off, never released to the sweep (their hold is still on
+/// when they are published), each once.
+#[tokio::test]
+async fn a_handler_waits_for_room_in_a_full_hand_off_queue_and_its_rows_keep_the_fast_path() {
+    let hold = Duration::from_secs(60);
+    let bench = RelayBench::start(RelayConfig {
+        sweep_interval: Duration::from_secs(3600),
+        handoff_hold: hold,
+        handoff_capacity: 1,
+        handoff_wait: Duration::from_secs(30),
+        ..RelayConfig::default()
+    })
+    .await;
+    let handoff = bench.relay.handoff();
+    // The relay is not running yet: the first hand-off fills its queue.
+    let queued = order_created().encode();
+    bench.commit(&queued, hold).await;
+    handoff.committed(vec![queued.clone()]).await;
+    let waiting = order_created().encode();
+    bench.commit(&waiting, hold).await;
+    // The second finds the queue full and waits; only then (`join` polls in order) does the relay start.
+    let shutdown = CancellationToken::new();
+    let mut running = None;
+    futures_util::future::join(handoff.committed(vec![waiting.clone()]), async { running = Some(bench.run(&shutdown)) }).await;
+    let running = running.expect("the relay started");
+    bench.wait_published("the queued row handed off", queued.meta.message_id, 2).await;
+    bench.wait_published("the waiting row handed off", waiting.meta.message_id, 2).await;
+    let still_held: bool = sqlx::query_scalar("SELECT available_at > now() FROM outbox WHERE message_id = $1")
+        .bind(waiting.meta.message_id)
+        .fetch_one(&bench.db)
+        .await
+        .expect("outbox row");
+    assert!(still_held, "the waiting row was published from its hand-off, not released to the sweep");
+    shutdown.cancel();
+    running.await.expect("relay stops");
     assert_eq!(bench.queue_depth().await, 2, "each row published once");
     bench.stop().await;
 }
