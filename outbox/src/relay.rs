@@ -280,9 +280,12 @@ impl OutboxRelay {
     /// ago that their hold is (nearly) over are the sweep's: publishing them here too would send them twice.
     async fn dispatch(&self, received: &mut Vec<HandOff>, marks: &mpsc::Sender<Vec<Uuid>>) {
         let fresh_for = self.config.handoff_hold.mul_f64(0.75);
+        let waited = metrics::histogram!("choreo_relay_handoff_wait_duration_seconds", "worker" => self.config.worker.clone());
         let mut rows = Vec::new();
         for handoff in received.drain(..) {
-            if handoff.committed.elapsed() < fresh_for {
+            let age = handoff.committed.elapsed();
+            waited.record(age.as_secs_f64());
+            if age < fresh_for {
                 rows.extend(handoff.rows);
             } else {
                 debug!(rows = handoff.rows.len(), "hand-off older than its hold allows; left to the sweep");

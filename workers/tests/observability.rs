@@ -157,6 +157,7 @@ async fn metrics_carry_the_catalogue_after_a_workload() {
         "choreo_outbox_backlog{worker=\"order\"}",
         "choreo_outbox_oldest_age_seconds{worker=\"order\"}",
         "choreo_relay_publish_duration_seconds_bucket{worker=\"order\"",
+        "choreo_relay_handoff_wait_duration_seconds_bucket{worker=\"order\",le=\"0.005\"}",
         "choreo_messages_published_total{worker=\"order\",type=\"order.created\",outcome=\"confirmed\"} 20",
         "choreo_worker_ready{worker=\"order\"} 1",
     ] {
