@@ -165,7 +165,14 @@ async fn messages_that_cannot_join_a_batch_go_alone_and_the_rest_still_make_one(
     waiting.push(again);
     cluster.publish(&waiting.iter().map(Envelope::encode).collect::<Vec<_>>()).await;
     cluster.wait_depth(&t.worker_queue("payment"), waiting.len() as u32).await;
+    // Writes to `payments` wait behind this lock until every delivery has reached the worker (none is ready
+    // in the queue any more), so the waiting charges are in its hands together whatever the pace at which
+    // the broker delivers them: on a busy machine, one at a time, each could be done before the next came.
+    let mut lock = cluster.db("payment").begin().await.expect("begin");
+    sqlx::query("LOCK TABLE payments IN EXCLUSIVE MODE").execute(&mut *lock).await.expect("lock payments");
     cluster.spawn("payment");
+    cluster.wait_depth(&t.worker_queue("payment"), 0).await;
+    lock.rollback().await.expect("unlock payments");
 
     wait_for("the charges and refunds", DEADLINE, || async {
         let counts: (i64, i64) = sqlx::query_as(

@@ -212,9 +212,21 @@ impl Cluster {
     }
 
     /// SIGKILL a worker: no draining, no final relay pass.
+    /// Kill a worker's process and wait until the broker has dropped its consumer. Until the broker notices
+    /// the lost connection it still delivers to the dead consumer, and what it delivered there comes back
+    /// marked redelivered, which a test publishing right after the kill would not expect.
     pub async fn kill(&mut self, worker: &'static str) {
         if let Some(mut child) = self.children.remove(worker) {
+            let queue = self.topology.worker_queue(worker);
+            let (_, before) = self.depth_and_consumers(&queue).await;
             child.kill().await.expect("kill");
+            if before > 0 {
+                wait_for(&format!("the broker to drop the killed {worker} worker's consumer"), Duration::from_secs(60), || async {
+                    let (_, now) = self.depth_and_consumers(&queue).await;
+                    if now < before { Ok(()) } else { Err(now) }
+                })
+                .await;
+            }
         }
     }
 
