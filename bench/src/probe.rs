@@ -51,6 +51,8 @@ impl Max {
 #[derive(Default)]
 struct Shared {
     stop: AtomicBool,
+    /// Whether the disk probe has stopped on an error: its figure is then unknown, not 0.
+    flush_failed: AtomicBool,
     timer_late: Max,
     flush: Max,
 }
@@ -95,7 +97,7 @@ impl Probe {
         let flush = self.shared.flush.take_ms();
         Stalls {
             timer_late_max_ms: self.shared.timer_late.take_ms(),
-            flush_max_ms: self.disk_file.as_ref().map(|_| flush),
+            flush_max_ms: (self.disk_file.is_some() && !self.shared.flush_failed.load(Ordering::Relaxed)).then_some(flush),
         }
     }
 }
@@ -113,6 +115,7 @@ fn flush_loop(mut file: File, shared: &Shared) {
             Ok(()) => shared.flush.note(started.elapsed()),
             Err(e) => {
                 eprintln!("[bench] the disk probe stopped: {e:#}");
+                shared.flush_failed.store(true, Ordering::Relaxed);
                 return;
             }
         }

@@ -248,7 +248,10 @@ pub fn chart(r: &Results, path: &Path) -> anyhow::Result<()> {
         chart
             .draw_series(LineSeries::new([(max, y_min), (max, y_max)], BLACK.stroke_width(1)))
             .map_err(drawing)?
-            .label(format!("maximum sustainable, {max:.0}/s"))
+            .label(match r.maximum_sustainable.as_ref().and_then(|search| search.kept_up) {
+                Some(_) => format!("maximum sustainable, {max:.0}/s"),
+                None => format!("maximum, {max:.0}/s"),
+            })
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
         let half = max * 0.5;
         chart
@@ -304,7 +307,10 @@ mod tests {
         ];
         let broker = BrokerCeiling { messages: 1, seconds: 1.0, messages_per_second: 10_000.0 };
         let database = DbCeiling { concurrency: 1, transactions: 1, seconds: 1.0, transactions_per_second: 5_000.0 };
-        let results = Results::new(None, broker, database, Measured { runs, sustained: None, capacity: None });
+        let mut search = Search::new(1300.0);
+        search.record(1300.0, 1050.0);
+        search.record(1010.0, 1000.0);
+        let results = Results::new(None, broker, database, Measured { runs, sustained: Some(search), capacity: None });
         let dir = std::env::temp_dir().join(format!("choreo-chart-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("workflow.svg");

@@ -89,9 +89,6 @@ async fn http_get(client: &reqwest::Client, port: u16, path: &str) -> Option<Str
     reply.text().await.ok()
 }
 
-/// The hops of a confirmed order, between the moments each handler's write began (`inbox.received_at`,
-/// the start of the statement that commits the change, the inbox and the outbox), and from the last one to
-/// the order's terminal state.
 /// The hops of workflows whose ends (id, placed, completed) and handler starts (one map per handler, in the
 /// order of the path) are given, in seconds; a workflow missing a start is left out.
 fn hops_of(ends: Vec<(Uuid, f64, f64)>, steps: &[std::collections::HashMap<Uuid, f64>]) -> Hops {
@@ -141,9 +138,19 @@ fn follow_log(worker: &'static str, log: tokio::process::ChildStdout) -> tokio::
     let (port_tx, port_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let mut port_tx = Some(port_tx);
-        let mut lines = BufReader::new(log).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            match serving_port(&line) {
+        let mut log = BufReader::new(log);
+        let mut bytes = Vec::new();
+        // Byte lines, read on whatever they hold: a line that is not UTF-8 must not end the copy, which would
+        // close the pipe under the worker.
+        loop {
+            bytes.clear();
+            match log.read_until(b'\n', &mut bytes).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&bytes);
+            let line = line.trim_end();
+            match serving_port(line) {
                 Some(port) => {
                     if let Some(tx) = port_tx.take() {
                         let _ = tx.send(port);
@@ -162,6 +169,9 @@ struct Hops {
     slowest: Vec<(String, f64)>,
 }
 
+/// The hops of a confirmed order, between the moments each handler's write began (`inbox.received_at`,
+/// the start of the statement that commits the change, the inbox and the outbox), and from the last one to
+/// the order's terminal state.
 pub const HOPS: [&str; 5] = [
     "placed -> order worker",
     "order -> payment",
@@ -384,11 +394,15 @@ impl Deployment {
         let mut ready_ports = Vec::new();
         for ((w, child), port) in children.iter_mut().zip(ports) {
             let port = tokio::select! {
-                port = port => port.ok(),
+                port = port => match port {
+                    Ok(port) => port,
+                    Err(_) => bail!("the {w} worker closed its output without saying where it serves /metrics"),
+                },
                 status = child.wait() => bail!("the {w} worker exited before it was ready ({}); its error is above", status?),
-                () = tokio::time::sleep_until(deadline.into()) => None,
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    bail!("the {w} worker did not say where it serves /metrics within 60 s")
+                }
             };
-            let Some(port) = port else { bail!("the {w} worker did not say where it serves /metrics within 60 s") };
             while !ready(&http, port).await {
                 if let Ok(Some(status)) = child.try_wait() {
                     bail!("the {w} worker exited before it was ready ({status}); its error is above");

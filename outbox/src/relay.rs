@@ -189,7 +189,10 @@ impl OutboxRelay {
         let (sender, receiver) = mpsc::channel(config.handoff_capacity.max(1));
         let sweep_now = Arc::new(Notify::new());
         let relay = Relay { handoffs: sender, sweep_now: Arc::clone(&sweep_now), db: db.clone() };
-        let handoff = OutboxHandoff { relay: Some(relay), hold: config.handoff_hold, wait: config.handoff_wait };
+        // A hand-off older than three quarters of its hold is the sweep's: waiting longer than half of it for
+        // room would only make the rows late.
+        let wait = config.handoff_wait.min(config.handoff_hold / 2);
+        let handoff = OutboxHandoff { relay: Some(relay), hold: config.handoff_hold, wait };
         OutboxRelay { db, publisher, exchange, config, handoff, handoffs: Mutex::new(Some(receiver)), sweep_now }
     }
 

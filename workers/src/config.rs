@@ -111,7 +111,7 @@ impl CommonArgs {
         if self.relay_sweep.is_zero() {
             problems.push("CHOREO_RELAY_SWEEP must be longer than 0 (the relay would sweep without pause)".into());
         }
-        if !self.relay_handoff_hold.is_zero() && self.relay_handoff_wait * 2 > self.relay_handoff_hold {
+        if !self.relay_handoff_hold.is_zero() && self.relay_handoff_wait > self.relay_handoff_hold / 2 {
             problems.push(format!(
                 "CHOREO_RELAY_HANDOFF_WAIT ({}) must be at most half CHOREO_RELAY_HANDOFF_HOLD ({}): the relay leaves \
                  a hand-off older than three quarters of its hold to the sweep",

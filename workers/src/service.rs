@@ -230,6 +230,8 @@ impl<S: Service> TransactionalHandler<S> {
             }
             match committed {
                 Ok(applied) => {
+                    // The connection goes back before the hand-off, which may wait for the relay.
+                    drop(db);
                     written.committed(&applied, &self.handoff).await;
                     return Ok(true);
                 }

@@ -417,7 +417,9 @@ async fn hand_offs_a_busy_relay_cannot_take_in_time_go_to_the_sweep_and_are_publ
     handoff.committed(vec![queued.clone()]).await;
     let refused = order_created().encode();
     bench.commit(&refused, hold).await;
+    let started = std::time::Instant::now();
     handoff.committed(vec![refused.clone()]).await;
+    assert!(started.elapsed() >= Duration::from_millis(50), "the handler waited for room first, for handoff_wait");
     let report = bench.relay.cycle().await.expect("sweep");
     assert!(report.published >= 1, "the refused hand-off is the sweep's at once: {report:?}");
     bench.wait_published("the refused row swept", refused.meta.message_id, report.published as u32).await;

@@ -65,10 +65,19 @@ fn follow_prometheus_log(log: tokio::process::ChildStderr) -> tokio::sync::onesh
     let (port_tx, port_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let mut port_tx = Some(port_tx);
-        let mut lines = BufReader::new(log).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
+        let mut log = BufReader::new(log);
+        let mut bytes = Vec::new();
+        // Byte lines, read on whatever they hold: ending the copy would close the pipe under Prometheus.
+        loop {
+            bytes.clear();
+            match log.read_until(b'\n', &mut bytes).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&bytes);
+            let line = line.trim_end();
             eprintln!("[prometheus] {line}");
-            if let Some(port) = listening_port(&line)
+            if let Some(port) = listening_port(line)
                 && let Some(tx) = port_tx.take()
             {
                 let _ = tx.send(port);
