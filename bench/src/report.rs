@@ -285,6 +285,7 @@ mod tests {
             latency_p50_ms: p50,
             latency_p99_ms: p99,
             latency_max_ms: p99 * 1.5,
+            latency_p50_halves_ms: None,
             peak_rss_mib: vec![],
             hops_p50_ms: vec![],
             slowest_hops_ms: vec![],

@@ -23,7 +23,7 @@ use crate::Args;
 use crate::capacity::{self, Bracket};
 use crate::cpu::{self, CpuUse, Snapshot};
 use crate::probe::{Probe, Stalls};
-use crate::sustained::Search;
+use crate::sustained::{self, Search};
 
 const WORKERS: [&str; 3] = ["order", "payment", "inventory"];
 /// Broker messages per happy-path workflow: order.place, order.created, payment.succeeded,
@@ -41,6 +41,9 @@ pub struct Run {
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
+    /// Median latency of the orders placed in the first half of the run and in the second, in ms: a backlog
+    /// that grows through the run shows as a second half much slower than the first.
+    pub latency_p50_halves_ms: Option<(f64, f64)>,
     /// Peak resident memory of each worker so far (VmHWM), in MiB.
     pub peak_rss_mib: Vec<(String, f64)>,
     /// Median time of each hop of the happy path, in ms: where the latency is.
@@ -223,8 +226,12 @@ pub fn maximum(runs: &[Run]) -> Option<&Run> {
 /// One line of progress for a finished run.
 fn log_run(run: &Run) {
     let offered = run.offered_per_second.map(|o| format!("{o:.0}/s offered, ")).unwrap_or_default();
+    let halves = match (run.offered_per_second, run.latency_p50_halves_ms) {
+        (Some(_), Some((first, second))) => format!(" (p50 {first:.1} ms in its first half, {second:.1} ms in its second)"),
+        _ => String::new(),
+    };
     eprintln!(
-        "[bench]     {}: {offered}{:.0} workflows/s, p50 {:.1} ms, p99 {:.1} ms",
+        "[bench]     {}: {offered}{:.0} workflows/s, p50 {:.1} ms, p99 {:.1} ms{halves}",
         run.label, run.workflows_per_second, run.latency_p50_ms, run.latency_p99_ms
     );
 }
@@ -305,7 +312,7 @@ async fn sustained(args: &Args, d: &Deployment, peak: f64) -> anyhow::Result<(Ve
         let Some(rate) = search.next(peak * 0.02) else { break };
         let run = d.run_load(rate, args.load_duration, &format!("steady {rate:.0}/s")).await?;
         log_run(&run);
-        search.record(rate, run.workflows_per_second);
+        search.record_outcome(rate, run.workflows_per_second, sustained::kept_up(&run));
         runs.push(run);
     }
     let best = match search.kept_up {
@@ -562,6 +569,17 @@ impl Deployment {
         .fetch_one(&self.order_db)
         .await?;
         let wall: f64 = row.try_get("wall")?;
+        let halves: (Option<f64>, Option<f64>) = sqlx::query_as(
+            "WITH o AS (SELECT placed_at, EXTRACT(EPOCH FROM completed_at - placed_at)::float8 AS latency \
+                        FROM orders WHERE order_id = ANY($1)), \
+                  m AS (SELECT min(placed_at) + (max(placed_at) - min(placed_at)) / 2 AS mid FROM o) \
+             SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY latency) FILTER (WHERE placed_at < m.mid), \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY latency) FILTER (WHERE placed_at >= m.mid) \
+             FROM o, m GROUP BY m.mid",
+        )
+        .bind(ids)
+        .fetch_one(&self.order_db)
+        .await?;
         let hops = self.hops_ms(ids).await?;
         Ok(Run {
             label: label.to_owned(),
@@ -571,6 +589,10 @@ impl Deployment {
             latency_p50_ms: row.try_get::<f64, _>("p50")? * 1000.0,
             latency_p99_ms: row.try_get::<f64, _>("p99")? * 1000.0,
             latency_max_ms: row.try_get::<f64, _>("max")? * 1000.0,
+            latency_p50_halves_ms: match halves {
+                (Some(first), Some(second)) => Some((first * 1000.0, second * 1000.0)),
+                _ => None,
+            },
             peak_rss_mib: self.children.iter().map(|(w, c)| (w.clone(), c.id().map(cpu::peak_rss_mib).unwrap_or(0.0))).collect(),
             hops_p50_ms: hops.p50,
             slowest_hops_ms: hops.slowest,
@@ -655,6 +677,7 @@ mod tests {
             latency_p50_ms: 3000.0,
             latency_p99_ms: 6000.0,
             latency_max_ms: 6500.0,
+            latency_p50_halves_ms: None,
             peak_rss_mib: vec![],
             hops_p50_ms: vec![],
             slowest_hops_ms: vec![],
