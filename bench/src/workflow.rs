@@ -15,7 +15,6 @@ use prometheus_parse::{Scrape, Value};
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool, Row};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -133,37 +132,6 @@ fn serving_port(line: &str) -> Option<u16> {
     }
     let event: serde_json::Value = serde_json::from_str(line).ok()?;
     event["addr"].as_str()?.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
-}
-
-/// Copy a worker's log to the bench's stderr until it ends, and resolve the returned receiver with the port
-/// the worker says it serves /metrics on. A task of its own, so that the pipe never fills.
-fn follow_log(worker: &'static str, log: tokio::process::ChildStdout) -> tokio::sync::oneshot::Receiver<u16> {
-    let (port_tx, port_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut port_tx = Some(port_tx);
-        let mut log = BufReader::new(log);
-        let mut bytes = Vec::new();
-        // Byte lines, read on whatever they hold: a line that is not UTF-8 must not end the copy, which would
-        // close the pipe under the worker.
-        loop {
-            bytes.clear();
-            match log.read_until(b'\n', &mut bytes).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            let line = String::from_utf8_lossy(&bytes);
-            let line = line.trim_end();
-            match serving_port(line) {
-                Some(port) => {
-                    if let Some(tx) = port_tx.take() {
-                        let _ = tx.send(port);
-                    }
-                }
-                None => eprintln!("[{worker}-worker] {line}"),
-            }
-        }
-    });
-    port_rx
 }
 
 /// The hops of one run's confirmed workflows: the median of each, and each of the slowest workflow.
@@ -394,7 +362,7 @@ impl Deployment {
                 .spawn()
                 .with_context(|| format!("starting {}", binary.display()))?;
             let log = child.stdout.take().context("the worker's piped stdout")?;
-            ports.push(follow_log(w, log));
+            ports.push(choreo_testkit::follow_log(log, format!("{w}-worker"), serving_port));
             children.push((w.to_owned(), child));
         }
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -98,6 +98,42 @@ where
     }
 }
 
+/// Copy a child process's log (its piped stdout or stderr) to this process's stderr, each line after
+/// `[label] `, until it ends, and resolve the returned receiver with the port that `port_in` finds in a line
+/// (that line is not copied). A task of its own, so that the pipe never fills and blocks the child; lines are
+/// read as bytes, so one that is not UTF-8 does not end the copy and close the pipe under the child. The
+/// receiver fails if the log ends without such a line.
+pub fn follow_log<R>(log: R, label: String, port_in: fn(&str) -> Option<u16>) -> tokio::sync::oneshot::Receiver<u16>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncBufReadExt;
+    let (port_tx, port_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut port_tx = Some(port_tx);
+        let mut log = tokio::io::BufReader::new(log);
+        let mut bytes = Vec::new();
+        loop {
+            bytes.clear();
+            match log.read_until(b'\n', &mut bytes).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&bytes);
+            let line = line.trim_end();
+            match port_in(line) {
+                Some(port) => {
+                    if let Some(tx) = port_tx.take() {
+                        let _ = tx.send(port);
+                    }
+                }
+                None => eprintln!("[{label}] {line}"),
+            }
+        }
+    });
+    port_rx
+}
+
 /// A port nothing listens on right now (bound, read, released).
 pub fn free_port() -> u16 {
     // Below Linux's ephemeral range (32768-60999) and the scripts' 28xxx/29xxx: a port the kernel may hand to
@@ -158,5 +194,28 @@ impl TcpProxy {
     /// Accept connections again.
     pub fn restore(&self) {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    /// A line that is not UTF-8 does not end the copy: the port line after it is still found.
+    #[tokio::test]
+    async fn the_port_is_found_past_a_line_that_is_not_utf8() {
+        let (mut child, log) = tokio::io::duplex(1024);
+        let port = super::follow_log(log, "child".into(), |line| line.strip_prefix("port=").and_then(|p| p.parse().ok()));
+        child.write_all(b"starting\n\xff\xfe not text\nport=4242\n").await.expect("write");
+        assert_eq!(port.await, Ok(4242));
+    }
+
+    #[tokio::test]
+    async fn a_log_that_ends_without_the_port_fails_the_receiver() {
+        let (mut child, log) = tokio::io::duplex(1024);
+        let port = super::follow_log(log, "child".into(), |_| None);
+        child.write_all(b"no port here\n").await.expect("write");
+        drop(child);
+        assert!(port.await.is_err());
     }
 }

@@ -6,8 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use choreo_testkit::wait_for;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use choreo_testkit::{follow_log, wait_for};
 use common::{Cluster, mixed_orders};
 use serde_yaml_ng::Value;
 
@@ -59,34 +58,6 @@ fn listening_port(line: &str) -> Option<u16> {
     addr.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
 }
 
-/// Copy Prometheus's log to the test's stderr (shown when the test fails) until it ends, and resolve the
-/// returned receiver with the port it listens on.
-fn follow_prometheus_log(log: tokio::process::ChildStderr) -> tokio::sync::oneshot::Receiver<u16> {
-    let (port_tx, port_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut port_tx = Some(port_tx);
-        let mut log = BufReader::new(log);
-        let mut bytes = Vec::new();
-        // Byte lines, read on whatever they hold: ending the copy would close the pipe under Prometheus.
-        loop {
-            bytes.clear();
-            match log.read_until(b'\n', &mut bytes).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            let line = String::from_utf8_lossy(&bytes);
-            let line = line.trim_end();
-            eprintln!("[prometheus] {line}");
-            if let Some(port) = listening_port(line)
-                && let Some(tx) = port_tx.take()
-            {
-                let _ = tx.send(port);
-            }
-        }
-    });
-    port_rx
-}
-
 #[test]
 fn the_port_comes_from_prometheus_listening_line() {
     let listening = r#"ts=2026-11-24T07:00:41.980Z caller=tls_config.go:232 level=info component=web msg="Listening on" address=127.0.0.1:37741"#;
@@ -132,7 +103,7 @@ async fn prometheus_scrapes_the_workload_and_every_dashboard_query_returns_data(
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("starting {prometheus_bin} (Debian package `prometheus`): {e}"));
-    let port = follow_prometheus_log(prometheus.stderr.take().expect("piped stderr"));
+    let port = follow_log(prometheus.stderr.take().expect("piped stderr"), "prometheus".into(), listening_port);
     let port = tokio::time::timeout(Duration::from_secs(60), port)
         .await
         .expect("Prometheus did not say where it listens within 60 s; its log is above")
