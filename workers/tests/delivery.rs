@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason, OrderLine, PaymentSucceeded};
 use choreo_messages::{Envelope, Message};
-use choreo_outbox::{OutboxRelay, OutboxStore, RelayConfig};
+use choreo_outbox::{OutboxHandoff, OutboxRelay, OutboxStore, RelayConfig};
 use choreo_rabbitmq::codec::header_string;
 use choreo_rabbitmq::dead_letter::headers as dl;
 use choreo_rabbitmq::lapin::options::{BasicGetOptions, QueueDeclareOptions};
@@ -300,6 +300,24 @@ impl RelayBench {
     }
 
     /// Write `envelope` as a handler does, held for the relay's hand-off, and commit.
+    /// A relay that is not running, no sweep before an hour, room for one hand-off and that one taken:
+    /// the next hand-off finds the queue full. Returns the bench, its hand-off and the queued row.
+    async fn with_a_full_hand_off_queue(hold: Duration, wait: Duration) -> (Self, OutboxHandoff, choreo_messages::EncodedEnvelope) {
+        let bench = RelayBench::start(RelayConfig {
+            sweep_interval: Duration::from_secs(3600),
+            handoff_hold: hold,
+            handoff_capacity: 1,
+            handoff_wait: wait,
+            ..RelayConfig::default()
+        })
+        .await;
+        let handoff = bench.relay.handoff();
+        let queued = order_created().encode();
+        bench.commit(&queued, hold).await;
+        handoff.committed(vec![queued.clone()]).await;
+        (bench, handoff, queued)
+    }
+
     async fn commit(&self, envelope: &choreo_messages::EncodedEnvelope, hold: Duration) {
         let mut tx = self.db.begin().await.expect("tx");
         OutboxStore::enqueue_held(&mut tx, std::slice::from_ref(envelope), hold).await.expect("enqueue");
@@ -402,19 +420,8 @@ async fn handed_off_rows_are_published_at_once_and_rows_left_by_a_crash_wait_for
 #[tokio::test]
 async fn hand_offs_a_busy_relay_cannot_take_in_time_go_to_the_sweep_and_are_published_once() {
     let hold = Duration::from_secs(2);
-    let bench = RelayBench::start(RelayConfig {
-        sweep_interval: Duration::from_secs(3600),
-        handoff_hold: hold,
-        handoff_capacity: 1,
-        handoff_wait: Duration::from_millis(50),
-        ..RelayConfig::default()
-    })
-    .await;
-    let handoff = bench.relay.handoff();
-    // The relay is not running yet: the first hand-off fills its queue, the second finds no room.
-    let queued = order_created().encode();
-    bench.commit(&queued, hold).await;
-    handoff.committed(vec![queued.clone()]).await;
+    // The relay is not running yet: the first hand-off filled its queue, the second finds no room.
+    let (bench, handoff, queued) = RelayBench::with_a_full_hand_off_queue(hold, Duration::from_millis(50)).await;
     let refused = order_created().encode();
     bench.commit(&refused, hold).await;
     let started = std::time::Instant::now();
@@ -447,19 +454,8 @@ async fn hand_offs_a_busy_relay_cannot_take_in_time_go_to_the_sweep_and_are_publ
 #[tokio::test]
 async fn a_handler_waits_for_room_in_a_full_hand_off_queue_and_its_rows_keep_the_fast_path() {
     let hold = Duration::from_secs(60);
-    let bench = RelayBench::start(RelayConfig {
-        sweep_interval: Duration::from_secs(3600),
-        handoff_hold: hold,
-        handoff_capacity: 1,
-        handoff_wait: Duration::from_secs(30),
-        ..RelayConfig::default()
-    })
-    .await;
-    let handoff = bench.relay.handoff();
-    // The relay is not running yet: the first hand-off fills its queue.
-    let queued = order_created().encode();
-    bench.commit(&queued, hold).await;
-    handoff.committed(vec![queued.clone()]).await;
+    // The relay is not running yet: the first hand-off filled its queue.
+    let (bench, handoff, queued) = RelayBench::with_a_full_hand_off_queue(hold, Duration::from_secs(30)).await;
     let waiting = order_created().encode();
     bench.commit(&waiting, hold).await;
     // The second finds the queue full and waits; only then (`join` polls in order) does the relay start.
