@@ -526,28 +526,25 @@ impl Deployment {
             .zip(off_path.iter().zip(off_path_before))
             .map(|((_, name), (after, before))| ((*name).to_owned(), (after - before).max(0.0)))
             .collect();
+        // One pass over the run's orders: its span, latency figures, and the median latency of the orders
+        // placed in each half of it.
         let row = sqlx::query(
-            "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(placed_at))::float8 AS wall, \
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM completed_at - placed_at))::float8 AS p50, \
-                    percentile_cont(0.99) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM completed_at - placed_at))::float8 AS p99, \
-                    max(EXTRACT(EPOCH FROM completed_at - placed_at))::float8 AS max \
-             FROM orders WHERE order_id = ANY($1)",
-        )
-        .bind(ids)
-        .fetch_one(&self.order_db)
-        .await?;
-        let wall: f64 = row.try_get("wall")?;
-        let halves: (Option<f64>, Option<f64>) = sqlx::query_as(
-            "WITH o AS (SELECT placed_at, EXTRACT(EPOCH FROM completed_at - placed_at)::float8 AS latency \
+            "WITH o AS (SELECT placed_at, completed_at, EXTRACT(EPOCH FROM completed_at - placed_at)::float8 AS latency \
                         FROM orders WHERE order_id = ANY($1)), \
                   m AS (SELECT min(placed_at) + (max(placed_at) - min(placed_at)) / 2 AS mid FROM o) \
-             SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY latency) FILTER (WHERE placed_at < m.mid), \
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY latency) FILTER (WHERE placed_at >= m.mid) \
+             SELECT EXTRACT(EPOCH FROM max(completed_at) - min(placed_at))::float8 AS wall, \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY latency) AS p50, \
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY latency) AS p99, \
+                    max(latency) AS max, \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY latency) FILTER (WHERE placed_at < m.mid) AS first_half, \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY latency) FILTER (WHERE placed_at >= m.mid) AS second_half \
              FROM o, m GROUP BY m.mid",
         )
         .bind(ids)
         .fetch_one(&self.order_db)
         .await?;
+        let wall: f64 = row.try_get("wall")?;
+        let halves: (Option<f64>, Option<f64>) = (row.try_get("first_half")?, row.try_get("second_half")?);
         let hops = self.hops_ms(ids).await?;
         Ok(Run {
             label: label.to_owned(),
