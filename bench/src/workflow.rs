@@ -334,10 +334,7 @@ impl Deployment {
     async fn start(args: &Args, bin_dir: &Path) -> anyhow::Result<Deployment> {
         let namespace = format!("bench{}", &Uuid::new_v4().simple().to_string()[..8]);
         let server = PgConnectOptions::from_str(&args.database_url)?;
-        let db_url = |w: &str| {
-            let base = args.database_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&args.database_url);
-            format!("{base}/{namespace}_{w}")
-        };
+        let db_url = |w: &str| choreo_testkit::database_url(&args.database_url, &format!("{namespace}_{w}"));
         let http = reqwest::Client::new();
         let mut children = Vec::new();
         let mut ports = Vec::new();
@@ -351,7 +348,7 @@ impl Deployment {
             let mut child = Command::new(&binary)
                 .env("AMQP_URL", &args.amqp_url)
                 .env("DATABASE_URL", &args.database_url)
-                .env(format!("CHOREO_{}_DATABASE_URL", w.to_uppercase()), db_url(w))
+                .env(format!("CHOREO_{}_DATABASE_URL", w.to_uppercase()), db_url(w)?)
                 .env("CHOREO_NAMESPACE", &namespace)
                 .env("CHOREO_METRICS_ADDR", "127.0.0.1:0")
                 .env("CHOREO_LOG_FORMAT", "json")

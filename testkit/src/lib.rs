@@ -32,8 +32,7 @@ impl Infra {
 
     /// URL of database `name` on the test server.
     pub fn database(&self, name: &str) -> String {
-        let base = self.database_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&self.database_url);
-        format!("{base}/{name}")
+        database_url(&self.database_url, name).expect("DATABASE_URL is a URL")
     }
 
     /// Create an empty database `name` and return its URL.
@@ -74,6 +73,14 @@ impl Infra {
 }
 
 /// A namespace no other test uses: `t<12 hex digits>`.
+/// `server_url` with its database set to `name`, its user, host and query (`?host=/run/postgresql` for a
+/// Unix socket, `sslmode`, ...) kept.
+pub fn database_url(server_url: &str, name: &str) -> Result<String, url::ParseError> {
+    let mut url = url::Url::parse(server_url)?;
+    url.set_path(name);
+    Ok(url.into())
+}
+
 pub fn unique_namespace() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
@@ -200,6 +207,18 @@ impl TcpProxy {
 #[cfg(test)]
 mod tests {
     use tokio::io::AsyncWriteExt;
+
+    /// The database is swapped; user, host, port and a Unix socket's `host` query are kept.
+    #[test]
+    fn a_database_url_keeps_everything_but_the_database() {
+        let url = |server: &str| super::database_url(server, "bench_order").expect("a URL");
+        assert_eq!(url("postgres://choreo:choreo@127.0.0.1:5432/postgres"), "postgres://choreo:choreo@127.0.0.1:5432/bench_order");
+        assert_eq!(
+            url("postgres://choreo:pw@localhost:5432/postgres?host=%2Fsrv%2Fpg%2Frun&sslmode=disable"),
+            "postgres://choreo:pw@localhost:5432/bench_order?host=%2Fsrv%2Fpg%2Frun&sslmode=disable"
+        );
+        assert_eq!(url("postgres://choreo@127.0.0.1:5432"), "postgres://choreo@127.0.0.1:5432/bench_order");
+    }
 
     /// A line that is not UTF-8 does not end the copy: the port line after it is still found.
     #[tokio::test]
