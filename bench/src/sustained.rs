@@ -233,7 +233,7 @@ mod tests {
         assert!(!kept_up(&run(None, 5000.0, None)));
     }
 
-    /// The run of the sixth full bench of two sessions back that a stall at its end made look behind: 96.5%
+    /// The run of session 17's sixth full bench that a stall at its end made look behind: 96.5%
     /// worked off, but its latency held. And a load 10% over the workflow's capacity, whose backlog grows all
     /// through.
     #[test]
@@ -246,7 +246,7 @@ mod tests {
         assert!(!kept_up(&run(None, 5000.0, Some((10.0, 10.0)))));
     }
 
-    /// This session's first full run: its burst was slow (a noisy hour), and the steady run at the burst's
+    /// Session 18's first full run: its burst was slow (a noisy hour), and the steady run at the burst's
     /// rate worked off 99% of it while its backlog doubled the second half's median. Short runs hide an
     /// overload in their rate; the latency shows it.
     #[test]
