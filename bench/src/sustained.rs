@@ -9,8 +9,9 @@
 //!
 //! Found by runs at fixed offered rates: the first at the fastest burst's rate; a run that falls behind (its
 //! latency grows through it, or it works off too little of what it was offered: [`kept_up`]) says what the
-//! workflow delivers under a backlog, so the next one is offered a little below that; then bisection between the highest rate kept up with and the lowest
-//! bound a missed run sets. One run per step on a noisy machine: an estimate, printed with its bracket.
+//! workflow delivers under a backlog, so the next one is offered a little below that; then bisection between
+//! the highest rate kept up with and the lowest bound a missed run sets. One run per step on a noisy machine:
+//! an estimate, printed with its bracket.
 
 use serde::Serialize;
 

@@ -72,7 +72,6 @@ impl Infra {
     }
 }
 
-/// A namespace no other test uses: `t<12 hex digits>`.
 /// `server_url` with its database set to `name`, its user, host and query (`?host=/run/postgresql` for a
 /// Unix socket, `sslmode`, ...) kept.
 pub fn database_url(server_url: &str, name: &str) -> Result<String, url::ParseError> {
@@ -81,6 +80,7 @@ pub fn database_url(server_url: &str, name: &str) -> Result<String, url::ParseEr
     Ok(url.into())
 }
 
+/// A namespace no other test uses: `t<12 hex digits>`.
 pub fn unique_namespace() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
