@@ -4,9 +4,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use choreo_rabbitmq::lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions};
-use choreo_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString};
 use choreo_rabbitmq::lapin::BasicProperties;
+use choreo_rabbitmq::lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use choreo_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString};
 use choreo_rabbitmq::publisher::Outgoing;
 use choreo_rabbitmq::{ConfirmingPublisher, connect_pool};
 use futures_util::StreamExt;
@@ -72,7 +74,13 @@ pub async fn measure(amqp_url: &str, messages: usize) -> anyhow::Result<BrokerCe
             while sent < share {
                 let n = (share - sent).min(256);
                 let batch: Vec<Outgoing<'_>> = (0..n)
-                    .map(|_| Outgoing { exchange: "", routing_key: &queue, properties: properties.clone(), body: &body, message_id: String::new() })
+                    .map(|_| Outgoing {
+                        exchange: "",
+                        routing_key: &queue,
+                        properties: properties.clone(),
+                        body: &body,
+                        message_id: String::new(),
+                    })
                     .collect();
                 for r in publisher.publish_batch(&batch).await {
                     r?;

@@ -74,7 +74,8 @@ impl Bracket {
     /// One line for the report.
     pub fn describe(&self) -> String {
         let max = self.maximum_per_second;
-        let share = |rate: f64| if max > 0.0 { format!(" ({:.0}% of the maximum)", 100.0 * rate / max) } else { String::new() };
+        let share =
+            |rate: f64| if max > 0.0 { format!(" ({:.0}% of the maximum)", 100.0 * rate / max) } else { String::new() };
         let mut line = match (self.highest_met_per_second > 0.0, self.lowest_failed_per_second) {
             (true, Some(failed)) => format!(
                 "met up to {:.0} workflows/s{}, not met at {failed:.0} workflows/s{}",
@@ -87,7 +88,9 @@ impl Bracket {
                 self.highest_met_per_second,
                 share(self.highest_met_per_second)
             ),
-            (false, Some(failed)) => format!("not met at any rate tried, down to {failed:.0} workflows/s{}", share(failed)),
+            (false, Some(failed)) => {
+                format!("not met at any rate tried, down to {failed:.0} workflows/s{}", share(failed))
+            }
             (false, None) => "no fixed-load run to judge by".to_owned(),
         };
         if !self.failed_below_a_success.is_empty() {
@@ -116,7 +119,10 @@ mod tests {
         let b = Bracket::from_runs(&[(216.0, true), (540.0, false), (100.0, true)], 1080.0);
         assert_eq!(b, bracket(216.0, Some(540.0)));
         assert_eq!(b.next(10.0), Some(378.0));
-        assert_eq!(b.describe(), "met up to 216 workflows/s (20% of the maximum), not met at 540 workflows/s (50% of the maximum)");
+        assert_eq!(
+            b.describe(),
+            "met up to 216 workflows/s (20% of the maximum), not met at 540 workflows/s (50% of the maximum)"
+        );
     }
 
     #[test]
@@ -147,7 +153,11 @@ mod tests {
         assert_eq!(b.highest_met_per_second, 300.0);
         assert_eq!(b.lowest_failed_per_second, Some(540.0));
         assert_eq!(b.failed_below_a_success, vec![216.0]);
-        assert!(b.describe().ends_with("; not met at 216/s below that, in runs the noise outweighs"), "{}", b.describe());
+        assert!(
+            b.describe().ends_with("; not met at 216/s below that, in runs the noise outweighs"),
+            "{}",
+            b.describe()
+        );
     }
 
     #[test]

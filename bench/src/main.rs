@@ -101,10 +101,16 @@ async fn main() -> anyhow::Result<()> {
             None
         }
     };
-    eprintln!("[bench] 1/3 broker ceiling: {} persistent messages, quorum queue, confirms and acks", args.broker_messages);
+    eprintln!(
+        "[bench] 1/3 broker ceiling: {} persistent messages, quorum queue, confirms and acks",
+        args.broker_messages
+    );
     let broker = broker_ceiling::measure(&args.amqp_url, args.broker_messages).await?;
     eprintln!("[bench]     {:.0} messages/s", broker.messages_per_second);
-    eprintln!("[bench] 2/3 database ceiling: saga-step transactions, {} at once, {:?}", args.db_concurrency, args.db_duration);
+    eprintln!(
+        "[bench] 2/3 database ceiling: saga-step transactions, {} at once, {:?}",
+        args.db_concurrency, args.db_duration
+    );
     let db = db_ceiling::measure(&args.database_url, args.db_concurrency, args.db_duration).await?;
     eprintln!("[bench]     {:.0} transactions/s", db.transactions_per_second);
     let search = match args.capacity_steps {

@@ -97,7 +97,8 @@ impl Probe {
         let flush = self.shared.flush.take_ms();
         Stalls {
             timer_late_max_ms: self.shared.timer_late.take_ms(),
-            flush_max_ms: (self.disk_file.is_some() && !self.shared.flush_failed.load(Ordering::Relaxed)).then_some(flush),
+            flush_max_ms: (self.disk_file.is_some() && !self.shared.flush_failed.load(Ordering::Relaxed))
+                .then_some(flush),
         }
     }
 }

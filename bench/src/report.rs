@@ -62,14 +62,23 @@ fn verdict(ok: bool) -> &'static str {
 pub fn print(r: &Results) {
     println!();
     println!("ceilings (same machine, same run)");
-    println!("  broker   {:>10.0} persistent messages/s through a quorum queue, confirms + acks", r.broker.messages_per_second);
-    println!("  database {:>10.0} saga-step transactions/s at {} at once", r.database.transactions_per_second, r.database.concurrency);
+    println!(
+        "  broker   {:>10.0} persistent messages/s through a quorum queue, confirms + acks",
+        r.broker.messages_per_second
+    );
+    println!(
+        "  database {:>10.0} saga-step transactions/s at {} at once",
+        r.database.transactions_per_second, r.database.concurrency
+    );
     match &r.wakeup {
         Some(cost) => println!("  wake-up  two pinned threads handing a byte back and forth: {}", describe(cost)),
         None => println!("  wake-up  not measured (see the log above)"),
     }
     println!();
-    println!("{:<16} {:>10} {:>10} {:>9} {:>9} {:>9} {:>26}", "run", "offered/s", "workflows/s", "p50 ms", "p99 ms", "max ms", "peak RSS MiB (o/p/i)");
+    println!(
+        "{:<16} {:>10} {:>10} {:>9} {:>9} {:>9} {:>26}",
+        "run", "offered/s", "workflows/s", "p50 ms", "p99 ms", "max ms", "peak RSS MiB (o/p/i)"
+    );
     for run in &r.runs {
         let rss: Vec<String> = run.peak_rss_mib.iter().map(|(_, m)| format!("{m:.0}")).collect();
         println!(
@@ -84,7 +93,11 @@ pub fn print(r: &Results) {
         );
     }
     println!();
-    hops_table("where the time goes: p50 of each hop of a confirmed order, ms (from each handler's write)", &r.runs, |run| &run.hops_p50_ms);
+    hops_table(
+        "where the time goes: p50 of each hop of a confirmed order, ms (from each handler's write)",
+        &r.runs,
+        |run| &run.hops_p50_ms,
+    );
     println!();
     hops_table(
         "where a stall was: each hop of the slowest confirmed order of the run, ms (a stall delays every order then in that hop)",
@@ -92,7 +105,9 @@ pub fn print(r: &Results) {
         |run| &run.slowest_hops_ms,
     );
     println!();
-    println!("the machine during each run, ms: the most a 10 ms sleep overran, the longest flush of 4 KiB (a stall all hops share and these do not is not the machine's)");
+    println!(
+        "the machine during each run, ms: the most a 10 ms sleep overran, the longest flush of 4 KiB (a stall all hops share and these do not is not the machine's)"
+    );
     println!("{:<16} {:>16} {:>16}", "run", "timer late", "4 KiB flush");
     for run in &r.runs {
         let flush = run.machine.flush_max_ms.map(|ms| format!("{ms:.1}")).unwrap_or_else(|| "-".into());
@@ -127,7 +142,9 @@ pub fn print(r: &Results) {
         println!(" {:>9.1}", run.cpu.switches_per_workflow.iter().map(|(_, n)| n).sum::<f64>());
     }
     println!();
-    println!("off the fast path: counts per run, all workers (a stall in a run with none is not the workers' retry or relay path)");
+    println!(
+        "off the fast path: counts per run, all workers (a stall in a run with none is not the workers' retry or relay path)"
+    );
     print!("{:<16}", "run");
     for (_, name) in OFF_PATH {
         print!(" {name:>16}");
@@ -151,19 +168,41 @@ pub fn print(r: &Results) {
     println!();
     println!("targets");
     if let Some(max) = max {
-        println!("  workflows/s at maximum      {:>8.0}  (target >= {TARGET_WORKFLOWS_PER_SECOND:.0})  {}", max.workflows_per_second, verdict(max.workflows_per_second >= TARGET_WORKFLOWS_PER_SECOND));
+        println!(
+            "  workflows/s at maximum      {:>8.0}  (target >= {TARGET_WORKFLOWS_PER_SECOND:.0})  {}",
+            max.workflows_per_second,
+            verdict(max.workflows_per_second >= TARGET_WORKFLOWS_PER_SECOND)
+        );
         let rss = max.peak_rss_mib.iter().map(|(_, m)| *m).fold(0.0, f64::max);
-        println!("  peak RSS per worker         {:>8.1}  (target < {TARGET_RSS_MIB:.0} MiB)  {}", rss, verdict(rss < TARGET_RSS_MIB));
+        println!(
+            "  peak RSS per worker         {:>8.1}  (target < {TARGET_RSS_MIB:.0} MiB)  {}",
+            rss,
+            verdict(rss < TARGET_RSS_MIB)
+        );
     }
     if let Some(half) = half {
-        println!("  p50 at 50% of maximum       {:>8.1}  (target <= {TARGET_P50_MS:.0} ms)  {}", half.latency_p50_ms, verdict(half.latency_p50_ms <= TARGET_P50_MS));
-        println!("  p99 at 50% of maximum       {:>8.1}  (target <= {TARGET_P99_MS:.0} ms)  {}", half.latency_p99_ms, verdict(half.latency_p99_ms <= TARGET_P99_MS));
+        println!(
+            "  p50 at 50% of maximum       {:>8.1}  (target <= {TARGET_P50_MS:.0} ms)  {}",
+            half.latency_p50_ms,
+            verdict(half.latency_p50_ms <= TARGET_P50_MS)
+        );
+        println!(
+            "  p99 at 50% of maximum       {:>8.1}  (target <= {TARGET_P99_MS:.0} ms)  {}",
+            half.latency_p99_ms,
+            verdict(half.latency_p99_ms <= TARGET_P99_MS)
+        );
     }
-    println!("  workflow msgs/s / broker    {:>8.3}  (target >= {TARGET_BROKER_SHARE})  {}", r.broker_share, verdict(r.broker_share >= TARGET_BROKER_SHARE));
+    println!(
+        "  workflow msgs/s / broker    {:>8.3}  (target >= {TARGET_BROKER_SHARE})  {}",
+        r.broker_share,
+        verdict(r.broker_share >= TARGET_BROKER_SHARE)
+    );
     println!("  saga steps/s / database     {:>8.3}  (for reference)", r.database_share);
     if let Some(b) = &r.capacity_at_latency_targets {
         println!();
-        println!("capacity at the latency targets (p50 <= {TARGET_P50_MS:.0} ms and p99 <= {TARGET_P99_MS:.0} ms; one run per rate, an estimate)");
+        println!(
+            "capacity at the latency targets (p50 <= {TARGET_P50_MS:.0} ms and p99 <= {TARGET_P99_MS:.0} ms; one run per rate, an estimate)"
+        );
         println!("  {}", b.describe());
     }
 }
@@ -318,7 +357,9 @@ mod tests {
         chart(&results, &path).expect("chart");
         let svg = std::fs::read_to_string(&path).expect("svg");
         std::fs::remove_dir_all(&dir).ok();
-        for label in ["p50 target, 15 ms", "p99 target, 100 ms", "maximum sustainable, 1000/s", "50% of the maximum, 500/s"] {
+        for label in
+            ["p50 target, 15 ms", "p99 target, 100 ms", "maximum sustainable, 1000/s", "50% of the maximum, 500/s"]
+        {
             assert!(svg.contains(label), "the chart names {label:?}");
         }
         // Two circles per loaded run that kept up (p50 and p99), none for the burst or the run that fell behind.

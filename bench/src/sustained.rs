@@ -117,7 +117,9 @@ impl Search {
                 "{achieved:.0} workflows/s: kept up with {kept:.0}/s offered steadily, fell behind above {ruled_out:.0}/s; the fastest burst ran at {burst:.0}/s"
             ),
             (Some((kept, achieved)), None) => {
-                format!("{achieved:.0} workflows/s: kept up with {kept:.0}/s offered steadily, the fastest burst's rate")
+                format!(
+                    "{achieved:.0} workflows/s: kept up with {kept:.0}/s offered steadily, the fastest burst's rate"
+                )
             }
             (None, Some(ruled_out)) => format!(
                 "not found: every steady load tried fell behind, down to {ruled_out:.0}/s; the fastest burst ran at {burst:.0}/s"
@@ -162,7 +164,11 @@ mod tests {
         s.record(2000.0, 1990.0);
         assert_eq!(s.next(40.0), None);
         assert_eq!(s.kept_up.map(|(_, achieved)| achieved), Some(1990.0));
-        assert!(s.describe().contains("kept up with 2000/s offered steadily, the fastest burst's rate"), "{}", s.describe());
+        assert!(
+            s.describe().contains("kept up with 2000/s offered steadily, the fastest burst's rate"),
+            "{}",
+            s.describe()
+        );
     }
 
     /// The figures of the session that found the burst overstating the sustainable rate: 2,400/s offered was
@@ -204,7 +210,11 @@ mod tests {
         s.record(1700.0, 1500.0);
         assert_eq!(s.ruled_out_per_second, Some(1802.0));
         assert_eq!(s.fell_behind_below_a_success, vec![1700.0]);
-        assert!(s.describe().ends_with("; fell behind at 1700/s below that, in runs the noise outweighs"), "{}", s.describe());
+        assert!(
+            s.describe().ends_with("; fell behind at 1700/s below that, in runs the noise outweighs"),
+            "{}",
+            s.describe()
+        );
     }
 
     #[test]

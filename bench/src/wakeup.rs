@@ -165,7 +165,8 @@ mod tests {
             describe(&two),
             "round trip 4.2 µs on one CPU, 53.2 µs across CPUs; CPU per wake-up 2.1 µs on one CPU, 16.0 µs across CPUs"
         );
-        let one = WakeupCost { same_cpu: HandOffCost { round_trip_us: 4.0, cpu_per_wakeup_us: None }, across_cpus: None };
+        let one =
+            WakeupCost { same_cpu: HandOffCost { round_trip_us: 4.0, cpu_per_wakeup_us: None }, across_cpus: None };
         assert_eq!(
             describe(&one),
             "round trip 4.0 µs on one CPU, n/a (one CPU) across CPUs; CPU per wake-up n/a on one CPU, n/a (one CPU) across CPUs"

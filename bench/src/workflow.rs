@@ -143,13 +143,8 @@ struct Hops {
 /// The hops of a confirmed order, between the moments each handler's write began (`inbox.received_at`,
 /// the start of the statement that commits the change, the inbox and the outbox), and from the last one to
 /// the order's terminal state.
-pub const HOPS: [&str; 5] = [
-    "placed -> order worker",
-    "order -> payment",
-    "payment -> inventory",
-    "inventory -> order",
-    "order -> confirmed",
-];
+pub const HOPS: [&str; 5] =
+    ["placed -> order worker", "order -> payment", "payment -> inventory", "inventory -> order", "order -> confirmed"];
 
 struct Deployment {
     namespace: String,
@@ -195,7 +190,9 @@ pub fn maximum(runs: &[Run]) -> Option<&Run> {
 fn log_run(run: &Run) {
     let offered = run.offered_per_second.map(|o| format!("{o:.0}/s offered, ")).unwrap_or_default();
     let halves = match (run.offered_per_second, run.latency_p50_halves_ms) {
-        (Some(_), Some((first, second))) => format!(" (p50 {first:.1} ms in its first half, {second:.1} ms in its second)"),
+        (Some(_), Some((first, second))) => {
+            format!(" (p50 {first:.1} ms in its first half, {second:.1} ms in its second)")
+        }
         _ => String::new(),
     };
     eprintln!(
@@ -317,7 +314,11 @@ fn order(i: usize) -> PlaceOrder {
         order_id: Uuid::now_v7(),
         customer_id: format!("cust-{}", i % 1000),
         currency: "EUR".into(),
-        lines: vec![OrderLine { sku: format!("sku-{:03}", i % 10 + 1), quantity: 1, unit_price_cents: 100 + (i % 50) as i64 }],
+        lines: vec![OrderLine {
+            sku: format!("sku-{:03}", i % 10 + 1),
+            quantity: 1,
+            unit_price_cents: 100 + (i % 50) as i64,
+        }],
     }
 }
 
@@ -555,7 +556,11 @@ impl Deployment {
                 (Some(first), Some(second)) => Some((first * 1000.0, second * 1000.0)),
                 _ => None,
             },
-            peak_rss_mib: self.children.iter().map(|(w, c)| (w.clone(), c.id().map(cpu::peak_rss_mib).unwrap_or(0.0))).collect(),
+            peak_rss_mib: self
+                .children
+                .iter()
+                .map(|(w, c)| (w.clone(), c.id().map(cpu::peak_rss_mib).unwrap_or(0.0)))
+                .collect(),
             hops_p50_ms: hops.p50,
             slowest_hops_ms: hops.slowest,
             cpu,
@@ -603,7 +608,12 @@ impl Deployment {
         self.inventory_db.close().await;
         if let Ok(admin) = PgPool::connect(&self.server_url).await {
             for w in WORKERS {
-                let _ = admin.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{}_{w}\" WITH (FORCE)", self.namespace))).await;
+                let _ = admin
+                    .execute(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS \"{}_{w}\" WITH (FORCE)",
+                        self.namespace
+                    )))
+                    .await;
             }
         }
         if let Ok(conn) = choreo_rabbitmq::lapin::Connection::connect(amqp_url, Default::default()).await

@@ -13,7 +13,12 @@ pub struct DbArgs {
     #[arg(long, env = "CHOREO_ORDER_DATABASE_URL", hide_env_values = true)]
     pub order_database_url: Option<String>,
     /// PostgreSQL server URL.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://choreo:choreo@127.0.0.1:5432/postgres", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://choreo:choreo@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
     pub server_database_url: String,
 }
 
@@ -55,16 +60,19 @@ pub async fn run(args: OrdersArgs) -> anyhow::Result<ExitCode> {
     let db = args.db.connect().await?;
     match args.id {
         None => {
-            let rows = sqlx::query(
-                "SELECT status, cancel_reason, count(*) AS n FROM orders GROUP BY 1, 2 ORDER BY 1, 2",
-            )
-            .fetch_all(&db)
-            .await
-            .context("counting orders")?;
+            let rows =
+                sqlx::query("SELECT status, cancel_reason, count(*) AS n FROM orders GROUP BY 1, 2 ORDER BY 1, 2")
+                    .fetch_all(&db)
+                    .await
+                    .context("counting orders")?;
             let counts: Vec<StatusCount> = rows
                 .iter()
                 .map(|r| {
-                    Ok(StatusCount { status: r.try_get("status")?, reason: r.try_get("cancel_reason")?, orders: r.try_get("n")? })
+                    Ok(StatusCount {
+                        status: r.try_get("status")?,
+                        reason: r.try_get("cancel_reason")?,
+                        orders: r.try_get("n")?,
+                    })
                 })
                 .collect::<Result<_, sqlx::Error>>()?;
             if args.json {
@@ -87,7 +95,9 @@ pub async fn run(args: OrdersArgs) -> anyhow::Result<ExitCode> {
             .await
             .context("reading the order")?;
             let Some(order) = order else {
-                eprintln!("order {id} is unknown to the order service (not placed yet, or its order.place was dead-lettered: see `choreoctl dlq list`)");
+                eprintln!(
+                    "order {id} is unknown to the order service (not placed yet, or its order.place was dead-lettered: see `choreoctl dlq list`)"
+                );
                 return Ok(ExitCode::from(1));
             };
             let history: Vec<HistoryEntry> = sqlx::query(

@@ -28,7 +28,12 @@ pub async fn status(args: OutboxArgs) -> anyhow::Result<ExitCode> {
     for service in SERVICES {
         let row = match args.db.connect(service).await {
             Ok(db) => match OutboxStore::backlog(&db).await {
-                Ok(b) => Row { service, unpublished: Some(b.unpublished), oldest_age_seconds: Some(b.oldest_age_seconds), error: None },
+                Ok(b) => Row {
+                    service,
+                    unpublished: Some(b.unpublished),
+                    oldest_age_seconds: Some(b.oldest_age_seconds),
+                    error: None,
+                },
                 Err(e) => Row { service, unpublished: None, oldest_age_seconds: None, error: Some(e.to_string()) },
             },
             Err(e) => Row { service, unpublished: None, oldest_age_seconds: None, error: Some(format!("{e:#}")) },

@@ -222,7 +222,11 @@ pub fn generate(count: u64, seed: u64, decline_ratio: f64, soldout_ratio: f64) -
             }
             PlaceOrder {
                 order_id: Uuid::now_v7(),
-                customer_id: if declined { format!("decline-{i}") } else { format!("cust-{}", rng.random_range(1..=500)) },
+                customer_id: if declined {
+                    format!("decline-{i}")
+                } else {
+                    format!("cust-{}", rng.random_range(1..=500))
+                },
                 currency: "EUR".into(),
                 lines,
             }

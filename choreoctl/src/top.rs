@@ -12,8 +12,12 @@ use serde::Serialize;
 #[derive(Debug, clap::Args)]
 pub struct TopArgs {
     /// Metrics endpoints as `worker=host:port`, comma-separated.
-    #[arg(long, env = "CHOREO_TOP_TARGETS", value_delimiter = ',',
-          default_value = "order=127.0.0.1:9464,payment=127.0.0.1:9465,inventory=127.0.0.1:9466")]
+    #[arg(
+        long,
+        env = "CHOREO_TOP_TARGETS",
+        value_delimiter = ',',
+        default_value = "order=127.0.0.1:9464,payment=127.0.0.1:9465,inventory=127.0.0.1:9466"
+    )]
     targets: Vec<String>,
     /// Time between refreshes (rates are computed over it).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
@@ -84,7 +88,10 @@ pub async fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
         }
         if once {
             if !reachable {
-                eprintln!("no worker answered on {:?}: are they running? (CHOREO_METRICS_ADDR, --targets)", args.targets);
+                eprintln!(
+                    "no worker answered on {:?}: are they running? (CHOREO_METRICS_ADDR, --targets)",
+                    args.targets
+                );
                 return Ok(ExitCode::from(1));
             }
             return Ok(ExitCode::SUCCESS);
@@ -165,7 +172,12 @@ pub fn quantile(q: f64, before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<f
     None
 }
 
-pub fn summarise(targets: &[(String, String)], before: &[Option<Scrape>], after: &[Option<Scrape>], seconds: f64) -> Snapshot {
+pub fn summarise(
+    targets: &[(String, String)],
+    before: &[Option<Scrape>],
+    after: &[Option<Scrape>],
+    seconds: f64,
+) -> Snapshot {
     let mut workers = Vec::new();
     let mut workflows = WorkflowFigures {
         confirmed_total: 0.0,
@@ -254,11 +266,24 @@ fn render(s: &Snapshot, interval: Duration, clear: bool) {
         "WORKER", "STATE", "MSG/S", "IN-FLIGHT", "RETRIES", "DEAD-LETTERS", "DUPLICATES", "OUTBOX", "OLDEST"
     );
     for r in &s.workers {
-        let state = if !r.up { "DOWN" } else if r.ready { "ready" } else { "NOT READY" };
+        let state = if !r.up {
+            "DOWN"
+        } else if r.ready {
+            "ready"
+        } else {
+            "NOT READY"
+        };
         println!(
             "{:<10} {:<6} {:>10.1} {:>9} {:>9} {:>12} {:>11} {:>9} {:>10.1}s",
-            r.worker, state, r.consumed_per_second, r.in_flight, r.retries_total, r.dead_lettered_total,
-            r.duplicates_total, r.outbox_backlog, r.outbox_oldest_age_seconds
+            r.worker,
+            state,
+            r.consumed_per_second,
+            r.in_flight,
+            r.retries_total,
+            r.dead_lettered_total,
+            r.duplicates_total,
+            r.outbox_backlog,
+            r.outbox_oldest_age_seconds
         );
     }
 }

@@ -45,10 +45,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     let mut steps = Vec::new();
     for service in SERVICES {
         let db = if service == "order" { order_db.clone() } else { args.db.connect(service).await? };
-        for r in sqlx::query("SELECT received_at, message_type, message_id, causation_id FROM inbox WHERE correlation_id = $1")
-            .bind(correlation)
-            .fetch_all(&db)
-            .await?
+        for r in sqlx::query(
+            "SELECT received_at, message_type, message_id, causation_id FROM inbox WHERE correlation_id = $1",
+        )
+        .bind(correlation)
+        .fetch_all(&db)
+        .await?
         {
             steps.push(Step {
                 at: r.try_get("received_at")?,
@@ -109,7 +111,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "correlation_id": correlation, "steps": steps }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "correlation_id": correlation, "steps": steps }))?
+        );
     } else {
         println!("workflow {correlation}");
         let start = steps[0].at;
@@ -117,7 +122,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
             let offset = (s.at - start).num_microseconds().unwrap_or(0) as f64 / 1000.0;
             let extra = match (s.what, s.published_at, &s.detail) {
                 ("sent", None, _) => " (not published yet)".to_owned(),
-                ("sent", Some(p), _) => format!(" (published +{:.1} ms)", (p - s.at).num_microseconds().unwrap_or(0) as f64 / 1000.0),
+                ("sent", Some(p), _) => {
+                    format!(" (published +{:.1} ms)", (p - s.at).num_microseconds().unwrap_or(0) as f64 / 1000.0)
+                }
                 (_, _, Some(d)) => format!(" ({d})"),
                 _ => String::new(),
             };

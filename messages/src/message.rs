@@ -147,10 +147,8 @@ impl Message {
                 supported: message_type.schema_version(),
             });
         }
-        let invalid = |reason: String| DecodeError::ValidationFailed {
-            message_type: message_type.as_str().to_owned(),
-            reason,
-        };
+        let invalid =
+            |reason: String| DecodeError::ValidationFailed { message_type: message_type.as_str().to_owned(), reason };
         let message = match message_type {
             MessageType::OrderPlace => {
                 let m: PlaceOrder = parse(message_type, body)?;
@@ -179,10 +177,8 @@ impl Message {
 }
 
 fn parse<T: DeserializeOwned>(message_type: MessageType, body: &[u8]) -> Result<T, DecodeError> {
-    serde_json::from_slice(body).map_err(|source| DecodeError::MalformedBody {
-        message_type: message_type.as_str().to_owned(),
-        source,
-    })
+    serde_json::from_slice(body)
+        .map_err(|source| DecodeError::MalformedBody { message_type: message_type.as_str().to_owned(), source })
 }
 
 #[cfg(test)]

@@ -28,8 +28,8 @@ pub fn schema_json(message_type: MessageType) -> String {
             )
             .into(),
         );
-        let mut text = serde_json::to_string_pretty(&schema)
-            .unwrap_or_else(|e| unreachable!("a schema is plain JSON: {e}"));
+        let mut text =
+            serde_json::to_string_pretty(&schema).unwrap_or_else(|e| unreachable!("a schema is plain JSON: {e}"));
         text.push('\n');
         text
     }
@@ -75,8 +75,7 @@ mod tests {
 
     #[test]
     fn schemas_forbid_unknown_fields() {
-        let schema: serde_json::Value =
-            serde_json::from_str(&schema_json(MessageType::OrderPlace)).expect("json");
+        let schema: serde_json::Value = serde_json::from_str(&schema_json(MessageType::OrderPlace)).expect("json");
         assert_eq!(schema["additionalProperties"], serde_json::Value::Bool(false));
         assert_eq!(schema["required"].as_array().map(Vec::len), Some(4));
     }

@@ -89,7 +89,11 @@ mod tests {
         let mut change = Change::new();
         change
             .cte("a", |q| {
-                q.push("UPDATE t SET x = ").push_bind(1_i64).push(" WHERE id = ").push_bind(2_i64).push(" RETURNING id");
+                q.push("UPDATE t SET x = ")
+                    .push_bind(1_i64)
+                    .push(" WHERE id = ")
+                    .push_bind(2_i64)
+                    .push(" RETURNING id");
             })
             .cte("b", |q| {
                 q.push("INSERT INTO h SELECT id, ").push_bind("y").push(" FROM a");

@@ -45,7 +45,11 @@ impl CommitError {
             return CommitError::Database(OutboxError::Database { operation: "commit handled messages", source: e });
         };
         if db.is_unique_violation() {
-            return if db.constraint() == Some("inbox_pkey") { CommitError::ProcessedBefore } else { CommitError::Conflict(e) };
+            return if db.constraint() == Some("inbox_pkey") {
+                CommitError::ProcessedBefore
+            } else {
+                CommitError::Conflict(e)
+            };
         }
         match db.code().as_deref() {
             Some("40001" | "40P01") => CommitError::Stale(e),

@@ -7,10 +7,10 @@ use choreo_messages::{EncodedEnvelope, Metadata};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use crate::change::Change;
-use crate::store::OutboxColumns;
 #[cfg(doc)]
 use crate::OutboxStore;
+use crate::change::Change;
+use crate::store::OutboxColumns;
 use crate::{CommitError, OutboxError};
 
 /// Records processed messages per consumer, in the statement that commits the consumer's change.

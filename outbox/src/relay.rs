@@ -283,7 +283,8 @@ impl OutboxRelay {
     /// ago that their hold is (nearly) over are the sweep's: publishing them here too would send them twice.
     async fn dispatch(&self, received: &mut Vec<HandOff>, marks: &mpsc::Sender<Vec<Uuid>>) {
         let fresh_for = self.config.handoff_hold.mul_f64(0.75);
-        let waited = metrics::histogram!("choreo_relay_handoff_wait_duration_seconds", "worker" => self.config.worker.clone());
+        let waited =
+            metrics::histogram!("choreo_relay_handoff_wait_duration_seconds", "worker" => self.config.worker.clone());
         let mut rows = Vec::new();
         for handoff in received.drain(..) {
             let age = handoff.committed.elapsed();

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use choreo_messages::{EncodedEnvelope, Metadata};
+use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
@@ -86,7 +86,10 @@ impl OutboxStore {
                 };
                 Ok(OutboxRow {
                     id,
-                    envelope: EncodedEnvelope { meta, body: row.try_get("body").map_err(OutboxError::db("outbox row"))? },
+                    envelope: EncodedEnvelope {
+                        meta,
+                        body: row.try_get("body").map_err(OutboxError::db("outbox row"))?,
+                    },
                     publish_attempts: row.try_get("publish_attempts").map_err(OutboxError::db("outbox row"))?,
                 })
             })

@@ -21,7 +21,10 @@ async fn fresh(infra: &Infra) -> (String, PgPool) {
 fn event() -> Envelope {
     let order_id = Uuid::now_v7();
     Envelope::new_command(
-        Message::OrderCancelled(OrderCancelled { order_id, reason: choreo_messages::payloads::CancelReason::OutOfStock }),
+        Message::OrderCancelled(OrderCancelled {
+            order_id,
+            reason: choreo_messages::payloads::CancelReason::OutOfStock,
+        }),
         "test",
         Some(order_id),
     )
@@ -75,10 +78,8 @@ async fn failed_publishes_wait_before_the_next_attempt() {
     let mut tx = db.begin().await.expect("tx");
     assert!(OutboxStore::claim_batch(&mut tx, 10).await.expect("claim").is_empty(), "the row waits");
     tx.rollback().await.expect("rollback");
-    let (attempts, error): (i32, String) = sqlx::query_as("SELECT publish_attempts, last_error FROM outbox")
-        .fetch_one(&db)
-        .await
-        .expect("row");
+    let (attempts, error): (i32, String) =
+        sqlx::query_as("SELECT publish_attempts, last_error FROM outbox").fetch_one(&db).await.expect("row");
     assert_eq!((attempts, error.as_str()), (1, "NO_ROUTE"));
     db.close().await;
     infra.drop_databases(&[name]).await;
@@ -96,12 +97,11 @@ async fn a_row_that_failed_a_thousand_times_still_waits_at_most_a_minute() {
     sqlx::query("UPDATE outbox SET publish_attempts = 1100").execute(&mut *tx).await.expect("attempts");
     OutboxStore::record_failures(&mut tx, &[(rows[0].id, "NO_ROUTE".into())], 1_000).await.expect("failure recorded");
     tx.commit().await.expect("commit");
-    let (attempts, wait): (i32, f64) = sqlx::query_as(
-        "SELECT publish_attempts, extract(epoch FROM available_at - now())::float8 FROM outbox",
-    )
-    .fetch_one(&db)
-    .await
-    .expect("row");
+    let (attempts, wait): (i32, f64) =
+        sqlx::query_as("SELECT publish_attempts, extract(epoch FROM available_at - now())::float8 FROM outbox")
+            .fetch_one(&db)
+            .await
+            .expect("row");
     assert_eq!(attempts, 1101);
     assert!((0.0..=60.0).contains(&wait), "waits {wait} s, at most a minute");
     db.close().await;
@@ -197,7 +197,10 @@ fn write_state(key: Uuid, value: i64) -> Change {
 async fn a_change_its_handled_messages_and_their_events_commit_in_one_statement_or_not_at_all() {
     let infra = Infra::from_env();
     let (name, db) = fresh(&infra).await;
-    sqlx::query("CREATE TABLE state (key UUID PRIMARY KEY, value BIGINT NOT NULL UNIQUE)").execute(&db).await.expect("state");
+    sqlx::query("CREATE TABLE state (key UUID PRIMARY KEY, value BIGINT NOT NULL UNIQUE)")
+        .execute(&db)
+        .await
+        .expect("state");
     let mut conn = db.acquire().await.expect("connection");
     let inbox = InboxGuard::new("test");
     let handled: Vec<_> = (0..3).map(|_| event().encode()).collect();
@@ -215,10 +218,12 @@ async fn a_change_its_handled_messages_and_their_events_commit_in_one_statement_
         .await
         .expect("commit");
     assert_eq!(applied, [applied_key].into_iter().collect(), "the change reports the key it applied");
-    let written: Vec<Uuid> = sqlx::query_scalar("SELECT message_id FROM outbox WHERE available_at > now() + interval '50 minutes' ORDER BY id")
-        .fetch_all(&mut *conn)
-        .await
-        .expect("outbox");
+    let written: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT message_id FROM outbox WHERE available_at > now() + interval '50 minutes' ORDER BY id",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .expect("outbox");
     assert_eq!(
         written,
         events[..3].iter().map(|(e, _)| e.meta.message_id).collect::<Vec<_>>(),
@@ -230,7 +235,13 @@ async fn a_change_its_handled_messages_and_their_events_commit_in_one_statement_
     // Again with one new id and one processed before: nothing is written, the change included.
     let again = event().encode();
     let refused = inbox
-        .commit(&mut conn, write_state(Uuid::now_v7(), 2), &[&handled[1].meta, &again.meta], &[(event().encode(), None)], Duration::ZERO)
+        .commit(
+            &mut conn,
+            write_state(Uuid::now_v7(), 2),
+            &[&handled[1].meta, &again.meta],
+            &[(event().encode(), None)],
+            Duration::ZERO,
+        )
         .await
         .expect_err("a processed id");
     assert!(matches!(refused, CommitError::ProcessedBefore), "{refused:?}");
@@ -239,7 +250,10 @@ async fn a_change_its_handled_messages_and_their_events_commit_in_one_statement_
         .await
         .expect("counts");
     assert_eq!(counts, (3, 1), "neither the events nor the change of a refused statement are written");
-    assert!(!inbox.processed(&db, &again.meta).await.expect("lookup"), "the new id of a refused statement is not recorded");
+    assert!(
+        !inbox.processed(&db, &again.meta).await.expect("lookup"),
+        "the new id of a refused statement is not recorded"
+    );
 
     // A change that collides with another unique key is a conflict, not a processed message.
     let collides = inbox
@@ -289,13 +303,15 @@ async fn the_processed_lookup_waits_for_a_copy_in_flight() {
     for commits in [true, false] {
         let copy = event().encode();
         let mut in_flight = db.begin().await.expect("tx");
-        sqlx::query("INSERT INTO inbox (consumer, message_id, message_type, correlation_id) VALUES ('test', $1, $2, $3)")
-            .bind(copy.meta.message_id)
-            .bind(&copy.meta.message_type)
-            .bind(copy.meta.correlation_id)
-            .execute(&mut *in_flight)
-            .await
-            .expect("record");
+        sqlx::query(
+            "INSERT INTO inbox (consumer, message_id, message_type, correlation_id) VALUES ('test', $1, $2, $3)",
+        )
+        .bind(copy.meta.message_id)
+        .bind(&copy.meta.message_type)
+        .bind(copy.meta.correlation_id)
+        .execute(&mut *in_flight)
+        .await
+        .expect("record");
         let lookup = tokio::spawn({
             let (inbox, db, meta) = (inbox.clone(), db.clone(), copy.meta.clone());
             async move { inbox.processed(&db, &meta).await }

@@ -3,9 +3,9 @@
 //! Strings in headers are accepted as long strings, short strings or byte arrays, and integers at any width,
 //! because clients in other languages pick different AMQP types for the same value.
 
-use chrono::{DateTime, TimeZone, Utc};
 use choreo_messages::envelope::CONTENT_TYPE_JSON;
 use choreo_messages::{DecodeError, EncodedEnvelope, Envelope, Metadata, headers};
+use chrono::{DateTime, TimeZone, Utc};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use uuid::Uuid;
@@ -57,7 +57,9 @@ pub fn metadata_from(properties: &BasicProperties) -> Result<Metadata, DecodeErr
     let schema_version = header_u32(table, headers::SCHEMA_VERSION)
         .ok_or(DecodeError::MissingMetadata("header schema-version (an integer)"))?;
     let correlation_id = match properties.correlation_id() {
-        Some(c) => Uuid::parse_str(c.as_str()).map_err(|_| DecodeError::MissingMetadata("property correlation_id (a UUID)"))?,
+        Some(c) => {
+            Uuid::parse_str(c.as_str()).map_err(|_| DecodeError::MissingMetadata("property correlation_id (a UUID)"))?
+        }
         None => message_id,
     };
     // Absent is fine (a command starts a workflow); present but unreadable (not text, not UTF-8, not a UUID)
@@ -96,7 +98,11 @@ pub fn metadata_from(properties: &BasicProperties) -> Result<Metadata, DecodeErr
 }
 
 /// Check size and content type, read the metadata and decode the body strictly.
-pub fn decode_delivery(properties: &BasicProperties, body: &[u8], max_body_bytes: usize) -> Result<Envelope, DecodeError> {
+pub fn decode_delivery(
+    properties: &BasicProperties,
+    body: &[u8],
+    max_body_bytes: usize,
+) -> Result<Envelope, DecodeError> {
     if body.len() > max_body_bytes {
         return Err(DecodeError::Oversized { size: body.len(), max: max_body_bytes });
     }
@@ -223,7 +229,8 @@ mod tests {
             props = props.with_headers(h);
             decode_delivery(&props, &e.body, 1024)
         };
-        let bytes = with(AMQPValue::ByteArray(ByteArray::from(vec![0xff_u8; 16]))).expect_err("16 raw bytes, not UTF-8");
+        let bytes =
+            with(AMQPValue::ByteArray(ByteArray::from(vec![0xff_u8; 16]))).expect_err("16 raw bytes, not UTF-8");
         assert_eq!(bytes.kind(), ErrorKind::MissingMetadata);
         assert_eq!(with(AMQPValue::LongLongInt(7)).expect_err("a number").kind(), ErrorKind::MissingMetadata);
         assert!(with(AMQPValue::Void).expect("void is absent").meta.causation_id.is_none());
@@ -233,7 +240,8 @@ mod tests {
     fn the_routing_key_a_message_was_published_with_must_be_its_type() {
         let none = BasicProperties::default();
         assert!(check_routing_key("ns.events", "order.place", &none, "ns.events", "order.place").is_ok());
-        let wrong = check_routing_key("ns.events", "order.place", &none, "ns.events", "payment.failed").expect_err("mismatch");
+        let wrong =
+            check_routing_key("ns.events", "order.place", &none, "ns.events", "payment.failed").expect_err("mismatch");
         assert_eq!(wrong.kind(), choreo_messages::ErrorKind::UnknownType);
         assert!(wrong.to_string().contains("routing key `order.place`"), "{wrong}");
         // Back from a delay queue or a replay: the default exchange, the key it was first published with.
@@ -250,7 +258,7 @@ mod tests {
         assert!(check_routing_key("", "ns.order", &none, "ns.events", "payment.failed").is_ok());
         assert!(check_routing_key("", "ns.order", &origin("", "ns.order"), "ns.events", "order.place").is_ok());
     }
-    use choreo_messages::payloads::{OrderConfirmed};
+    use choreo_messages::payloads::OrderConfirmed;
     use choreo_messages::{ErrorKind, Message};
     use lapin::types::ByteArray;
 

@@ -200,7 +200,8 @@ impl<H: Handler> ConsumerRunner<H> {
         }
         metrics::counter!("choreo_batch_fallbacks_total", "worker" => config.queue.worker.clone()).increment(0);
         for stage in ["in_process", "delayed"] {
-            metrics::counter!("choreo_retries_total", "worker" => config.queue.worker.clone(), "stage" => stage).increment(0);
+            metrics::counter!("choreo_retries_total", "worker" => config.queue.worker.clone(), "stage" => stage)
+                .increment(0);
         }
         let events_exchange = topology.events_exchange();
         ConsumerRunner {
@@ -252,7 +253,11 @@ impl<H: Handler> ConsumerRunner<H> {
     }
 
     /// One consuming session on one channel; `consuming_since` is set once the broker accepted the consumer.
-    async fn session(&self, shutdown: &CancellationToken, consuming_since: &mut Option<Instant>) -> Result<(), SessionError> {
+    async fn session(
+        &self,
+        shutdown: &CancellationToken,
+        consuming_since: &mut Option<Instant>,
+    ) -> Result<(), SessionError> {
         let channel = open_channel(&self.pool).await?;
         self.topology.declare_worker(&channel, &self.config.queue).await?;
         channel
@@ -295,7 +300,8 @@ impl<H: Handler> ConsumerRunner<H> {
             }
             return Ok(());
         }
-        let reason = stream_error.lock().ok().and_then(|mut s| s.take()).unwrap_or_else(|| "cancelled by the broker".into());
+        let reason =
+            stream_error.lock().ok().and_then(|mut s| s.take()).unwrap_or_else(|| "cancelled by the broker".into());
         Err(SessionError::StreamEnded(reason))
     }
 
@@ -359,8 +365,10 @@ impl<H: Handler> ConsumerRunner<H> {
                             Outcome::Duplicate => Settled::Duplicate,
                             // A batch that committed has no failures; anything else is the handler's bug.
                             other => {
-                                span.in_scope(|| error!(outcome = ?other,
-                                    "a committed batch reported a failure; leaving the message to redelivery"));
+                                span.in_scope(|| {
+                                    error!(outcome = ?other,
+                                    "a committed batch reported a failure; leaving the message to redelivery")
+                                });
                                 self.requeue(delivery).instrument(span.clone()).await;
                                 Settled::Requeued
                             }
@@ -511,7 +519,8 @@ impl<H: Handler> ConsumerRunner<H> {
             return self.reject(delivery, ErrorKind::Transient, reason, tries).await;
         };
         let attempts = self.attempts(delivery, tries);
-        let failure = Failure { worker: &self.config.queue.worker, kind: ErrorKind::Transient, error: reason, attempts };
+        let failure =
+            Failure { worker: &self.config.queue.worker, kind: ErrorKind::Transient, error: reason, attempts };
         let queue = self.topology.retry_queue(&self.config.queue.worker, delay);
         match delay_for_retry(&self.publisher, &queue, delivery, &failure, round + 1).await {
             Ok(()) => {

@@ -4,8 +4,8 @@
 //! operator why without reading logs. They stay small (a bounded error text, no stack traces): large headers
 //! break the frame limits of other clients.
 
-use chrono::{DateTime, SecondsFormat, Utc};
 use choreo_messages::ErrorKind;
+use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
@@ -62,7 +62,9 @@ pub fn deaths(headers: &FieldTable) -> Vec<Death<'_>> {
                 queue: header_string(t, "queue"),
                 count: crate::codec::header_i64(t, "count"),
                 time: match t.inner().get("time") {
-                    Some(AMQPValue::Timestamp(s)) => i64::try_from(*s).ok().and_then(|s| DateTime::from_timestamp(s, 0)),
+                    Some(AMQPValue::Timestamp(s)) => {
+                        i64::try_from(*s).ok().and_then(|s| DateTime::from_timestamp(s, 0))
+                    }
                     _ => None,
                 },
             }),
@@ -124,8 +126,10 @@ pub fn dead_letter_properties(delivery: &Delivery, failure: &Failure<'_>) -> Bas
     table.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(failure.attempts)));
     table.insert(headers::WORKER.into(), long(failure.worker));
     // A replayed message that fails again keeps the place it first came from.
-    let exchange = header_string(&original, headers::ORIGINAL_EXCHANGE).unwrap_or_else(|| delivery.exchange.to_string());
-    let key = header_string(&original, headers::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| delivery.routing_key.to_string());
+    let exchange =
+        header_string(&original, headers::ORIGINAL_EXCHANGE).unwrap_or_else(|| delivery.exchange.to_string());
+    let key =
+        header_string(&original, headers::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| delivery.routing_key.to_string());
     table.insert(headers::ORIGINAL_EXCHANGE.into(), long(&exchange));
     table.insert(headers::ORIGINAL_ROUTING_KEY.into(), long(&key));
     table.insert(headers::FIRST_FAILURE_AT.into(), long(&first));
@@ -246,7 +250,8 @@ mod tests {
     #[test]
     fn failure_headers_are_added_and_the_first_failure_is_kept() {
         let mut delivery = Delivery::mock(1, "ns.events".into(), "order.place".into(), false, b"{}".to_vec());
-        let failure = Failure { worker: "order", kind: ErrorKind::MalformedBody, error: &"e".repeat(5000), attempts: 3 };
+        let failure =
+            Failure { worker: "order", kind: ErrorKind::MalformedBody, error: &"e".repeat(5000), attempts: 3 };
         let props = dead_letter_properties(&delivery, &failure);
         let h = props.headers().clone().unwrap_or_default();
         assert_eq!(header_string(&h, headers::ERROR).map(|e| e.len()), Some(MAX_ERROR_BYTES));
@@ -288,7 +293,10 @@ mod tests {
         assert_eq!(props.kind().as_ref().map(|v| v.as_str()), Some("order.place"));
         assert_eq!(props.content_type().as_ref().map(|v| v.as_str()), Some("application/json"));
         assert_eq!(props.app_id().as_ref().map(|v| v.as_str()), Some("shop"));
-        assert_eq!((*props.timestamp(), *props.priority(), *props.delivery_mode()), (Some(1_700_000_000), Some(3), Some(2)));
+        assert_eq!(
+            (*props.timestamp(), *props.priority(), *props.delivery_mode()),
+            (Some(1_700_000_000), Some(3), Some(2))
+        );
     }
 
     #[test]
@@ -304,7 +312,9 @@ mod tests {
         let mut h = FieldTable::default();
         h.insert(
             "x-death".into(),
-            AMQPValue::FieldArray(vec![entry("expired", "ns.order.retry.1000ms", 5, 9), entry("delivery_limit", "ns.order", 2, 7)].into()),
+            AMQPValue::FieldArray(
+                vec![entry("expired", "ns.order.retry.1000ms", 5, 9), entry("delivery_limit", "ns.order", 2, 7)].into(),
+            ),
         );
         let mut delivery = Delivery::mock(1, "".into(), "ns.order".into(), true, b"{}".to_vec());
         delivery.properties = BasicProperties::default().with_headers(h);

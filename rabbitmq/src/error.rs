@@ -25,7 +25,9 @@ impl BrokerError {
 pub enum PublishError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("message {message_id} was returned unroutable by exchange `{exchange}` with routing key `{routing_key}`: {reply}")]
+    #[error(
+        "message {message_id} was returned unroutable by exchange `{exchange}` with routing key `{routing_key}`: {reply}"
+    )]
     Unroutable { message_id: String, exchange: String, routing_key: String, reply: String },
     #[error("message {message_id} was negatively acknowledged by the broker")]
     Nacked { message_id: String },

@@ -13,9 +13,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use choreo_messages::EncodedEnvelope;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::message::BasicReturnMessage;
 use futures_util::future::{MaybeDone, maybe_done};
+use lapin::message::BasicReturnMessage;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::sync::Mutex;
 
@@ -73,10 +73,7 @@ impl ConfirmingPublisher {
             return Ok(channel.clone());
         }
         let channel = open_channel(&self.pool).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(BrokerError::amqp("confirm.select"))?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(BrokerError::amqp("confirm.select"))?;
         *slot = Some(channel.clone());
         Ok(channel)
     }
@@ -183,9 +180,8 @@ impl ConfirmingPublisher {
             };
             results.push(result);
         }
-        let broken = results
-            .iter()
-            .any(|r| matches!(r, Err(PublishError::Broker(_) | PublishError::ConfirmTimeout { .. })));
+        let broken =
+            results.iter().any(|r| matches!(r, Err(PublishError::Broker(_) | PublishError::ConfirmTimeout { .. })));
         if broken {
             self.discard(&channel).await;
         } else {

@@ -38,7 +38,8 @@ impl Infra {
     /// Create an empty database `name` and return its URL.
     pub async fn create_database(&self, name: &str) -> String {
         let options = PgConnectOptions::from_str(&self.database_url).expect("DATABASE_URL parses");
-        let pool = PgPoolOptions::new().max_connections(1).connect_with(options).await.expect("database server reachable");
+        let pool =
+            PgPoolOptions::new().max_connections(1).connect_with(options).await.expect("database server reachable");
         pool.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).await.expect("create database");
         pool.close().await;
         self.database(name)
@@ -212,7 +213,10 @@ mod tests {
     #[test]
     fn a_database_url_keeps_everything_but_the_database() {
         let url = |server: &str| super::database_url(server, "bench_order").expect("a URL");
-        assert_eq!(url("postgres://choreo:choreo@127.0.0.1:5432/postgres"), "postgres://choreo:choreo@127.0.0.1:5432/bench_order");
+        assert_eq!(
+            url("postgres://choreo:choreo@127.0.0.1:5432/postgres"),
+            "postgres://choreo:choreo@127.0.0.1:5432/bench_order"
+        );
         assert_eq!(
             url("postgres://choreo:pw@localhost:5432/postgres?host=%2Fsrv%2Fpg%2Frun&sslmode=disable"),
             "postgres://choreo:pw@localhost:5432/bench_order?host=%2Fsrv%2Fpg%2Frun&sslmode=disable"
@@ -224,7 +228,8 @@ mod tests {
     #[tokio::test]
     async fn the_port_is_found_past_a_line_that_is_not_utf8() {
         let (mut child, log) = tokio::io::duplex(1024);
-        let port = super::follow_log(log, "child".into(), |line| line.strip_prefix("port=").and_then(|p| p.parse().ok()));
+        let port =
+            super::follow_log(log, "child".into(), |line| line.strip_prefix("port=").and_then(|p| p.parse().ok()));
         child.write_all(b"starting\n\xff\xfe not text\nport=4242\n").await.expect("write");
         assert_eq!(port.await, Ok(4242));
     }

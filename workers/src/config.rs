@@ -18,7 +18,12 @@ pub struct CommonArgs {
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
     pub amqp_url: String,
     /// PostgreSQL server URL; a worker without its own database URL uses database `choreo_<worker>` on it.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://choreo:choreo@127.0.0.1:5432/postgres", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://choreo:choreo@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
     pub server_database_url: String,
     /// Prefix of every exchange and queue name; lets several environments share one broker.
     #[arg(long, env = "CHOREO_NAMESPACE", default_value = "choreo")]
@@ -149,7 +154,16 @@ mod tests {
 
     #[test]
     fn counts_of_zero_are_refused_with_the_setting_named() {
-        for flag in ["--prefetch", "--concurrency", "--batch-size", "--max-message-bytes", "--delivery-limit", "--crash-limit", "--db-pool-size", "--relay-batch"] {
+        for flag in [
+            "--prefetch",
+            "--concurrency",
+            "--batch-size",
+            "--max-message-bytes",
+            "--delivery-limit",
+            "--crash-limit",
+            "--db-pool-size",
+            "--relay-batch",
+        ] {
             let error = parse(&[flag, "0"]).expect_err(flag).to_string();
             assert!(error.contains(flag), "{flag}: {error}");
         }
@@ -166,7 +180,14 @@ mod tests {
     #[test]
     fn every_problem_of_settings_taken_together_is_reported() {
         let args = parse(&[
-            "--inbox-retention", "1m", "--retry-delays", "0s,10s,60s", "--relay-sweep", "0s", "--relay-handoff-wait", "3s",
+            "--inbox-retention",
+            "1m",
+            "--retry-delays",
+            "0s,10s,60s",
+            "--relay-sweep",
+            "0s",
+            "--relay-handoff-wait",
+            "3s",
         ])
         .expect("parse");
         let problems = args.problems();

@@ -87,8 +87,7 @@ impl HandlerConnections {
 
     /// Keep `conn` if there is room and the pool can spare it; else it goes back to the pool.
     fn keep(&self, conn: PoolConnection<Postgres>, taken: Instant) {
-        let pool_can_spare =
-            self.pool.num_idle() > 0 || self.pool.size() < self.pool.options().get_max_connections();
+        let pool_can_spare = self.pool.num_idle() > 0 || self.pool.size() < self.pool.options().get_max_connections();
         if !pool_can_spare {
             return;
         }

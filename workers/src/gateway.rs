@@ -89,7 +89,9 @@ impl SimulatedGateway {
         if charge.customer_id.starts_with("unavailable") {
             return Some(unavailable());
         }
-        if let Some(n) = charge.customer_id.strip_prefix("flaky-").and_then(|r| r.chars().next()).and_then(|c| c.to_digit(10)) {
+        if let Some(n) =
+            charge.customer_id.strip_prefix("flaky-").and_then(|r| r.chars().next()).and_then(|c| c.to_digit(10))
+        {
             let mut attempts = self.flaky_attempts.lock().unwrap_or_else(|p| p.into_inner());
             let failed = attempts.entry(charge.order_id).or_default();
             if *failed < n {

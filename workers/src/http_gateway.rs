@@ -90,22 +90,21 @@ impl HttpGateway {
             return Err(GatewayError::Unavailable("circuit open: the gateway failed repeatedly".into()));
         }
         let url = format!("{}/{path}", self.config.base_url.trim_end_matches('/'));
-        let strategy = ExponentialFactorBackoff::from_millis(50, 2.0).max_delay_millis(1_000).map(jitter).take(self.config.retries);
+        let strategy = ExponentialFactorBackoff::from_millis(50, 2.0)
+            .max_delay_millis(1_000)
+            .map(jitter)
+            .take(self.config.retries);
         // Whether any attempt failed for the provider's sake (no answer, a 5xx, a 429), not only because this
         // one request must wait ("try again": 408, 409, 425).
         let provider_failed = std::sync::atomic::AtomicBool::new(false);
         let result = Retry::spawn(strategy, || async {
-            let response = self
-                .client
-                .post(&url)
-                .header("Idempotency-Key", key.to_string())
-                .json(body)
-                .send()
-                .await
-                .map_err(|e| {
-                    provider_failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                    RetryError::transient(GatewayError::Unavailable(format!("{path}: {e}")))
-                })?;
+            let response =
+                self.client.post(&url).header("Idempotency-Key", key.to_string()).json(body).send().await.map_err(
+                    |e| {
+                        provider_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        RetryError::transient(GatewayError::Unavailable(format!("{path}: {e}")))
+                    },
+                )?;
             let status = response.status();
             if is_provider_failure(status) {
                 provider_failed.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason, InventoryReserved, PaymentSucceeded};
 use choreo_messages::{Envelope, Message, MessageType};
-use sqlx::migrate::Migrator;
 use choreo_outbox::Change;
+use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -94,7 +94,8 @@ async fn reserve(
     let mut skus: Vec<&str> = orders.iter().flat_map(|p| p.lines.iter().map(|l| l.sku.as_str())).collect();
     skus.sort_unstable();
     skus.dedup();
-    let rows = sqlx::query("SELECT sku, available FROM stock WHERE sku = ANY($1)").bind(&skus).fetch_all(&mut *db).await?;
+    let rows =
+        sqlx::query("SELECT sku, available FROM stock WHERE sku = ANY($1)").bind(&skus).fetch_all(&mut *db).await?;
     let mut available: HashMap<String, i64> = HashMap::with_capacity(rows.len());
     for row in rows {
         available.insert(row.try_get("sku")?, row.try_get("available")?);
@@ -152,7 +153,9 @@ async fn reserve(
                 .push_bind(skus)
                 .push("::text[], ")
                 .push_bind(quantities)
-                .push("::bigint[]) AS w(sku, q) USING (sku) WHERE s.sku = w.sku AND s.available >= w.q RETURNING s.sku");
+                .push(
+                    "::bigint[]) AS w(sku, q) USING (sku) WHERE s.sku = w.sku AND s.available >= w.q RETURNING s.sku",
+                );
             })
             .cte("reserved", |q| {
                 q.push("INSERT INTO reservations (order_id, sku, quantity) SELECT * FROM UNNEST(")

@@ -11,9 +11,9 @@ use std::collections::{HashMap, HashSet};
 
 use choreo_messages::payloads::{CancelReason, OrderCancelled, OrderConfirmed, OrderCreated, PlaceOrder, order_total};
 use choreo_messages::{Envelope, Message, MessageType, Metadata};
+use choreo_outbox::Change;
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
-use choreo_outbox::Change;
 use sqlx::{PgConnection, Row};
 use tracing::info;
 use uuid::Uuid;
@@ -36,8 +36,14 @@ impl Service for OrderService {
 
     fn register_metrics(&self) {
         metrics::counter!("choreo_saga_outcomes_total", "outcome" => "confirmed", "reason" => "none").increment(0);
-        for reason in [CancelReason::CardDeclined, CancelReason::AmountOverLimit, CancelReason::OutOfStock, CancelReason::UnknownSku] {
-            metrics::counter!("choreo_saga_outcomes_total", "outcome" => "cancelled", "reason" => reason.as_str()).increment(0);
+        for reason in [
+            CancelReason::CardDeclined,
+            CancelReason::AmountOverLimit,
+            CancelReason::OutOfStock,
+            CancelReason::UnknownSku,
+        ] {
+            metrics::counter!("choreo_saga_outcomes_total", "outcome" => "cancelled", "reason" => reason.as_str())
+                .increment(0);
         }
     }
 
@@ -79,10 +85,13 @@ async fn decide(
         .map(|(envelope, _)| match &envelope.message {
             Message::OrderPlace(place) => {
                 let total = order_total(&place.lines).map_err(ServiceError::Permanent)?;
-                let lines = serde_json::to_value(&place.lines).map_err(|e| ServiceError::Permanent(format!("lines: {e}")))?;
+                let lines =
+                    serde_json::to_value(&place.lines).map_err(|e| ServiceError::Permanent(format!("lines: {e}")))?;
                 Ok(Step::Place { place, total, lines })
             }
-            Message::InventoryReserved(m) => Ok(Step::Settle { order_id: m.order_id, status: "CONFIRMED", reason: None }),
+            Message::InventoryReserved(m) => {
+                Ok(Step::Settle { order_id: m.order_id, status: "CONFIRMED", reason: None })
+            }
             Message::PaymentFailed(m) => {
                 Ok(Step::Settle { order_id: m.order_id, status: "CANCELLED", reason: Some(m.reason.into()) })
             }
@@ -114,9 +123,9 @@ async fn decide(
                 );
             }
             Step::Settle { order_id, status, reason } => {
-                let order = current
-                    .get(order_id)
-                    .ok_or_else(|| ServiceError::Permanent(format!("order {order_id} is unknown to the order service")))?;
+                let order = current.get(order_id).ok_or_else(|| {
+                    ServiceError::Permanent(format!("order {order_id} is unknown to the order service"))
+                })?;
                 if order.status != "PENDING" {
                     // A late event, or a copy of one handled before (the inbox says so when the change is
                     // written): not a fault.
@@ -135,10 +144,11 @@ async fn decide(
                             currency: order.currency.clone(),
                         })])
                         .after_commit(move || observe_outcome("confirmed", "none", placed_at)),
-                        Some(reason) => {
-                            Effects::events(vec![Message::OrderCancelled(OrderCancelled { order_id: *order_id, reason })])
-                                .after_commit(move || observe_outcome("cancelled", reason.as_str(), placed_at))
-                        }
+                        Some(reason) => Effects::events(vec![Message::OrderCancelled(OrderCancelled {
+                            order_id: *order_id,
+                            reason,
+                        })])
+                        .after_commit(move || observe_outcome("cancelled", reason.as_str(), placed_at)),
                     }
                     .applies_if(*order_id),
                 );
@@ -235,10 +245,11 @@ async fn read_orders(db: &mut PgConnection, steps: &[Step<'_>]) -> Result<HashMa
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows = sqlx::query("SELECT order_id, status, total_cents, currency, placed_at FROM orders WHERE order_id = ANY($1)")
-        .bind(&ids)
-        .fetch_all(&mut *db)
-        .await?;
+    let rows =
+        sqlx::query("SELECT order_id, status, total_cents, currency, placed_at FROM orders WHERE order_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *db)
+            .await?;
     let mut orders = HashMap::with_capacity(rows.len());
     for row in rows {
         orders.insert(

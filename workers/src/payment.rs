@@ -17,8 +17,8 @@ use choreo_messages::payloads::{
     CancelReason, InventoryFailed, OrderCreated, PaymentFailed, PaymentRefunded, PaymentSucceeded,
 };
 use choreo_messages::{Envelope, Message, MessageType};
-use sqlx::migrate::Migrator;
 use choreo_outbox::Change;
+use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, Row};
 use tracing::{Instrument, info, warn};
 use uuid::Uuid;
@@ -72,16 +72,17 @@ impl<G: PaymentGateway> PaymentService<G> {
                 .await?
                 .into_iter()
                 .collect();
-        let charges = batch.iter().zip(&orders).filter(|(_, o)| !existing.contains_key(&o.order_id)).map(|((_, span), order)| {
-            self.gateway
-                .charge(Charge {
-                    order_id: order.order_id,
-                    customer_id: &order.customer_id,
-                    amount_cents: order.total_cents,
-                    currency: &order.currency,
-                })
-                .instrument(span.clone())
-        });
+        let charges =
+            batch.iter().zip(&orders).filter(|(_, o)| !existing.contains_key(&o.order_id)).map(|((_, span), order)| {
+                self.gateway
+                    .charge(Charge {
+                        order_id: order.order_id,
+                        customer_id: &order.customer_id,
+                        amount_cents: order.total_cents,
+                        currency: &order.currency,
+                    })
+                    .instrument(span.clone())
+            });
         let mut results = futures_util::future::join_all(charges).await.into_iter();
         let mut rows = Payments::default();
         let mut effects = Vec::with_capacity(orders.len());
@@ -97,7 +98,13 @@ impl<G: PaymentGateway> PaymentService<G> {
                 ChargeResult::Charged { payment_id } => (payment_id, "CHARGED", None),
                 ChargeResult::Declined { reason } => (Uuid::now_v7(), "DECLINED", Some(reason)),
             };
-            rows.push(order, payment_id, envelope.meta.correlation_id, status, decline.map(|r| CancelReason::from(r).as_str()));
+            rows.push(
+                order,
+                payment_id,
+                envelope.meta.correlation_id,
+                status,
+                decline.map(|r| CancelReason::from(r).as_str()),
+            );
             // Written only if no copy of this message recorded the payment meanwhile.
             effects.push(
                 Effects::events(vec![match decline {
@@ -248,10 +255,14 @@ impl<G: PaymentGateway> Service for PaymentService<G> {
         }
         match batch {
             [(envelope, span)] => match &envelope.message {
-                Message::InventoryFailed(failed) => Ok(vec![self.refund(db, failed, change).instrument(span.clone()).await?]),
+                Message::InventoryFailed(failed) => {
+                    Ok(vec![self.refund(db, failed, change).instrument(span.clone()).await?])
+                }
                 other => Err(ServiceError::Permanent(format!("payment does not handle {}", other.message_type()))),
             },
-            _ => Err(ServiceError::Transient("a refund, or two messages about one order, are decided one at a time".into())),
+            _ => Err(ServiceError::Transient(
+                "a refund, or two messages about one order, are decided one at a time".into(),
+            )),
         }
     }
 }

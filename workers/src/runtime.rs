@@ -58,10 +58,7 @@ pub async fn prepare_database(
         }
         Err(e) => return Err(e).with_context(|| format!("connecting to database `{name}`")),
     };
-    with_service_migrations(migrations)
-        .run(&pool)
-        .await
-        .with_context(|| format!("migrating database `{name}`"))?;
+    with_service_migrations(migrations).run(&pool).await.with_context(|| format!("migrating database `{name}`"))?;
     Ok(pool)
 }
 
@@ -100,7 +97,8 @@ pub async fn run_worker<S: Service>(
         },
     ));
     service.register_metrics();
-    let handler = Arc::new(TransactionalHandler::new(service, db.clone(), relay.handoff()).keeping_connections(args.concurrency));
+    let handler =
+        Arc::new(TransactionalHandler::new(service, db.clone(), relay.handoff()).keeping_connections(args.concurrency));
     let metrics_addr = listener.local_addr().context("the metrics listener's address")?;
     started(WorkerHandle { counters: handler.counters(), metrics_addr });
 

@@ -223,7 +223,8 @@ impl<S: Service> TransactionalHandler<S> {
                 // lookup here, so that an outage of a dependency does not add a query per failed message.
                 Err(failure) => return Err(failure),
             };
-            let committed = self.inbox.commit(&mut db, change, &[&envelope.meta], &written.events, self.handoff.hold()).await;
+            let committed =
+                self.inbox.commit(&mut db, change, &[&envelope.meta], &written.events, self.handoff.hold()).await;
             let decide_again = decision < DECISIONS && matches!(committed, Err(CommitError::Stale(_)));
             if !decide_again && server_answered(&committed) {
                 db.clean();
@@ -338,9 +339,12 @@ impl<S: Service> TransactionalHandler<S> {
 fn server_answered<T>(committed: &Result<T, CommitError>) -> bool {
     match committed {
         Ok(_)
-        | Err(CommitError::ProcessedBefore | CommitError::Conflict(_) | CommitError::Stale(_) | CommitError::UnappliedKeys) => {
-            true
-        }
+        | Err(
+            CommitError::ProcessedBefore
+            | CommitError::Conflict(_)
+            | CommitError::Stale(_)
+            | CommitError::UnappliedKeys,
+        ) => true,
         Err(CommitError::Database(_)) => false,
     }
 }
@@ -441,7 +445,9 @@ impl<S: Service> choreo_rabbitmq::Handler for TransactionalHandler<S> {
         envelopes
             .iter()
             .map(|e| {
-                Self::consumes(e) && self.service.batchable(e) && messages_per_order.get(&e.message.order_id()) == Some(&1)
+                Self::consumes(e)
+                    && self.service.batchable(e)
+                    && messages_per_order.get(&e.message.order_id()) == Some(&1)
             })
             .collect()
     }

@@ -80,7 +80,13 @@ where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     W: for<'w> fmt::MakeWriter<'w> + 'static,
 {
-    fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false).with_target(false).with_writer(writer)
+    fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_target(false)
+        .with_writer(writer)
 }
 
 /// The span of a handler applying one message: its own span of the workflow's trace (named after the
@@ -156,7 +162,10 @@ mod tests {
         let subscriber = tracing_subscriber::registry().with(json_logs(move || writer.clone()));
         let order_id = uuid::Uuid::now_v7();
         let envelope = Envelope::new_command(
-            Message::OrderCancelled(OrderCancelled { order_id, reason: choreo_messages::payloads::CancelReason::OutOfStock }),
+            Message::OrderCancelled(OrderCancelled {
+                order_id,
+                reason: choreo_messages::payloads::CancelReason::OutOfStock,
+            }),
             "test",
             Some(order_id),
         );

@@ -60,18 +60,31 @@ async fn list_show_filters_purge_export_and_import_tell_the_truth_and_lose_nothi
         .iter()
         .map(|q| (q["queue"].as_str().unwrap_or("").to_owned(), q["messages"].as_u64().unwrap_or(99)))
         .collect();
-    assert_eq!(counts, vec![(order_dlq.clone(), 5), (payment_dlq.clone(), 2), (cluster.topology.dead_letter_queue("inventory"), 0)]);
+    assert_eq!(
+        counts,
+        vec![(order_dlq.clone(), 5), (payment_dlq.clone(), 2), (cluster.topology.dead_letter_queue("inventory"), 0)]
+    );
     let (_, out, _) = cluster.run_choreoctl(&["dlq", "list", "--group-by", "error-kind", "--json"]).await;
     let mut groups: Vec<(String, String, u64)> = json(&out)["groups"]
         .as_array()
         .expect("groups")
         .iter()
-        .map(|g| (g["worker"].as_str().unwrap_or("").into(), g["error_kind"].as_str().unwrap_or("").into(), g["messages"].as_u64().unwrap_or(0)))
+        .map(|g| {
+            (
+                g["worker"].as_str().unwrap_or("").into(),
+                g["error_kind"].as_str().unwrap_or("").into(),
+                g["messages"].as_u64().unwrap_or(0),
+            )
+        })
         .collect();
     groups.sort();
     assert_eq!(
         groups,
-        vec![("order".into(), "malformed_body".into(), 3), ("order".into(), "unknown_type".into(), 2), ("payment".into(), "malformed_body".into(), 2)]
+        vec![
+            ("order".into(), "malformed_body".into(), 3),
+            ("order".into(), "unknown_type".into(), 2),
+            ("payment".into(), "malformed_body".into(), 2)
+        ]
     );
 
     // show: the queue keeps its count and its order.
@@ -87,22 +100,39 @@ async fn list_show_filters_purge_export_and_import_tell_the_truth_and_lose_nothi
     assert_eq!(cluster.depth(&order_dlq).await, 5);
 
     // filters select exactly; purge without --yes and without a terminal does nothing.
-    let (_, out, _) = cluster.run_choreoctl(&["dlq", "replay", "order", "--error-kind", "unknown_type", "--dry-run", "--json"]).await;
+    let (_, out, _) =
+        cluster.run_choreoctl(&["dlq", "replay", "order", "--error-kind", "unknown_type", "--dry-run", "--json"]).await;
     assert_eq!(json(&out)["selected"], 2);
-    let (_, out, _) = cluster.run_choreoctl(&["dlq", "replay", "order", "--id", &first_id, "--dry-run", "--json"]).await;
+    let (_, out, _) =
+        cluster.run_choreoctl(&["dlq", "replay", "order", "--id", &first_id, "--dry-run", "--json"]).await;
     assert_eq!(json(&out)["selected"], 1);
-    let (_, out, _) = cluster.run_choreoctl(&["dlq", "replay", "order", "--type", "order.place", "--older-than", "1h", "--dry-run", "--json"]).await;
+    let (_, out, _) = cluster
+        .run_choreoctl(&[
+            "dlq",
+            "replay",
+            "order",
+            "--type",
+            "order.place",
+            "--older-than",
+            "1h",
+            "--dry-run",
+            "--json",
+        ])
+        .await;
     assert_eq!(json(&out)["selected"], 0, "nothing failed an hour ago");
     let (code, _, err) = cluster.run_choreoctl(&["dlq", "purge", "order", "--all"]).await;
     assert!(code != 0 && err.contains("--yes"), "{code} {err}");
     let (code, _, err) = cluster.run_choreoctl(&["dlq", "purge", "order"]).await;
     assert!(code != 0 && err.contains("--all"), "no selection, no purge: {err}");
     assert_eq!(cluster.depth(&order_dlq).await, 5, "nothing was purged");
-    let (code, out, err) = cluster.run_choreoctl(&["dlq", "purge", "order", "--error-kind", "unknown_type", "--yes", "--json"]).await;
+    let (code, out, err) =
+        cluster.run_choreoctl(&["dlq", "purge", "order", "--error-kind", "unknown_type", "--yes", "--json"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(json(&out)["done"], 2);
     cluster.wait_depth(&order_dlq, 3).await;
-    let (_, out, _) = cluster.run_choreoctl(&["dlq", "replay", "order", "--error-kind", "malformed_body", "--dry-run", "--json"]).await;
+    let (_, out, _) = cluster
+        .run_choreoctl(&["dlq", "replay", "order", "--error-kind", "malformed_body", "--dry-run", "--json"])
+        .await;
     assert_eq!(json(&out)["selected"], 3, "only the unknown types went");
 
     // export, purge, import: headers and bodies come back byte for byte.
@@ -131,7 +161,8 @@ async fn trace_tells_the_story_of_a_confirmed_and_a_compensated_order() {
     // The relay publishes the terminal events a moment after the commit.
     choreo_testkit::wait_for("terminal events published", Duration::from_secs(30), || async {
         let (_, out, _) = cluster.run_choreoctl(&["outbox", "status", "--json"]).await;
-        let backlog: i64 = json(&out).as_array().map(|rows| rows.iter().filter_map(|r| r["unpublished"].as_i64()).sum()).unwrap_or(-1);
+        let backlog: i64 =
+            json(&out).as_array().map(|rows| rows.iter().filter_map(|r| r["unpublished"].as_i64()).sum()).unwrap_or(-1);
         if backlog == 0 { Ok(()) } else { Err(backlog) }
     })
     .await;
@@ -145,7 +176,14 @@ async fn trace_tells_the_story_of_a_confirmed_and_a_compensated_order() {
                 .as_array()
                 .expect("steps")
                 .iter()
-                .map(|s| format!("{} {} {}", s["service"].as_str().unwrap_or(""), s["what"].as_str().unwrap_or(""), s["message_type"].as_str().unwrap_or("")))
+                .map(|s| {
+                    format!(
+                        "{} {} {}",
+                        s["service"].as_str().unwrap_or(""),
+                        s["what"].as_str().unwrap_or(""),
+                        s["message_type"].as_str().unwrap_or("")
+                    )
+                })
                 .collect::<Vec<_>>()
         }
     };
@@ -212,7 +250,9 @@ async fn publish_wait_waits_for_exactly_the_placed_orders() {
     foreign_order(&cluster, other, "PENDING").await;
     let file = std::env::temp_dir().join(format!("{}-order.json", cluster.namespace));
     std::fs::write(&file, choreo_messages::Message::OrderPlace(from_file.clone()).to_json()).expect("write order");
-    let (code, out, err) = cluster.run_choreoctl(&["publish", "--file", file.to_str().expect("path"), "--wait", "--timeout", "60s", "--json"]).await;
+    let (code, out, err) = cluster
+        .run_choreoctl(&["publish", "--file", file.to_str().expect("path"), "--wait", "--timeout", "60s", "--json"])
+        .await;
     let _ = std::fs::remove_file(&file);
     assert_eq!(code, 0, "{out}\n{err}");
     let summary = json(&out);
@@ -226,7 +266,19 @@ async fn publish_wait_waits_for_exactly_the_placed_orders() {
         .expect("complete the foreign order");
     cluster.kill("order").await;
     let id = never_placed.to_string();
-    let args = ["publish", "--customer", "cust-2", "--line", "sku-001:1:100", "--order-id", &id, "--wait", "--timeout", "3s", "--json"];
+    let args = [
+        "publish",
+        "--customer",
+        "cust-2",
+        "--line",
+        "sku-001:1:100",
+        "--order-id",
+        &id,
+        "--wait",
+        "--timeout",
+        "3s",
+        "--json",
+    ];
     let (code, out, err) = cluster.run_choreoctl(&args).await;
     assert_eq!(code, 3, "timed out, not done: {out}\n{err}");
     assert!(err.contains("1 of 1 orders are not terminal"), "{err}");
@@ -242,7 +294,8 @@ async fn an_import_that_fails_half_way_says_what_it_imported_and_where_to_start_
     // round goes), and lines 201-250 are not tried.
     let lines: Vec<String> = (1..=250)
         .map(|n| {
-            let properties = BasicProperties::default().with_message_id(format!("m{n}").into()).with_type("order.created".into());
+            let properties =
+                BasicProperties::default().with_message_id(format!("m{n}").into()).with_type("order.created".into());
             let queue = if n == 103 { &nowhere } else { &dlq };
             serde_json::json!({ "queue": queue, "properties": properties, "body_base64": "e30=" }).to_string()
         })

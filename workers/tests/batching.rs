@@ -63,7 +63,8 @@ async fn waiting_deliveries_are_applied_in_batches_with_exactly_the_effects_of_o
     cluster.spawn("order");
     cluster.wait_depth(&t.worker_queue("payment"), 40).await;
     wait_for("the order worker's duplicate count", DEADLINE, || async {
-        let n = metric(&cluster, "order", "choreo_duplicates_skipped_total{worker=\"order\",type=\"order.place\"}").await;
+        let n =
+            metric(&cluster, "order", "choreo_duplicates_skipped_total{worker=\"order\",type=\"order.place\"}").await;
         if n == 10.0 { Ok(()) } else { Err(n) }
     })
     .await;
@@ -150,7 +151,11 @@ async fn messages_that_cannot_join_a_batch_go_alone_and_the_rest_still_make_one(
         let Message::OrderCreated(o) = &created.message else { unreachable!("built as order.created above") };
         Envelope::caused_by(
             &created.meta,
-            Message::InventoryFailed(InventoryFailed { order_id: o.order_id, reason: InventoryFailureReason::OutOfStock, sku: "sku-001".into() }),
+            Message::InventoryFailed(InventoryFailed {
+                order_id: o.order_id,
+                reason: InventoryFailureReason::OutOfStock,
+                sku: "sku-001".into(),
+            }),
             "inventory",
         )
     };

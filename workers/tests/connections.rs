@@ -52,7 +52,11 @@ impl<S: Service> Service for Backends<S> {
 }
 
 fn handler(db: &PgPool) -> TransactionalHandler<Backends<PaymentService<SimulatedGateway>>> {
-    let service = Backends { inner: PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), seen: Mutex::default(), refuse: AtomicBool::new(false) };
+    let service = Backends {
+        inner: PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)),
+        seen: Mutex::default(),
+        refuse: AtomicBool::new(false),
+    };
     TransactionalHandler::new(service, db.clone(), Default::default())
 }
 
@@ -81,7 +85,10 @@ async fn a_handler_keeps_its_connection_for_the_next_message_and_gives_back_a_br
     // broken, fails as a transient error (the consumer retries it), and the connection is not kept.
     terminate(&db, first).await;
     let message = order_created();
-    assert!(matches!(handler.handle(&message).await, Outcome::Retry { .. }), "a broken connection is a transient failure");
+    assert!(
+        matches!(handler.handle(&message).await, Outcome::Retry { .. }),
+        "a broken connection is a transient failure"
+    );
     assert_eq!(handler.kept_connections(), 0, "the broken connection is not kept");
     assert_eq!(handler.handle(&message).await, Outcome::Done, "the retry runs on a sound connection");
     assert_ne!(last_backend(&handler), first);
@@ -95,12 +102,16 @@ async fn a_handler_keeps_its_connection_for_the_next_message_and_gives_back_a_br
 
 /// End `pid`'s server process and wait, within a deadline, until it is gone.
 async fn terminate(db: &PgPool, pid: i32) {
-    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(pid).fetch_one(db).await.expect("terminate");
+    let ended: bool =
+        sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(pid).fetch_one(db).await.expect("terminate");
     assert!(ended, "backend {pid} was running");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let alive: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1").bind(pid).fetch_one(db).await.expect("activity");
+        let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+            .bind(pid)
+            .fetch_one(db)
+            .await
+            .expect("activity");
         if alive == 0 {
             return;
         }

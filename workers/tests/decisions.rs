@@ -45,7 +45,10 @@ impl<S: Service> Service for Meanwhile<S> {
     ) -> Result<Vec<Effects>, ServiceError> {
         let effects = self.inner.decide(db, batch, change).await?;
         if self.decisions.fetch_add(1, Ordering::SeqCst) == 0 {
-            sqlx::query(sqlx::AssertSqlSafe(self.meanwhile.clone())).execute(&self.db).await.expect("the concurrent change");
+            sqlx::query(sqlx::AssertSqlSafe(self.meanwhile.clone()))
+                .execute(&self.db)
+                .await
+                .expect("the concurrent change");
         }
         Ok(effects)
     }
@@ -102,7 +105,8 @@ async fn a_reservation_decided_on_stock_taken_meanwhile_is_decided_again() {
         [("sku-a".to_owned(), 5, 0), ("sku-b".to_owned(), 1, 4)],
         "nothing reserved: sku-b had 1 unit left when the change was written, and no line is reserved alone"
     );
-    let reservations: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations").fetch_one(&db).await.expect("count");
+    let reservations: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reservations").fetch_one(&db).await.expect("count");
     assert_eq!(reservations, 0);
     assert_eq!(outbox_types(&db).await, ["inventory.failed"], "decided again on the stock as it is: out of stock");
     db.close().await;
@@ -136,7 +140,10 @@ async fn a_charge_whose_order_was_paid_meanwhile_writes_no_payment_and_no_event(
     assert_eq!(handler.handle(&created).await, Outcome::Done, "processed, with no effect of its own");
     let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&db).await.expect("count");
     assert_eq!(payments, 1);
-    assert!(outbox_types(&db).await.is_empty(), "the payment written meanwhile had its own event; this one writes none");
+    assert!(
+        outbox_types(&db).await.is_empty(),
+        "the payment written meanwhile had its own event; this one writes none"
+    );
     let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE message_id = $1")
         .bind(created.meta.message_id)
         .fetch_one(&db)
@@ -178,8 +185,11 @@ async fn a_confirmation_of_an_order_cancelled_meanwhile_writes_nothing() {
         "inventory",
     );
     assert_eq!(racing.handle(&reserved).await, Outcome::Done);
-    let status: String =
-        sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1").bind(order_id).fetch_one(&db).await.expect("order");
+    let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_one(&db)
+        .await
+        .expect("order");
     assert_eq!(status, "CANCELLED");
     assert_eq!(outbox_types(&db).await, ["order.created"], "no order.confirmed for a cancelled order");
     db.close().await;
@@ -196,7 +206,9 @@ async fn concurrent_reservations_of_scarce_stock_never_oversell_and_each_message
     const ORDERS: usize = 120;
     let infra = Infra::from_env();
     let (name, db) = database(&infra, "inventory", &inventory::MIGRATIONS).await;
-    inventory::seed_catalogue(&db, &[("sku-hot".to_owned(), STOCK), ("sku-cold".to_owned(), 1_000)]).await.expect("seed");
+    inventory::seed_catalogue(&db, &[("sku-hot".to_owned(), STOCK), ("sku-cold".to_owned(), 1_000)])
+        .await
+        .expect("seed");
     let handler = std::sync::Arc::new(TransactionalHandler::new(InventoryService, db.clone(), Default::default()));
     let paid: Vec<Envelope> = (0..ORDERS)
         .map(|i| {
@@ -208,7 +220,11 @@ async fn concurrent_reservations_of_scarce_stock_never_oversell_and_each_message
                     amount_cents: 1400,
                     currency: "EUR".into(),
                     // Every order wants one hot unit; every third a cold one too, so that orders lock two rows.
-                    lines: if i % 3 == 0 { vec![line("sku-hot", 1), line("sku-cold", 1)] } else { vec![line("sku-hot", 1)] },
+                    lines: if i % 3 == 0 {
+                        vec![line("sku-hot", 1), line("sku-cold", 1)]
+                    } else {
+                        vec![line("sku-hot", 1)]
+                    },
                 }),
                 "payment",
                 Some(order_id),
@@ -263,16 +279,17 @@ async fn concurrent_reservations_of_scarce_stock_never_oversell_and_each_message
     .await
     .expect("stock");
     assert_eq!((hot_available, hot_reserved), (0, STOCK), "the hot sku sold out exactly, never over");
-    let (reserved_events, failed_events, reserved_orders, hot_rows, cold_rows): (i64, i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM outbox WHERE message_type = 'inventory.reserved'), \
+    let (reserved_events, failed_events, reserved_orders, hot_rows, cold_rows): (i64, i64, i64, i64, i64) =
+        sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox WHERE message_type = 'inventory.reserved'), \
                 (SELECT count(*) FROM outbox WHERE message_type = 'inventory.failed'), \
                 (SELECT count(DISTINCT order_id) FROM reservations), \
                 (SELECT count(*) FROM reservations WHERE sku = 'sku-hot'), \
                 (SELECT count(*) FROM reservations WHERE sku = 'sku-cold')",
-    )
-    .fetch_one(&db)
-    .await
-    .expect("events");
+        )
+        .fetch_one(&db)
+        .await
+        .expect("events");
     assert_eq!(reserved_events, STOCK, "one inventory.reserved per unit of the hot sku");
     assert_eq!(failed_events, ORDERS as i64 - STOCK, "the others are refused");
     assert_eq!((reserved_orders, hot_rows), (STOCK, STOCK), "each reservation event has its rows");

@@ -18,8 +18,8 @@ use choreo_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString};
 use choreo_rabbitmq::lapin::{BasicProperties, Connection, ConnectionProperties};
 use choreo_rabbitmq::publisher::Outgoing;
 use choreo_rabbitmq::{
-    ConfirmingPublisher, ConsumerConfig, ConsumerRunner, Handler, Outcome, PublishError, Topology, TopologyError, WorkerQueue,
-    connect_pool,
+    ConfirmingPublisher, ConsumerConfig, ConsumerRunner, Handler, Outcome, PublishError, Topology, TopologyError,
+    WorkerQueue, connect_pool,
 };
 use choreo_testkit::{Infra, unique_namespace, wait_for};
 use choreo_workers::config::CommonArgs;
@@ -70,7 +70,11 @@ async fn the_same_message_id_twice_changes_nothing_the_second_time() {
     let infra = Infra::from_env();
     let name = format!("{}_payment", unique_namespace());
     let db = database(&infra, &name, &payment::MIGRATIONS).await;
-    let handler = TransactionalHandler::new(PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), db.clone(), Default::default());
+    let handler = TransactionalHandler::new(
+        PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)),
+        db.clone(),
+        Default::default(),
+    );
     let envelope = order_created();
 
     assert_eq!(handler.handle(&envelope).await, Outcome::Done);
@@ -96,10 +100,18 @@ async fn a_rejected_message_is_checked_against_the_inbox_even_with_a_pool_of_one
     let name = format!("{}_payment", unique_namespace());
     let options = PgConnectOptions::from_str(&infra.database(&name)).expect("url");
     let db = prepare_database(&options, 1, &payment::MIGRATIONS).await.expect("database");
-    let handler = TransactionalHandler::new(PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), db.clone(), Default::default());
+    let handler = TransactionalHandler::new(
+        PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)),
+        db.clone(),
+        Default::default(),
+    );
     let order_id = Uuid::now_v7();
     let refund_of_nothing = Envelope::new_command(
-        Message::InventoryFailed(InventoryFailed { order_id, reason: InventoryFailureReason::OutOfStock, sku: "sku-001".into() }),
+        Message::InventoryFailed(InventoryFailed {
+            order_id,
+            reason: InventoryFailureReason::OutOfStock,
+            sku: "sku-001".into(),
+        }),
         "inventory",
         Some(order_id),
     );
@@ -165,7 +177,11 @@ async fn a_copy_of_a_processed_message_has_no_effect_even_when_the_service_would
     let infra = Infra::from_env();
     let name = format!("{}_payment", unique_namespace());
     let db = database(&infra, &name, &payment::MIGRATIONS).await;
-    let handler = TransactionalHandler::new(PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), db.clone(), Default::default());
+    let handler = TransactionalHandler::new(
+        PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)),
+        db.clone(),
+        Default::default(),
+    );
     let created = order_created();
     let order_id = match &created.message {
         Message::OrderCreated(o) => o.order_id,
@@ -177,13 +193,20 @@ async fn a_copy_of_a_processed_message_has_no_effect_even_when_the_service_would
     sqlx::query("DELETE FROM payments").execute(&db).await.expect("delete");
     assert_eq!(handler.handle(&created).await, Outcome::Duplicate);
     let (payments, outbox): (i64, i64) =
-        sqlx::query_as("SELECT (SELECT count(*) FROM payments), (SELECT count(*) FROM outbox)").fetch_one(&db).await.expect("count");
+        sqlx::query_as("SELECT (SELECT count(*) FROM payments), (SELECT count(*) FROM outbox)")
+            .fetch_one(&db)
+            .await
+            .expect("count");
     assert_eq!((payments, outbox), (0, 1), "no second payment, no second payment.succeeded");
 
     // A refund whose payment is gone fails for good; a copy of a refund made before is still a duplicate.
     let failed = Envelope::caused_by(
         &created.meta,
-        Message::InventoryFailed(InventoryFailed { order_id, reason: InventoryFailureReason::OutOfStock, sku: "sku-001".into() }),
+        Message::InventoryFailed(InventoryFailed {
+            order_id,
+            reason: InventoryFailureReason::OutOfStock,
+            sku: "sku-001".into(),
+        }),
         "inventory",
     );
     assert!(matches!(handler.handle(&failed).await, Outcome::Reject { .. }), "no payment to refund: rejected");
@@ -197,7 +220,11 @@ async fn a_copy_of_a_processed_message_has_no_effect_even_when_the_service_would
     .execute(&db)
     .await
     .expect("processed before");
-    assert_eq!(handler.handle(&other).await, Outcome::Duplicate, "processed before: acked with no effect, not dead-lettered");
+    assert_eq!(
+        handler.handle(&other).await,
+        Outcome::Duplicate,
+        "processed before: acked with no effect, not dead-lettered"
+    );
     let counters = handler.counters();
     assert_eq!((counters.processed.load(Ordering::Relaxed), counters.duplicates.load(Ordering::Relaxed)), (1, 2));
     db.close().await;
@@ -260,7 +287,8 @@ async fn a_relay_that_dies_after_publishing_republishes_and_the_consumer_ignores
     worker.await.expect("join").expect("worker stops cleanly");
     // The worker closed its pool on shutdown; look with a fresh one.
     let payment_db = database(infra, &payment_db_name, &payment::MIGRATIONS).await;
-    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&payment_db).await.expect("count");
+    let payments: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&payment_db).await.expect("count");
     assert_eq!(payments, 1, "the duplicate had no second effect");
 
     payment_db.close().await;
@@ -302,7 +330,10 @@ impl RelayBench {
     /// Write `envelope` as a handler does, held for the relay's hand-off, and commit.
     /// A relay that is not running, no sweep before an hour, room for one hand-off and that one taken:
     /// the next hand-off finds the queue full. Returns the bench, its hand-off and the queued row.
-    async fn with_a_full_hand_off_queue(hold: Duration, wait: Duration) -> (Self, OutboxHandoff, choreo_messages::EncodedEnvelope) {
+    async fn with_a_full_hand_off_queue(
+        hold: Duration,
+        wait: Duration,
+    ) -> (Self, OutboxHandoff, choreo_messages::EncodedEnvelope) {
         let bench = RelayBench::start(RelayConfig {
             sweep_interval: Duration::from_secs(3600),
             handoff_hold: hold,
@@ -461,7 +492,10 @@ async fn a_handler_waits_for_room_in_a_full_hand_off_queue_and_its_rows_keep_the
     // The second finds the queue full and waits; only then (`join` polls in order) does the relay start.
     let shutdown = CancellationToken::new();
     let mut running = None;
-    futures_util::future::join(handoff.committed(vec![waiting.clone()]), async { running = Some(bench.run(&shutdown)) }).await;
+    futures_util::future::join(handoff.committed(vec![waiting.clone()]), async {
+        running = Some(bench.run(&shutdown))
+    })
+    .await;
     let running = running.expect("the relay started");
     bench.wait_published("the queued row handed off", queued.meta.message_id, 2).await;
     bench.wait_published("the waiting row handed off", waiting.meta.message_id, 2).await;
@@ -520,7 +554,13 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_goes_on() {
         });
     let body: &[u8] = b"{not json at all";
     publisher
-        .publish(Outgoing { exchange: &exchange, routing_key: "order.place", properties: props, body, message_id: garbage_id.clone() })
+        .publish(Outgoing {
+            exchange: &exchange,
+            routing_key: "order.place",
+            properties: props,
+            body,
+            message_id: garbage_id.clone(),
+        })
         .await
         .expect("garbage accepted by the broker");
     // A valid `payment.failed` published under the routing key `order.place`: the order worker consumes both
@@ -597,7 +637,8 @@ async fn a_worker_whose_handlers_hold_every_database_connection_is_still_ready()
             run_worker(PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), db, &args, shutdown, started).await
         }
     });
-    let addr = tokio::time::timeout(Duration::from_secs(30), addr_rx).await.expect("worker started").expect("metrics address");
+    let addr =
+        tokio::time::timeout(Duration::from_secs(30), addr_rx).await.expect("worker started").expect("metrics address");
     let ready = format!("http://{addr}/health/ready");
     let client = reqwest::Client::new();
     wait_for("ready", Duration::from_secs(30), || async {
@@ -661,7 +702,8 @@ async fn a_hung_handler_does_not_hold_shutdown_past_its_timeout_and_its_message_
     });
 
     let topology = Topology::new(ns.clone());
-    let publisher = ConfirmingPublisher::new(connect_pool(&infra.amqp_url, "test", 1).expect("pool"), Duration::from_secs(10));
+    let publisher =
+        ConfirmingPublisher::new(connect_pool(&infra.amqp_url, "test", 1).expect("pool"), Duration::from_secs(10));
     let message = order_created().encode();
     let exchange = topology.events_exchange();
     // Unroutable (and so not enqueued) until the worker has declared and bound its queue.
@@ -684,7 +726,11 @@ async fn a_hung_handler_does_not_hold_shutdown_past_its_timeout_and_its_message_
     let queue = topology.worker_queue("stuck");
     let depth = wait_for("the message back in the queue", Duration::from_secs(30), || async {
         let q = channel
-            .queue_declare(queue.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .map_err(|e| e.to_string())?;
         if q.message_count() == 1 { Ok(q.message_count()) } else { Err(format!("{} ready", q.message_count())) }
@@ -745,13 +791,20 @@ async fn a_batch_to_a_broker_that_stopped_answering_fails_within_one_timeout() {
     let infra = Infra::from_env();
     let url = choreo_rabbitmq::lapin::uri::AMQPUri::from_str(&infra.amqp_url).expect("AMQP_URL parses");
     let proxy = StallingProxy::start(format!("{}:{}", url.authority.host, url.authority.port)).await;
-    let proxied = infra.amqp_url.replacen(&format!("{}:{}", url.authority.host, url.authority.port), &format!("127.0.0.1:{}", proxy.port), 1);
+    let proxied = infra.amqp_url.replacen(
+        &format!("{}:{}", url.authority.host, url.authority.port),
+        &format!("127.0.0.1:{}", proxy.port),
+        1,
+    );
     assert_ne!(proxied, infra.amqp_url, "the URL goes through the proxy");
 
     let direct = Connection::connect(&infra.amqp_url, ConnectionProperties::default()).await.expect("conn");
     let channel = direct.create_channel().await.expect("channel");
     let queue = format!("{}.stall", unique_namespace());
-    channel.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("queue");
+    channel
+        .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .expect("queue");
 
     let timeout = Duration::from_secs(1);
     let publisher = ConfirmingPublisher::new(connect_pool(&proxied, "test-stall", 1).expect("pool"), timeout);
@@ -789,10 +842,16 @@ async fn a_batch_arrives_in_order_and_only_its_unroutable_messages_fail() {
     let conn = Connection::connect(&infra.amqp_url, ConnectionProperties::default()).await.expect("conn");
     let channel = conn.create_channel().await.expect("channel");
     let queue = format!("{}.order", unique_namespace());
-    channel.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("queue");
+    channel
+        .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .expect("queue");
     let nowhere = format!("{queue}.nowhere");
 
-    let publisher = ConfirmingPublisher::new(connect_pool(&infra.amqp_url, "test-order", 1).expect("pool"), Duration::from_secs(10));
+    let publisher = ConfirmingPublisher::new(
+        connect_pool(&infra.amqp_url, "test-order", 1).expect("pool"),
+        Duration::from_secs(10),
+    );
     let unroutable = [0usize, 17, 18, 99];
     let bodies: Vec<Vec<u8>> = (0..100).map(|i| format!("{i}").into_bytes()).collect();
     let outgoing: Vec<Outgoing<'_>> = bodies
@@ -812,8 +871,10 @@ async fn a_batch_arrives_in_order_and_only_its_unroutable_messages_fail() {
         assert_eq!(results.len(), outgoing.len());
         for (i, result) in results.iter().enumerate() {
             if unroutable.contains(&i) {
-                assert!(matches!(result, Err(PublishError::Unroutable { message_id, .. }) if *message_id == format!("m-{i}")),
-                    "round {round}: message {i} has no queue and must fail as unroutable, got {result:?}");
+                assert!(
+                    matches!(result, Err(PublishError::Unroutable { message_id, .. }) if *message_id == format!("m-{i}")),
+                    "round {round}: message {i} has no queue and must fail as unroutable, got {result:?}"
+                );
             } else {
                 assert!(result.is_ok(), "round {round}: message {i} was routed and must be confirmed, got {result:?}");
             }
@@ -821,7 +882,9 @@ async fn a_batch_arrives_in_order_and_only_its_unroutable_messages_fail() {
     }
 
     let mut received = Vec::new();
-    while let Some(message) = channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await.expect("basic.get") {
+    while let Some(message) =
+        channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await.expect("basic.get")
+    {
         received.push(String::from_utf8_lossy(&message.delivery.data).into_owned());
     }
     let sent: Vec<String> = (0..100).filter(|i| !unroutable.contains(i)).map(|i| i.to_string()).collect();
@@ -842,7 +905,11 @@ struct RunningConsumer {
 }
 
 impl RunningConsumer {
-    async fn start<H: Handler>(handler: Arc<H>, retry_delays: Vec<Duration>, configure: impl FnOnce(&mut ConsumerConfig)) -> Self {
+    async fn start<H: Handler>(
+        handler: Arc<H>,
+        retry_delays: Vec<Duration>,
+        configure: impl FnOnce(&mut ConsumerConfig),
+    ) -> Self {
         let infra = Infra::from_env();
         let topology = Topology::new(unique_namespace());
         let broker = connect_pool(&infra.amqp_url, "test", 2).expect("pool");
@@ -877,7 +944,11 @@ impl RunningConsumer {
         let channel = conn.create_channel().await.expect("channel");
         let dlq = self.topology.dead_letter_queue("order");
         let letters = channel
-            .queue_declare(dlq.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                dlq.as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .expect("dead-letter queue")
             .message_count();
@@ -945,7 +1016,11 @@ struct FailsOnce {
 
 impl Handler for FailsOnce {
     async fn handle(&self, _: &Envelope) -> Outcome {
-        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 { Outcome::Retry { reason: "blip".into() } } else { Outcome::Done }
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            Outcome::Retry { reason: "blip".into() }
+        } else {
+            Outcome::Done
+        }
     }
 }
 
@@ -990,7 +1065,11 @@ async fn a_queue_declared_with_other_arguments_is_explained() {
     let mut classic = FieldTable::default();
     classic.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("classic")));
     channel
-        .queue_declare(topology.worker_queue("order").as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, classic)
+        .queue_declare(
+            topology.worker_queue("order").as_str().into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            classic,
+        )
         .await
         .expect("an old classic queue");
     let runner = ConsumerRunner::new(

@@ -25,7 +25,8 @@ async fn an_order_from_python_pika_completes() {
         "place_order.py failed (is pika installed? scripts/test installs it): {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let order_id: Uuid = String::from_utf8_lossy(&output.stdout).trim().parse().expect("the script prints the order id");
+    let order_id: Uuid =
+        String::from_utf8_lossy(&output.stdout).trim().parse().expect("the script prints the order id");
     cluster.wait_terminal(&[order_id], Duration::from_secs(60)).await;
     assert_eq!(cluster.status(order_id).await, ("CONFIRMED".into(), None));
     cluster.assert_invariants().await;

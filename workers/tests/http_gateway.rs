@@ -33,7 +33,11 @@ struct Provider {
     charges: Mutex<HashMap<String, Uuid>>,
 }
 
-async fn charges(State(p): State<Arc<Provider>>, headers: HeaderMap, Json(body): Json<serde_json::Value>) -> (StatusCode, Json<serde_json::Value>) {
+async fn charges(
+    State(p): State<Arc<Provider>>,
+    headers: HeaderMap,
+    Json(body): Json<serde_json::Value>,
+) -> (StatusCode, Json<serde_json::Value>) {
     p.hits.fetch_add(1, Ordering::SeqCst);
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     p.keys.lock().expect("lock").push(key.clone());
@@ -45,7 +49,10 @@ async fn charges(State(p): State<Arc<Provider>>, headers: HeaderMap, Json(body):
         return (status, Json(serde_json::json!({"error": "scripted"})));
     }
     if p.in_progress.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
-        return (StatusCode::CONFLICT, Json(serde_json::json!({"error": "a request with this idempotency key is in progress"})));
+        return (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({"error": "a request with this idempotency key is in progress"})),
+        );
     }
     if p.reject.load(Ordering::SeqCst) {
         return (StatusCode::UNPROCESSABLE_ENTITY, Json(serde_json::json!({"error": "bad request"})));
@@ -139,7 +146,9 @@ async fn conflicts_do_not_open_the_circuit() {
     let g = gateway(&url, 1, 2);
     provider.in_progress.store(100, Ordering::SeqCst);
     for _ in 0..3 {
-        assert!(matches!(g.charge(charge(Uuid::now_v7(), "c")).await, Err(GatewayError::Unavailable(ref e)) if e.contains("409")));
+        assert!(
+            matches!(g.charge(charge(Uuid::now_v7(), "c")).await, Err(GatewayError::Unavailable(ref e)) if e.contains("409"))
+        );
     }
     provider.in_progress.store(0, Ordering::SeqCst);
     let charged = g.charge(charge(Uuid::now_v7(), "c")).await;
@@ -148,7 +157,9 @@ async fn conflicts_do_not_open_the_circuit() {
     // A call that met a 503 before its last attempt's 409 did fail for the provider's sake: it counts.
     for _ in 0..2 {
         provider.scripted.lock().expect("lock").extend([StatusCode::SERVICE_UNAVAILABLE, StatusCode::CONFLICT]);
-        assert!(matches!(g.charge(charge(Uuid::now_v7(), "c")).await, Err(GatewayError::Unavailable(ref e)) if e.contains("409")));
+        assert!(
+            matches!(g.charge(charge(Uuid::now_v7(), "c")).await, Err(GatewayError::Unavailable(ref e)) if e.contains("409"))
+        );
     }
     let hits = provider.hits.load(Ordering::SeqCst);
     let refused = g.charge(charge(Uuid::now_v7(), "c")).await;

@@ -91,7 +91,13 @@ async fn get(url: &str) -> Result<(u16, String), String> {
 #[tokio::test]
 async fn readiness_turns_false_when_the_broker_is_gone_and_true_when_it_returns() {
     let infra = Infra::from_env();
-    let broker_addr = infra.amqp_url.split('@').nth(1).and_then(|rest| rest.split('/').next()).expect("host:port in AMQP_URL").to_owned();
+    let broker_addr = infra
+        .amqp_url
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("host:port in AMQP_URL")
+        .to_owned();
     let proxy = TcpProxy::start(broker_addr.clone()).await;
     let proxied_url = infra.amqp_url.replace(&broker_addr, &format!("127.0.0.1:{}", proxy.port));
     let namespace = choreo_testkit::unique_namespace();
@@ -146,7 +152,8 @@ async fn metrics_carry_the_catalogue_after_a_workload() {
     let orders = common::mixed_orders(20);
     let ids = cluster.place(&orders).await;
     cluster.wait_terminal(&ids, Duration::from_secs(60)).await;
-    let order_metrics = get(&format!("http://127.0.0.1:{}/metrics", cluster.metrics_port("order").await)).await.expect("metrics").1;
+    let order_metrics =
+        get(&format!("http://127.0.0.1:{}/metrics", cluster.metrics_port("order").await)).await.expect("metrics").1;
     for needle in [
         "choreo_messages_consumed_total{worker=\"order\",type=\"order.place\",outcome=\"processed\"} 20",
         "choreo_saga_outcomes_total{outcome=\"confirmed\",reason=\"none\"} 16",
@@ -165,7 +172,8 @@ async fn metrics_carry_the_catalogue_after_a_workload() {
     }
     // No worker crashed and no publish failed: every event went out by its handler's hand-off, none by a sweep.
     for worker in common::WORKERS {
-        let metrics = get(&format!("http://127.0.0.1:{}/metrics", cluster.metrics_port(worker).await)).await.expect("metrics").1;
+        let metrics =
+            get(&format!("http://127.0.0.1:{}/metrics", cluster.metrics_port(worker).await)).await.expect("metrics").1;
         let needle = format!("choreo_relay_swept_total{{worker=\"{worker}\"}} 0");
         assert!(metrics.contains(&needle), "missing `{needle}` in:\n{metrics}");
     }
@@ -198,7 +206,14 @@ async fn choreoctl_top_shows_the_live_figures() {
 
     // With nothing to read, it says so and fails.
     let output = Command::new(common::choreoctl())
-        .args(["top", "--once", "--interval", "100ms", "--targets", &format!("order=127.0.0.1:{}", choreo_testkit::free_port())])
+        .args([
+            "top",
+            "--once",
+            "--interval",
+            "100ms",
+            "--targets",
+            &format!("order=127.0.0.1:{}", choreo_testkit::free_port()),
+        ])
         .output()
         .await
         .expect("choreoctl top");

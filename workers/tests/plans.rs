@@ -7,8 +7,8 @@ use choreo_testkit::{Infra, unique_namespace};
 use choreo_workers::order::{MIGRATIONS, settle_orders_sql};
 use choreo_workers::runtime::prepare_database;
 use serde_json::Value;
-use sqlx::postgres::PgConnectOptions;
 use sqlx::Executor;
+use sqlx::postgres::PgConnectOptions;
 
 /// A scan of a table in an `EXPLAIN (FORMAT JSON)` plan.
 #[derive(Debug)]

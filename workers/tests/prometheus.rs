@@ -24,9 +24,8 @@ async fn test_config(cluster: &Cluster, rabbit_port: &str, dir: &std::path::Path
     let mut config: Value = serde_yaml_ng::from_str(&shipped).expect("prometheus.yml is YAML");
     config["global"]["scrape_interval"] = Value::from("1s");
     config["global"]["evaluation_interval"] = Value::from("1s");
-    config["rule_files"] = Value::Sequence(vec![Value::from(
-        repo().join("monitoring/prometheus/alerts.yml").display().to_string(),
-    )]);
+    config["rule_files"] =
+        Value::Sequence(vec![Value::from(repo().join("monitoring/prometheus/alerts.yml").display().to_string())]);
     let jobs = config["scrape_configs"].as_sequence_mut().expect("scrape_configs");
     for job in jobs.iter_mut() {
         let name = job["job_name"].as_str().unwrap_or_default().to_owned();
@@ -84,9 +83,8 @@ fn dashboard_queries() -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn prometheus_scrapes_the_workload_and_every_dashboard_query_returns_data() {
-    let rabbit_port = std::env::var("CHOREO_RABBIT_PROMETHEUS_PORT").expect(
-        "CHOREO_RABBIT_PROMETHEUS_PORT (RabbitMQ's Prometheus port) is not set: run through ./scripts/test",
-    );
+    let rabbit_port = std::env::var("CHOREO_RABBIT_PROMETHEUS_PORT")
+        .expect("CHOREO_RABBIT_PROMETHEUS_PORT (RabbitMQ's Prometheus port) is not set: run through ./scripts/test");
     let prometheus_bin = std::env::var("CHOREO_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
     let cluster = Cluster::start().await;
     let dir = std::env::temp_dir().join(format!("choreo-prom-{}", cluster.namespace));
@@ -135,7 +133,10 @@ async fn prometheus_scrapes_the_workload_and_every_dashboard_query_returns_data(
             let query = query.clone();
             async move {
                 let reply: serde_json::Value = client
-                    .get(reqwest::Url::parse_with_params(&api, &[("query", query.as_str())]).map_err(|e| e.to_string())?)
+                    .get(
+                        reqwest::Url::parse_with_params(&api, &[("query", query.as_str())])
+                            .map_err(|e| e.to_string())?,
+                    )
                     .send()
                     .await
                     .map_err(|e| e.to_string())?

@@ -45,10 +45,18 @@ async fn every_kind_of_bad_input_is_dead_lettered_and_good_messages_around_it_co
     let cases: Vec<(&str, BasicProperties, Vec<u8>)> = vec![
         ("malformed_body", contract_properties("order.place", 1), b"{\"order_id\": oops".to_vec()),
         ("malformed_body", contract_properties("order.place", 1), vec![0xff, 0x00, 0xfe, 0x13, 0x37, 0x80]),
-        ("wrong_content_type", contract_properties("order.place", 1).with_content_type("text/plain".into()), b"wct".to_vec()),
+        (
+            "wrong_content_type",
+            contract_properties("order.place", 1).with_content_type("text/plain".into()),
+            b"wct".to_vec(),
+        ),
         ("unknown_type", contract_properties("order.teleport", 1), b"{\"unknown\":1}".to_vec()),
         ("unsupported_schema_version", contract_properties("order.place", 99), b"{\"v\":99}".to_vec()),
-        ("validation_failed", contract_properties("order.place", 1), VALID_BODY.replace("\"quantity\":1", "\"quantity\":0").into_bytes()),
+        (
+            "validation_failed",
+            contract_properties("order.place", 1),
+            VALID_BODY.replace("\"quantity\":1", "\"quantity\":0").into_bytes(),
+        ),
         ("oversized", contract_properties("order.place", 1), oversized.into_bytes()),
         ("wrong_content_type", BasicProperties::default(), b"no properties at all".to_vec()),
     ];
@@ -84,7 +92,12 @@ async fn every_kind_of_bad_input_is_dead_lettered_and_good_messages_around_it_co
         seen.insert(letter.delivery.data.clone(), kind);
     }
     for (expected, _, body) in &cases {
-        assert_eq!(seen.get(body).map(String::as_str), Some(*expected), "body {:?}", String::from_utf8_lossy(&body[..body.len().min(40)]));
+        assert_eq!(
+            seen.get(body).map(String::as_str),
+            Some(*expected),
+            "body {:?}",
+            String::from_utf8_lossy(&body[..body.len().min(40)])
+        );
     }
     for id in &good {
         assert_eq!(cluster.status(*id).await.0, "CONFIRMED");
@@ -119,7 +132,8 @@ async fn a_failure_that_never_clears_is_dead_lettered_with_its_attempts_and_fail
     let o = order("unavailable-customer", &[("sku-001", 1, 100)]);
     cluster.place(std::slice::from_ref(&o)).await;
     let dlq = cluster.topology.dead_letter_queue("payment");
-    let letter = wait_for("the payment dead letter", DEADLINE, || async { cluster.get(&dlq).await.ok_or("empty") }).await;
+    let letter =
+        wait_for("the payment dead letter", DEADLINE, || async { cluster.get(&dlq).await.ok_or("empty") }).await;
     let headers = letter.delivery.properties.headers().clone().unwrap_or_default();
     assert_eq!(header_string(&headers, dl::ERROR_KIND).as_deref(), Some("transient"));
     // Two attempts per round (1 + 1 in-process retry), three rounds (first + two delay levels).
@@ -130,7 +144,8 @@ async fn a_failure_that_never_clears_is_dead_lettered_with_its_attempts_and_fail
         chrono::DateTime::parse_from_rfc3339(&header_string(&headers, key).expect("failure time")).expect("rfc3339")
     };
     assert!(time(dl::FIRST_FAILURE_AT) < time(dl::LAST_FAILURE_AT), "first and last failure both recorded");
-    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(cluster.db("payment")).await.expect("n");
+    let payments: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(cluster.db("payment")).await.expect("n");
     assert_eq!(payments, 0);
     assert_eq!(cluster.status(o.order_id).await.0, "PENDING", "waiting for an operator, not lost");
     cluster.shutdown().await;
@@ -138,7 +153,8 @@ async fn a_failure_that_never_clears_is_dead_lettered_with_its_attempts_and_fail
 
 #[tokio::test]
 async fn a_message_that_kills_its_worker_every_time_ends_in_the_dead_letter_queue() {
-    let mut cluster = Cluster::start_with(env(&[("CHOREO_GATEWAY_CRASHES", "true"), ("CHOREO_DELIVERY_LIMIT", "2")])).await;
+    let mut cluster =
+        Cluster::start_with(env(&[("CHOREO_GATEWAY_CRASHES", "true"), ("CHOREO_DELIVERY_LIMIT", "2")])).await;
     let poison = order("crash-customer", &[("sku-001", 1, 100)]);
     cluster.place(std::slice::from_ref(&poison)).await;
     let letter = cluster.respawn_until_dead_letter("payment", DEADLINE).await;
@@ -159,8 +175,13 @@ async fn a_message_that_crashes_its_worker_is_dead_lettered_and_the_messages_wai
     // Each crash returns every unacked delivery and the broker counts it, started or not: with the broker's
     // limit alone, the 30 orders waiting behind the poison message would pass it too. The worker counts only
     // what it started again, and dead-letters the poison message after CHOREO_CRASH_LIMIT restarts.
-    let mut cluster =
-        Cluster::start_with(env(&[("CHOREO_GATEWAY_CRASHES", "true"), ("CHOREO_CRASH_LIMIT", "2"), ("CHOREO_DELIVERY_LIMIT", "6"), ("CHOREO_CONCURRENCY", "2")])).await;
+    let mut cluster = Cluster::start_with(env(&[
+        ("CHOREO_GATEWAY_CRASHES", "true"),
+        ("CHOREO_CRASH_LIMIT", "2"),
+        ("CHOREO_DELIVERY_LIMIT", "6"),
+        ("CHOREO_CONCURRENCY", "2"),
+    ]))
+    .await;
     cluster.kill("payment").await;
     let mut orders: Vec<_> = (0..30).map(|i| order(&format!("cust-behind-{i}"), &[("sku-001", 1, 100)])).collect();
     let poison = order("crash-every-time", &[("sku-001", 1, 100)]);
@@ -173,10 +194,16 @@ async fn a_message_that_crashes_its_worker_is_dead_lettered_and_the_messages_wai
     cluster.spawn("payment");
     let letter = cluster.respawn_until_dead_letter("payment", DEADLINE).await;
     let body: serde_json::Value = serde_json::from_slice(&letter.delivery.data).expect("json body");
-    assert_eq!(body["order_id"].as_str(), Some(poison.order_id.to_string().as_str()), "the poison message is the one dead-lettered");
+    assert_eq!(
+        body["order_id"].as_str(),
+        Some(poison.order_id.to_string().as_str()),
+        "the poison message is the one dead-lettered"
+    );
     let headers = letter.delivery.properties.headers().clone().unwrap_or_default();
     assert_eq!(header_string(&headers, dl::ERROR_KIND).as_deref(), Some("crashed"));
-    assert!(header_string(&headers, dl::ERROR).is_some_and(|e| e.contains("stopped while handling this message 3 times")));
+    assert!(
+        header_string(&headers, dl::ERROR).is_some_and(|e| e.contains("stopped while handling this message 3 times"))
+    );
 
     let behind: Vec<Uuid> = orders.iter().filter(|o| o.order_id != poison.order_id).map(|o| o.order_id).collect();
     cluster.wait_terminal(&behind, DEADLINE).await;

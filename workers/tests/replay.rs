@@ -17,7 +17,11 @@ async fn a_replay_killed_half_way_and_run_again_replays_everything_exactly_once_
     cluster.kill("payment").await;
     cluster.spawn_with(
         "payment",
-        &[("CHOREO_GATEWAY_TRANSIENT_FAILURE_RATE", "1"), ("CHOREO_HANDLER_RETRIES", "0"), ("CHOREO_RETRY_DELAYS", "1ms")],
+        &[
+            ("CHOREO_GATEWAY_TRANSIENT_FAILURE_RATE", "1"),
+            ("CHOREO_HANDLER_RETRIES", "0"),
+            ("CHOREO_RETRY_DELAYS", "1ms"),
+        ],
     );
     let ids = cluster.place(&mixed_orders(ORDERS)).await;
     let dlq = cluster.topology.dead_letter_queue("payment");
@@ -33,12 +37,14 @@ async fn a_replay_killed_half_way_and_run_again_replays_everything_exactly_once_
     cluster.wait_consuming().await;
 
     // Replay, and kill the CLI while it is at it.
-    let mut replay = cluster.choreoctl().args(["dlq", "replay", "payment", "--all", "--rate", "1000"]).spawn().expect("replay");
+    let mut replay =
+        cluster.choreoctl().args(["dlq", "replay", "payment", "--all", "--rate", "1000"]).spawn().expect("replay");
     let payment_db = cluster.db("payment").clone();
     wait_for("the replay under way", Duration::from_secs(120), || {
         let db = payment_db.clone();
         async move {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&db).await.map_err(|e| e.to_string())?;
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&db).await.map_err(|e| e.to_string())?;
             if n >= 200 { Ok(()) } else { Err(format!("{n} payments")) }
         }
     })
@@ -54,7 +60,8 @@ async fn a_replay_killed_half_way_and_run_again_replays_everything_exactly_once_
         let dlq = &dlq;
         async move {
             let (depth, consumers) = cluster.depth_and_consumers(dlq).await;
-            let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&db).await.map_err(|e| e.to_string())?;
+            let paid: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&db).await.map_err(|e| e.to_string())?;
             if consumers == 0 && depth as usize + paid as usize >= ORDERS {
                 Ok(depth)
             } else {

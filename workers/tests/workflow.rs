@@ -24,11 +24,12 @@ async fn happy_path_confirms_charges_and_reserves() {
         .expect("payment");
     assert_eq!(payment.get::<String, _>("status"), "CHARGED");
     assert_eq!(payment.get::<i64, _>("amount_cents"), 2 * 1250 + 99);
-    let reserved: Vec<(String, i64)> = sqlx::query_as("SELECT sku, quantity FROM reservations WHERE order_id = $1 ORDER BY sku")
-        .bind(o.order_id)
-        .fetch_all(cluster.db("inventory"))
-        .await
-        .expect("reservations");
+    let reserved: Vec<(String, i64)> =
+        sqlx::query_as("SELECT sku, quantity FROM reservations WHERE order_id = $1 ORDER BY sku")
+            .bind(o.order_id)
+            .fetch_all(cluster.db("inventory"))
+            .await
+            .expect("reservations");
     assert_eq!(reserved, vec![("sku-001".into(), 2), ("sku-002".into(), 1)]);
     let history: Vec<String> = sqlx::query_scalar("SELECT status FROM order_history WHERE order_id = $1 ORDER BY id")
         .bind(o.order_id)
@@ -78,10 +79,11 @@ async fn out_of_stock_refunds_the_charge_and_cancels() {
         .expect("payment");
     assert_eq!(row.get::<String, _>("status"), "REFUNDED");
     assert!(row.get::<bool, _>("refunded"));
-    let (available, reserved): (i64, i64) = sqlx::query_as("SELECT available, reserved FROM stock WHERE sku = 'sku-003'")
-        .fetch_one(cluster.db("inventory"))
-        .await
-        .expect("stock");
+    let (available, reserved): (i64, i64) =
+        sqlx::query_as("SELECT available, reserved FROM stock WHERE sku = 'sku-003'")
+            .fetch_one(cluster.db("inventory"))
+            .await
+            .expect("stock");
     assert_eq!((available, reserved), (1_000_000, 0), "all or nothing: no line was reserved");
     cluster.assert_invariants().await;
     cluster.shutdown().await;
@@ -114,7 +116,8 @@ async fn a_worker_killed_mid_flight_loses_nothing_and_charges_nobody_twice() {
     choreo_testkit::wait_for("some payments", DEADLINE, || {
         let db = payment_db.clone();
         async move {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&db).await.map_err(|e| e.to_string())?;
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&db).await.map_err(|e| e.to_string())?;
             if n >= 20 { Ok(()) } else { Err(format!("{n} payments")) }
         }
     })
@@ -146,7 +149,11 @@ async fn a_worker_with_conflicting_settings_names_them_all_and_does_not_start() 
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("invalid settings"), "{stderr}");
     assert!(stderr.contains("CHOREO_INBOX_RETENTION") && stderr.contains("CHOREO_RELAY_SWEEP"), "{stderr}");
-    let prefetch = tokio::process::Command::new(env!("CARGO_BIN_EXE_order-worker")).env("CHOREO_PREFETCH", "0").output().await.expect("runs");
+    let prefetch = tokio::process::Command::new(env!("CARGO_BIN_EXE_order-worker"))
+        .env("CHOREO_PREFETCH", "0")
+        .output()
+        .await
+        .expect("runs");
     let stderr = String::from_utf8_lossy(&prefetch.stderr);
     assert!(!prefetch.status.success() && stderr.contains("--prefetch"), "{stderr}");
 }

@@ -17,7 +17,9 @@ use choreo_rabbitmq::BrokerPool;
 use choreo_rabbitmq::connection::open_channel;
 use choreo_rabbitmq::lapin::Channel;
 use choreo_rabbitmq::lapin::message::Delivery;
-use choreo_rabbitmq::lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
+use choreo_rabbitmq::lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use choreo_rabbitmq::lapin::types::FieldTable;
 use futures_util::StreamExt;
 
@@ -71,7 +73,13 @@ pub async fn browse(pool: &BrokerPool, queue: &str, limit: Option<usize>) -> any
     let wanted = (queue_depth as usize).min(limit.unwrap_or(MAX_BROWSE)).min(MAX_BROWSE);
     let channel = open_channel(pool).await?;
     if wanted == 0 {
-        return Ok(Browse { channel, queue: queue.to_owned(), consumer_tag: None, deliveries: Vec::new(), queue_depth });
+        return Ok(Browse {
+            channel,
+            queue: queue.to_owned(),
+            consumer_tag: None,
+            deliveries: Vec::new(),
+            queue_depth,
+        });
     }
     channel.basic_qos(wanted as u16, BasicQosOptions::default()).await.context("basic.qos")?;
     let mut consumer = channel

@@ -7,12 +7,12 @@
 //! So a message can carry the worker's story of an earlier, harmless failure and still have been put here by
 //! the broker afterwards: the story is whichever writer acted last.
 
-use chrono::{DateTime, Utc};
 use choreo_rabbitmq::codec::{header_i64, header_string};
-use choreo_rabbitmq::dead_letter::{Death, EXPIRED, broker_deaths, deaths};
 use choreo_rabbitmq::dead_letter::headers as dl;
+use choreo_rabbitmq::dead_letter::{Death, EXPIRED, broker_deaths, deaths};
 use choreo_rabbitmq::lapin::message::Delivery;
 use choreo_rabbitmq::lapin::types::{AMQPValue, FieldTable};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 /// What an operator needs to know about a dead letter.
@@ -46,14 +46,17 @@ fn broker_kind(death: &Death<'_>) -> String {
 pub fn story(delivery: &Delivery) -> Story {
     let empty = FieldTable::default();
     let h = delivery.properties.headers().as_ref().unwrap_or(&empty);
-    let time = |key: &str| header_string(h, key).and_then(|t| DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&Utc));
+    let time = |key: &str| {
+        header_string(h, key).and_then(|t| DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&Utc))
+    };
     let deaths = deaths(h);
     let latest = deaths.first();
     let worker_kind = header_string(h, dl::ERROR_KIND);
     let worker_error = header_string(h, dl::ERROR);
     let worker_last = time(dl::LAST_FAILURE_AT);
     let replayed_at = header_string(h, dl::REPLAYED_AT);
-    let replayed = replayed_at.as_deref().and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&Utc));
+    let replayed =
+        replayed_at.as_deref().and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&Utc));
     // Workers record what they saw of the broker's dead-letterings when they wrote their story: if `x-death`
     // tells anything else now, the broker acted since. Letters without that record, or whose record belongs
     // to another failure (copied by a worker that does not write it), fall back on times.
@@ -80,7 +83,10 @@ pub fn story(delivery: &Delivery) -> Story {
                     death.reason.as_deref().unwrap_or("no reason given"),
                     error.as_deref().unwrap_or("-")
                 ),
-                (None, _) => format!("dead-lettered by the broker ({}) from `{queue}`", death.reason.as_deref().unwrap_or("no reason given")),
+                (None, _) => format!(
+                    "dead-lettered by the broker ({}) from `{queue}`",
+                    death.reason.as_deref().unwrap_or("no reason given")
+                ),
             };
             // The broker keeps the time of the first event of a kind: the latest known time is a lower bound.
             let last = death_times.chain(worker_last).chain(replayed).max();
@@ -98,7 +104,8 @@ pub fn story(delivery: &Delivery) -> Story {
         error,
         attempts: header_i64(h, dl::ATTEMPTS).or_else(|| latest.and_then(|d| header_i64(d.table, "count"))),
         original_exchange: header_string(h, dl::ORIGINAL_EXCHANGE).or_else(|| latest_string("exchange")),
-        original_routing_key: header_string(h, dl::ORIGINAL_ROUTING_KEY).or_else(|| latest.and_then(|d| first_routing_key(d.table))),
+        original_routing_key: header_string(h, dl::ORIGINAL_ROUTING_KEY)
+            .or_else(|| latest.and_then(|d| first_routing_key(d.table))),
         first_failure_at,
         last_failure_at,
         replayed_at,
@@ -231,7 +238,10 @@ mod tests {
         worker_failure(&mut h, "transient", "gateway timed out", at(T, 0), at(T + 200, 0));
         h.insert(dl::REPLAYED_AT.into(), rfc3339(at(T + 100, 0)));
         seen(&mut h, at(T + 200, 0), vec![deaths_of("choreo.payment", "delivery_limit", T + 60, 1)]);
-        let now = vec![deaths_of("choreo.payment", "delivery_limit", T + 60, 2), deaths_of("choreo.payment.retry.1000ms", "expired", T + 1, 2)];
+        let now = vec![
+            deaths_of("choreo.payment", "delivery_limit", T + 60, 2),
+            deaths_of("choreo.payment.retry.1000ms", "expired", T + 1, 2),
+        ];
         assert_eq!(letter(h.clone(), now.clone()).error_kind, "delivery_limit");
         // The same letter when the worker itself dead-lettered it last, having seen both.
         seen(&mut h, at(T + 200, 0), vec![deaths_of("choreo.payment", "delivery_limit", T + 60, 2)]);
@@ -245,7 +255,10 @@ mod tests {
         let mut h = FieldTable::default();
         worker_failure(&mut h, "transient", "gateway timed out", at(T, 0), at(T + 200, 0));
         seen(&mut h, at(T + 200, 0), vec![deaths_of("choreo.payment", "delivery_limit", T + 60, 1)]);
-        let now = vec![deaths_of("choreo.payment", "delivery_limit", T + 300, 1), deaths_of("choreo.payment.retry.1000ms", "expired", T + 250, 1)];
+        let now = vec![
+            deaths_of("choreo.payment", "delivery_limit", T + 300, 1),
+            deaths_of("choreo.payment.retry.1000ms", "expired", T + 250, 1),
+        ];
         assert_eq!(letter(h, now).error_kind, "delivery_limit");
     }
 
@@ -266,12 +279,21 @@ mod tests {
         // quorum queue's delivery limit dead-lettered it at T+60.
         let mut h = FieldTable::default();
         worker_failure(&mut h, "transient", "gateway timed out", at(T, 500), at(T, 500));
-        let s = letter(h, vec![death("choreo.payment", "delivery_limit", T + 60), death("choreo.payment.retry.1000ms", "expired", T + 1)]);
+        let s = letter(
+            h,
+            vec![
+                death("choreo.payment", "delivery_limit", T + 60),
+                death("choreo.payment.retry.1000ms", "expired", T + 1),
+            ],
+        );
         assert_eq!(s.error_kind, "delivery_limit");
         assert_eq!(s.last_failure_at, Some(at(T + 60, 0)));
         assert_eq!(s.first_failure_at, Some(at(T, 500)));
         let error = s.error.expect("error");
-        assert!(error.contains("broker") && error.contains("delivery_limit") && error.contains("gateway timed out"), "{error}");
+        assert!(
+            error.contains("broker") && error.contains("delivery_limit") && error.contains("gateway timed out"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -293,7 +315,13 @@ mod tests {
         // The expiry's second ties with the last failure's: an expiry never puts a message here.
         let mut h = FieldTable::default();
         worker_failure(&mut h, "transient", "database unavailable", at(T, 0), at(T + 12, 300));
-        let s = letter(h, vec![death("choreo.payment.retry.10000ms", "expired", T + 12), death("choreo.payment.retry.1000ms", "expired", T + 1)]);
+        let s = letter(
+            h,
+            vec![
+                death("choreo.payment.retry.10000ms", "expired", T + 12),
+                death("choreo.payment.retry.1000ms", "expired", T + 1),
+            ],
+        );
         assert_eq!(s.error_kind, "transient");
         assert_eq!(s.error.as_deref(), Some("database unavailable"));
         assert_eq!(s.last_failure_at, Some(at(T + 12, 300)));
@@ -317,7 +345,10 @@ mod tests {
         let mut h = FieldTable::default();
         worker_failure(&mut h, "transient", "gateway timed out", at(T + 50, 0), at(T + 50, 0));
         h.insert(dl::REPLAYED_AT.into(), rfc3339(at(T + 40, 0)));
-        let s = letter(h, vec![death("choreo.payment", "delivery_limit", T), death("choreo.payment.retry.1000ms", "expired", T + 51)]);
+        let s = letter(
+            h,
+            vec![death("choreo.payment", "delivery_limit", T), death("choreo.payment.retry.1000ms", "expired", T + 51)],
+        );
         assert_eq!(s.error_kind, "delivery_limit");
         assert_eq!(s.last_failure_at, Some(at(T + 51, 0)));
     }

@@ -120,7 +120,9 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
     let broker = args.broker;
     match args.command {
         DlqCommand::List { group_by, workers, json } => list(&broker, &workers, group_by, json).await,
-        DlqCommand::Show { queue, id, limit, json } => show(&broker, &resolve_queue(&broker, &queue), id, limit, json).await,
+        DlqCommand::Show { queue, id, limit, json } => {
+            show(&broker, &resolve_queue(&broker, &queue), id, limit, json).await
+        }
         DlqCommand::Replay { queue, filter, dry_run, via_original_exchange, rate, json } => {
             let options = replay::ReplayOptions { dry_run, via_original_exchange, rate, json };
             replay::replay(&broker, &resolve_queue(&broker, &queue), &filter, options).await
@@ -128,7 +130,9 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
         DlqCommand::Purge { queue, filter, yes, dry_run, json } => {
             replay::purge(&broker, &resolve_queue(&broker, &queue), &filter, yes, dry_run, json).await
         }
-        DlqCommand::Export { queue, filter } => transfer::export(&broker, &resolve_queue(&broker, &queue), &filter).await,
+        DlqCommand::Export { queue, filter } => {
+            transfer::export(&broker, &resolve_queue(&broker, &queue), &filter).await
+        }
         DlqCommand::Import { file, queue, json } => {
             transfer::import(&broker, &file, queue.map(|q| resolve_queue(&broker, &q)), json).await
         }
@@ -153,7 +157,12 @@ struct Group {
     example_error: Option<String>,
 }
 
-async fn list(broker: &BrokerArgs, workers: &[String], group_by: Option<GroupBy>, json: bool) -> anyhow::Result<ExitCode> {
+async fn list(
+    broker: &BrokerArgs,
+    workers: &[String],
+    group_by: Option<GroupBy>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let pool = broker.pool()?;
     let topology = broker.topology();
     let mut summaries = Vec::new();
@@ -164,7 +173,11 @@ async fn list(broker: &BrokerArgs, workers: &[String], group_by: Option<GroupBy>
         let stories: Vec<Story> = browse.deliveries.iter().map(story).collect();
         browse.release().await;
         let oldest = stories.iter().filter_map(|s| s.first_failure_at).min().map(|t| (Utc::now() - t).num_seconds());
-        summaries.push(QueueSummary { queue: queue.clone(), messages: stories.len() as u32, oldest_age_seconds: oldest });
+        summaries.push(QueueSummary {
+            queue: queue.clone(),
+            messages: stories.len() as u32,
+            oldest_age_seconds: oldest,
+        });
         if let Some(by) = group_by {
             for s in stories {
                 let w = s.worker.clone().unwrap_or_else(|| worker.clone());
@@ -203,7 +216,9 @@ async fn list(broker: &BrokerArgs, workers: &[String], group_by: Option<GroupBy>
     }
     println!("{:<32} {:>9} {:>12}", "QUEUE", "MESSAGES", "OLDEST");
     for s in &summaries {
-        let age = s.oldest_age_seconds.map(|a| humantime::format_duration(std::time::Duration::from_secs(a.max(0) as u64)).to_string());
+        let age = s
+            .oldest_age_seconds
+            .map(|a| humantime::format_duration(std::time::Duration::from_secs(a.max(0) as u64)).to_string());
         println!("{:<32} {:>9} {:>12}", s.queue, s.messages, age.unwrap_or_else(|| "-".into()));
     }
     if group_by.is_some() {
@@ -223,7 +238,13 @@ async fn list(broker: &BrokerArgs, workers: &[String], group_by: Option<GroupBy>
     Ok(ExitCode::SUCCESS)
 }
 
-async fn show(broker: &BrokerArgs, queue: &str, id: Option<String>, limit: usize, json: bool) -> anyhow::Result<ExitCode> {
+async fn show(
+    broker: &BrokerArgs,
+    queue: &str,
+    id: Option<String>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let pool = broker.pool()?;
     // The whole queue is held even to show its head: a quorum queue puts returned messages at its back, so
     // giving back only the head would move it behind the rest.
@@ -248,7 +269,12 @@ async fn show(broker: &BrokerArgs, queue: &str, id: Option<String>, limit: usize
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "queue": queue, "messages_in_queue": depth, "shown": items }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "queue": queue, "messages_in_queue": depth, "shown": items })
+            )?
+        );
     } else {
         println!("{queue}: {depth} messages, showing {}", selected.len());
         for (s, p, body) in &selected {

@@ -10,16 +10,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::{SecondsFormat, Utc};
 use choreo_rabbitmq::ConfirmingPublisher;
+use choreo_rabbitmq::codec::headers_to_republish;
 use choreo_rabbitmq::dead_letter::headers as dl;
 use choreo_rabbitmq::dead_letter::kept_properties;
 use choreo_rabbitmq::lapin::BasicProperties;
 use choreo_rabbitmq::lapin::message::Delivery;
 use choreo_rabbitmq::lapin::options::BasicAckOptions;
-use choreo_rabbitmq::codec::headers_to_republish;
 use choreo_rabbitmq::lapin::types::{AMQPValue, FieldTable, LongString};
 use choreo_rabbitmq::publisher::Outgoing;
+use chrono::{SecondsFormat, Utc};
 use serde::Serialize;
 
 use super::browse::browse;
@@ -49,7 +49,15 @@ struct Report {
 
 impl Report {
     fn new(queue: &str, selected: usize, dry_run: bool) -> Report {
-        Report { queue: queue.to_owned(), selected, done: 0, failed: Vec::new(), not_attempted: 0, stopped: None, dry_run }
+        Report {
+            queue: queue.to_owned(),
+            selected,
+            done: 0,
+            failed: Vec::new(),
+            not_attempted: 0,
+            stopped: None,
+            dry_run,
+        }
     }
 
     /// Every selected message stays where it was after this.
@@ -155,7 +163,12 @@ pub struct ReplayOptions {
     pub json: bool,
 }
 
-pub async fn replay(broker: &BrokerArgs, queue: &str, filter: &Filter, options: ReplayOptions) -> anyhow::Result<ExitCode> {
+pub async fn replay(
+    broker: &BrokerArgs,
+    queue: &str,
+    filter: &Filter,
+    options: ReplayOptions,
+) -> anyhow::Result<ExitCode> {
     let ReplayOptions { dry_run, via_original_exchange, rate, json } = options;
     filter.require_selection()?;
     let pool = broker.pool()?;
@@ -176,15 +189,26 @@ pub async fn replay(broker: &BrokerArgs, queue: &str, filter: &Filter, options: 
                 _ => None,
             }
         } else {
-            s.worker.clone().or_else(|| worker_of(queue, topology.namespace())).map(|w| (String::new(), topology.worker_queue(&w)))
+            s.worker
+                .clone()
+                .or_else(|| worker_of(queue, topology.namespace()))
+                .map(|w| (String::new(), topology.worker_queue(&w)))
         };
         targets.push((s, target));
     }
     if dry_run {
         if !json {
             for (s, target) in &targets {
-                let to = target.as_ref().map(|(e, k)| format!("exchange `{e}` key `{k}`")).unwrap_or_else(|| "nowhere: origin unknown".into());
-                println!("would replay {} ({}, {}) to {to}", s.message_id.as_deref().unwrap_or("-"), s.message_type.as_deref().unwrap_or("-"), s.error_kind);
+                let to = target
+                    .as_ref()
+                    .map(|(e, k)| format!("exchange `{e}` key `{k}`"))
+                    .unwrap_or_else(|| "nowhere: origin unknown".into());
+                println!(
+                    "would replay {} ({}, {}) to {to}",
+                    s.message_id.as_deref().unwrap_or("-"),
+                    s.message_type.as_deref().unwrap_or("-"),
+                    s.error_kind
+                );
             }
         }
     } else {
@@ -220,7 +244,8 @@ pub async fn replay(broker: &BrokerArgs, queue: &str, filter: &Filter, options: 
                     )),
                 }
             }
-            let published = publisher.publish_batch(&outgoing).await.into_iter().zip(sendable).map(|(r, d)| (r, *d)).collect();
+            let published =
+                publisher.publish_batch(&outgoing).await.into_iter().zip(sendable).map(|(r, d)| (r, *d)).collect();
             let go_on = settle_replays(published, &mut report).await;
             bar.inc(chunk.len() as u64);
             if !go_on {
@@ -359,7 +384,11 @@ mod tests {
         delete_held(&selected, &mut report, &indicatif::ProgressBar::hidden()).await;
         assert_eq!(report.done, 1);
         assert_eq!(report.failed.len(), 1);
-        assert!(report.failed[0].starts_with("m2: not deleted") && report.failed[0].contains("closed"), "{:?}", report.failed);
+        assert!(
+            report.failed[0].starts_with("m2: not deleted") && report.failed[0].contains("closed"),
+            "{:?}",
+            report.failed
+        );
         assert_eq!(report.not_attempted, 2);
         assert!(report.stopped.as_deref().is_some_and(|s| s.contains("choreo.payment.dlq")));
         assert_eq!(report.exit_code(), EXIT_PARTIAL);

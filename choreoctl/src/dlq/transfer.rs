@@ -48,7 +48,11 @@ fn write_export<'a>(queue: &str, letters: impl Iterator<Item = &'a Delivery>) ->
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut n = 0usize;
     for d in letters {
-        let line = ExportedLetter { queue: queue.to_owned(), properties: exported_properties(&d.properties), body_base64: STANDARD.encode(&d.data) };
+        let line = ExportedLetter {
+            queue: queue.to_owned(),
+            properties: exported_properties(&d.properties),
+            body_base64: STANDARD.encode(&d.data),
+        };
         serde_json::to_writer(&mut out, &line)?;
         out.write_all(b"\n")?;
         n += 1;
@@ -86,7 +90,8 @@ struct ImportReport {
 }
 
 pub async fn import(broker: &BrokerArgs, file: &Path, queue: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
-    let reader = std::io::BufReader::new(std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?);
+    let reader =
+        std::io::BufReader::new(std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?);
     // Every line is read and checked before anything is published: a bad line stops the import at no cost.
     let mut letters = Vec::new();
     for (i, line) in reader.lines().enumerate() {

@@ -1,11 +1,11 @@
 //! `inventory-worker`: reserves stock, all or nothing (see `choreo_workers::inventory`).
 
 use anyhow::{Context, anyhow};
-use clap::Parser;
 use choreo_workers::config::CommonArgs;
 use choreo_workers::inventory::{DEFAULT_CATALOGUE, InventoryService, MIGRATIONS, parse_catalogue, seed_catalogue};
 use choreo_workers::runtime::{check_settings, prepare_database, run_worker, shutdown_on_signals};
 use choreo_workers::telemetry;
+use clap::Parser;
 use tracing::info;
 
 #[derive(Debug, Parser)]

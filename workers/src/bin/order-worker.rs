@@ -1,11 +1,11 @@
 //! `order-worker`: creates orders and settles them (see `choreo_workers::order`).
 
 use anyhow::Context;
-use clap::Parser;
 use choreo_workers::config::CommonArgs;
 use choreo_workers::order::{MIGRATIONS, OrderService};
 use choreo_workers::runtime::{check_settings, prepare_database, run_worker, shutdown_on_signals};
 use choreo_workers::telemetry;
+use clap::Parser;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "choreo order worker")]

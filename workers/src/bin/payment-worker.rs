@@ -1,13 +1,13 @@
 //! `payment-worker`: charges and refunds through the payment gateway (see `choreo_workers::payment`).
 
 use anyhow::Context;
-use clap::Parser;
 use choreo_workers::config::CommonArgs;
 use choreo_workers::gateway::SimulatedGateway;
 use choreo_workers::http_gateway::{HttpGateway, HttpGatewayConfig};
 use choreo_workers::payment::{MIGRATIONS, PaymentService};
 use choreo_workers::runtime::{check_settings, prepare_database, run_worker, shutdown_on_signals};
 use choreo_workers::telemetry;
+use clap::Parser;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "choreo payment worker")]

@@ -150,9 +150,16 @@ impl Cluster {
                 let url = url.clone();
                 async move {
                     let options = PgConnectOptions::from_str(&url).map_err(|e| e.to_string())?;
-                    let pool = PgPoolOptions::new().max_connections(4).connect_with(options).await.map_err(|e| e.to_string())?;
+                    let pool = PgPoolOptions::new()
+                        .max_connections(4)
+                        .connect_with(options)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     // The worker migrated its database once its outbox exists.
-                    sqlx::query("SELECT 1 FROM outbox LIMIT 1").fetch_optional(&pool).await.map_err(|e| e.to_string())?;
+                    sqlx::query("SELECT 1 FROM outbox LIMIT 1")
+                        .fetch_optional(&pool)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     Ok::<_, String>(pool)
                 }
             })
@@ -207,7 +214,11 @@ impl Cluster {
 
     /// The port the running `worker` process serves /metrics on, once it has bound it.
     pub async fn metrics_port(&self, worker: &str) -> u16 {
-        let pid = self.children.get(worker).and_then(|c| c.id()).unwrap_or_else(|| panic!("the {worker} worker is not running"));
+        let pid = self
+            .children
+            .get(worker)
+            .and_then(|c| c.id())
+            .unwrap_or_else(|| panic!("the {worker} worker is not running"));
         metrics_port_of(&self.metrics_ports, worker, pid).await
     }
 
@@ -221,10 +232,14 @@ impl Cluster {
             let (_, before) = self.depth_and_consumers(&queue).await;
             child.kill().await.expect("kill");
             if before > 0 {
-                wait_for(&format!("the broker to drop the killed {worker} worker's consumer"), Duration::from_secs(60), || async {
-                    let (_, now) = self.depth_and_consumers(&queue).await;
-                    if now < before { Ok(()) } else { Err(now) }
-                })
+                wait_for(
+                    &format!("the broker to drop the killed {worker} worker's consumer"),
+                    Duration::from_secs(60),
+                    || async {
+                        let (_, now) = self.depth_and_consumers(&queue).await;
+                        if now < before { Ok(()) } else { Err(now) }
+                    },
+                )
                 .await;
             }
         }
@@ -244,7 +259,9 @@ impl Cluster {
 
     /// Take one message off a queue (acked), if there is one.
     pub async fn get(&self, queue: &str) -> Option<choreo_rabbitmq::lapin::message::BasicGetMessage> {
-        let conn = choreo_rabbitmq::lapin::Connection::connect(&self.infra.amqp_url, Default::default()).await.expect("broker");
+        let conn = choreo_rabbitmq::lapin::Connection::connect(&self.infra.amqp_url, Default::default())
+            .await
+            .expect("broker");
         let channel = conn.create_channel().await.expect("channel");
         let message = channel
             .basic_get(queue.into(), choreo_rabbitmq::lapin::options::BasicGetOptions { no_ack: true })
@@ -285,14 +302,20 @@ impl Cluster {
         let pid = child.id().expect("pid");
         let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("kill -TERM");
         assert!(status.success());
-        tokio::time::timeout(Duration::from_secs(40), child.wait()).await.expect("worker exits after SIGTERM").expect("wait")
+        tokio::time::timeout(Duration::from_secs(40), child.wait())
+            .await
+            .expect("worker exits after SIGTERM")
+            .expect("wait")
     }
 
     /// Wait until every worker's queue has a consumer; panic at once if a worker has exited.
     pub async fn wait_consuming(&mut self) {
-        let conn = choreo_rabbitmq::lapin::Connection::connect(&self.infra.amqp_url, choreo_rabbitmq::lapin::ConnectionProperties::default())
-            .await
-            .expect("broker");
+        let conn = choreo_rabbitmq::lapin::Connection::connect(
+            &self.infra.amqp_url,
+            choreo_rabbitmq::lapin::ConnectionProperties::default(),
+        )
+        .await
+        .expect("broker");
         let (children, logs) = (&mut self.children, &mut self.logs);
         for worker in WORKERS {
             let queue = self.topology.worker_queue(worker);
@@ -300,7 +323,8 @@ impl Cluster {
                 assert_running(children, logs);
                 async {
                     let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-                    let options = choreo_rabbitmq::lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+                    let options =
+                        choreo_rabbitmq::lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
                     let q = channel
                         .queue_declare(queue.as_str().into(), options, Default::default())
                         .await
@@ -373,10 +397,11 @@ impl Cluster {
     /// The invariants of the brief, over every order of this cluster.
     pub async fn assert_invariants(&self) {
         let order = self.db("order");
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status NOT IN ('CONFIRMED','CANCELLED')")
-            .fetch_one(order)
-            .await
-            .expect("pending");
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM orders WHERE status NOT IN ('CONFIRMED','CANCELLED')")
+                .fetch_one(order)
+                .await
+                .expect("pending");
         assert_eq!(pending, 0, "every order ends CONFIRMED or CANCELLED");
 
         let confirmed_qty: Vec<(String, i64)> = sqlx::query_as(
@@ -449,7 +474,13 @@ impl Cluster {
             .iter()
             .find(|(k, _)| k == "CHOREO_RETRY_DELAYS")
             .map(|(_, v)| v.split(',').filter_map(|d| humantime::parse_duration(d.trim()).ok()).collect())
-            .unwrap_or_else(|| vec![std::time::Duration::from_secs(1), std::time::Duration::from_secs(10), std::time::Duration::from_secs(60)]);
+            .unwrap_or_else(|| {
+                vec![
+                    std::time::Duration::from_secs(1),
+                    std::time::Duration::from_secs(10),
+                    std::time::Duration::from_secs(60),
+                ]
+            });
         let mut queues: Vec<String> = WORKERS.iter().flat_map(|w| self.topology.queue_names(w, &delays)).collect();
         queues.push(self.topology.outcomes_queue());
         self.infra.delete_broker_objects(&queues, &self.topology.exchange_names()).await;
@@ -493,7 +524,11 @@ pub fn order(customer: &str, lines: &[(&str, u32, i64)]) -> PlaceOrder {
         currency: "EUR".to_owned(),
         lines: lines
             .iter()
-            .map(|(sku, quantity, price)| OrderLine { sku: (*sku).to_owned(), quantity: *quantity, unit_price_cents: *price })
+            .map(|(sku, quantity, price)| OrderLine {
+                sku: (*sku).to_owned(),
+                quantity: *quantity,
+                unit_price_cents: *price,
+            })
             .collect(),
     }
 }
@@ -548,7 +583,9 @@ impl Cluster {
 
     /// Messages ready in a queue, and its consumers.
     pub async fn depth_and_consumers(&self, queue: &str) -> (u32, u32) {
-        let conn = choreo_rabbitmq::lapin::Connection::connect(&self.infra.amqp_url, Default::default()).await.expect("broker");
+        let conn = choreo_rabbitmq::lapin::Connection::connect(&self.infra.amqp_url, Default::default())
+            .await
+            .expect("broker");
         let channel = conn.create_channel().await.expect("channel");
         let options = choreo_rabbitmq::lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
         let q = channel.queue_declare(queue.into(), options, Default::default()).await.expect("queue exists");
@@ -571,7 +608,12 @@ impl Cluster {
     }
 
     /// Publish a raw message to the events exchange (bad input for tests).
-    pub async fn publish_raw(&self, routing_key: &str, properties: choreo_rabbitmq::lapin::BasicProperties, body: &[u8]) {
+    pub async fn publish_raw(
+        &self,
+        routing_key: &str,
+        properties: choreo_rabbitmq::lapin::BasicProperties,
+        body: &[u8],
+    ) {
         let exchange = self.topology.events_exchange();
         self.publisher
             .publish(Outgoing { exchange: &exchange, routing_key, properties, body, message_id: String::new() })
