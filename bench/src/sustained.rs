@@ -171,8 +171,8 @@ mod tests {
         );
     }
 
-    /// The figures of the session that found the burst overstating the sustainable rate: 2,400/s offered was
-    /// worked off at 2,087/s. A run that keeps up works off 99% of what it is offered.
+    /// A burst overstates the sustainable rate: 2,400/s offered steadily was worked off at 2,087/s. A run
+    /// that keeps up works off 99% of what it is offered.
     #[test]
     fn a_run_that_falls_behind_sends_the_next_below_what_it_worked_off_then_bisection_narrows_it() {
         let mut s = Search::new(2598.0);
@@ -195,8 +195,8 @@ mod tests {
         assert!(s.describe().contains("fell behind above 2152/s; the fastest burst ran at 2598/s"), "{}", s.describe());
     }
 
-    /// The quick run that showed it: 1,748/s kept up with (1,736 worked off), then 1,802/s fell behind with
-    /// 1,641 worked off, less than the run below it. 1,641 / 0.97 = 1,692 would rule out a rate already kept
+    /// 1,748/s kept up with (1,736 worked off), then 1,802/s fell behind with 1,641 worked off, less than
+    /// the run below it. 1,641 / 0.97 = 1,692 would rule out a rate already kept
     /// up with; the run rules out what it was offered, and no more.
     #[test]
     fn a_run_slowed_by_noise_rules_out_only_what_it_was_offered() {
@@ -244,8 +244,7 @@ mod tests {
         assert!(!kept_up(&run(None, 5000.0, None)));
     }
 
-    /// The run of session 17's sixth full bench that a stall at its end made look behind: 96.5%
-    /// worked off, but its latency held. And a load 10% over the workflow's capacity, whose backlog grows all
+    /// A run that a stall at its end made look behind: 96.5% worked off, but its latency held. And a load 10% over the workflow's capacity, whose backlog grows all
     /// through.
     #[test]
     fn a_run_whose_latency_held_kept_up_although_a_late_stall_cut_its_rate() {
@@ -257,8 +256,7 @@ mod tests {
         assert!(!kept_up(&run(None, 5000.0, Some((10.0, 10.0)))));
     }
 
-    /// Session 18's first full run: its burst was slow (a noisy hour), and the steady run at the burst's
-    /// rate worked off 99% of it while its backlog doubled the second half's median. Short runs hide an
+    /// A steady run that worked off 99% of its load while its backlog doubled the second half's median. Short runs hide an
     /// overload in their rate; the latency shows it.
     #[test]
     fn a_run_whose_latency_grew_fell_behind_although_it_worked_off_nearly_all_it_was_offered() {
