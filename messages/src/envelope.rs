@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::{DecodeError, Message, MessageType};
+use crate::{Contract, DecodeError, Message};
 
 /// Names of the AMQP headers of the contract.
 pub mod headers {
@@ -42,11 +42,13 @@ pub struct Metadata {
     pub traceparent: Option<String>,
 }
 
-/// A decoded message: metadata and a typed payload.
+/// A decoded message: metadata and a typed payload of contract `M` (the reference workflow's by default).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Envelope {
+pub struct Envelope<M = Message> {
+    /// Ids, type, version, producer, time and trace context.
     pub meta: Metadata,
-    pub message: Message,
+    /// The body, decoded.
+    pub message: M,
 }
 
 /// A message ready for the wire: metadata and the serialised body. The outbox stores this form.
@@ -56,15 +58,15 @@ pub struct EncodedEnvelope {
     pub body: Vec<u8>,
 }
 
-impl Envelope {
+impl<M: Contract> Envelope<M> {
     /// A message that starts a workflow: its correlation id is its own id unless one is given.
-    pub fn new_command(message: Message, producer: &str, correlation_id: Option<Uuid>) -> Self {
+    pub fn new_command(message: M, producer: &str, correlation_id: Option<Uuid>) -> Self {
         let message_id = Uuid::now_v7();
         Envelope {
             meta: Metadata {
                 message_id,
-                message_type: message.message_type().as_str().to_owned(),
-                schema_version: message.message_type().schema_version(),
+                message_type: message.type_name().to_owned(),
+                schema_version: message.schema_version(),
                 correlation_id: correlation_id.unwrap_or(message_id),
                 causation_id: None,
                 producer: producer.to_owned(),
@@ -76,12 +78,12 @@ impl Envelope {
     }
 
     /// A message caused by `cause`: same workflow, same trace, `cause` as causation.
-    pub fn caused_by(cause: &Metadata, message: Message, producer: &str) -> Self {
+    pub fn caused_by(cause: &Metadata, message: M, producer: &str) -> Self {
         Envelope {
             meta: Metadata {
                 message_id: Uuid::now_v7(),
-                message_type: message.message_type().as_str().to_owned(),
-                schema_version: message.message_type().schema_version(),
+                message_type: message.type_name().to_owned(),
+                schema_version: message.schema_version(),
                 correlation_id: cause.correlation_id,
                 causation_id: Some(cause.message_id),
                 producer: producer.to_owned(),
@@ -92,6 +94,7 @@ impl Envelope {
         }
     }
 
+    /// The wire form: the same metadata and the body as JSON.
     pub fn encode(&self) -> EncodedEnvelope {
         EncodedEnvelope { meta: self.meta.clone(), body: self.message.to_json() }
     }
@@ -99,9 +102,8 @@ impl Envelope {
 
 impl EncodedEnvelope {
     /// Strict decoding: the type must be known, the version supported, the body exactly the contract's.
-    pub fn decode(self) -> Result<Envelope, DecodeError> {
-        let message_type: MessageType = self.meta.message_type.parse()?;
-        let message = Message::decode(message_type, self.meta.schema_version, &self.body)?;
+    pub fn decode<M: Contract>(self) -> Result<Envelope<M>, DecodeError> {
+        let message = M::decode(&self.meta.message_type, self.meta.schema_version, &self.body)?;
         Ok(Envelope { meta: self.meta, message })
     }
 }

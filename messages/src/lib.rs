@@ -10,12 +10,14 @@
 //!
 //! The human-readable contract is `docs/contract.md`.
 
+pub mod contract;
 pub mod envelope;
 pub mod error;
 pub mod message;
 pub mod payloads;
 pub mod schema;
 
+pub use contract::{Contract, Payload, TypeSchema};
 pub use envelope::{EncodedEnvelope, Envelope, Metadata, headers};
 pub use error::{DecodeError, ErrorKind};
 pub use message::{Message, MessageType};

@@ -2,9 +2,8 @@
 
 use std::str::FromStr;
 
-use serde::de::DeserializeOwned;
-
 use crate::DecodeError;
+use crate::contract::{Contract, Payload, TypeSchema, decode_payload, encode_payload};
 use crate::payloads::*;
 
 /// Every message type of the contract. The string form is both the AMQP `type` and the routing key.
@@ -122,63 +121,74 @@ impl Message {
         }
     }
 
+    /// The body as JSON.
     pub fn to_json(&self) -> Vec<u8> {
-        let result = match self {
-            Message::OrderPlace(m) => serde_json::to_vec(m),
-            Message::OrderCreated(m) => serde_json::to_vec(m),
-            Message::PaymentSucceeded(m) => serde_json::to_vec(m),
-            Message::PaymentFailed(m) => serde_json::to_vec(m),
-            Message::InventoryReserved(m) => serde_json::to_vec(m),
-            Message::InventoryFailed(m) => serde_json::to_vec(m),
-            Message::PaymentRefunded(m) => serde_json::to_vec(m),
-            Message::OrderConfirmed(m) => serde_json::to_vec(m),
-            Message::OrderCancelled(m) => serde_json::to_vec(m),
-        };
-        // Plain structs with string keys always serialise.
-        result.unwrap_or_else(|e| unreachable!("contract types always serialise: {e}"))
+        match self {
+            Message::OrderPlace(m) => encode_payload(m),
+            Message::OrderCreated(m) => encode_payload(m),
+            Message::PaymentSucceeded(m) => encode_payload(m),
+            Message::PaymentFailed(m) => encode_payload(m),
+            Message::InventoryReserved(m) => encode_payload(m),
+            Message::InventoryFailed(m) => encode_payload(m),
+            Message::PaymentRefunded(m) => encode_payload(m),
+            Message::OrderConfirmed(m) => encode_payload(m),
+            Message::OrderCancelled(m) => encode_payload(m),
+        }
     }
 
     /// Decode a body of type `message_type` at `version`, rejecting anything the contract does not allow.
     pub fn decode(message_type: MessageType, version: u32, body: &[u8]) -> Result<Message, DecodeError> {
-        if version != message_type.schema_version() {
-            return Err(DecodeError::UnsupportedSchemaVersion {
-                message_type: message_type.as_str().to_owned(),
-                version,
-                supported: message_type.schema_version(),
-            });
-        }
-        let invalid =
-            |reason: String| DecodeError::ValidationFailed { message_type: message_type.as_str().to_owned(), reason };
-        let message = match message_type {
-            MessageType::OrderPlace => {
-                let m: PlaceOrder = parse(message_type, body)?;
-                validate_place_order(&m).map_err(invalid)?;
-                Message::OrderPlace(m)
-            }
-            MessageType::OrderCreated => {
-                let m: OrderCreated = parse(message_type, body)?;
-                validate_lines(&m.lines).map_err(invalid)?;
-                Message::OrderCreated(m)
-            }
-            MessageType::PaymentSucceeded => {
-                let m: PaymentSucceeded = parse(message_type, body)?;
-                validate_lines(&m.lines).map_err(invalid)?;
-                Message::PaymentSucceeded(m)
-            }
-            MessageType::PaymentFailed => Message::PaymentFailed(parse(message_type, body)?),
-            MessageType::InventoryReserved => Message::InventoryReserved(parse(message_type, body)?),
-            MessageType::InventoryFailed => Message::InventoryFailed(parse(message_type, body)?),
-            MessageType::PaymentRefunded => Message::PaymentRefunded(parse(message_type, body)?),
-            MessageType::OrderConfirmed => Message::OrderConfirmed(parse(message_type, body)?),
-            MessageType::OrderCancelled => Message::OrderCancelled(parse(message_type, body)?),
-        };
-        Ok(message)
+        Ok(match message_type {
+            MessageType::OrderPlace => Message::OrderPlace(decode_payload(version, body)?),
+            MessageType::OrderCreated => Message::OrderCreated(decode_payload(version, body)?),
+            MessageType::PaymentSucceeded => Message::PaymentSucceeded(decode_payload(version, body)?),
+            MessageType::PaymentFailed => Message::PaymentFailed(decode_payload(version, body)?),
+            MessageType::InventoryReserved => Message::InventoryReserved(decode_payload(version, body)?),
+            MessageType::InventoryFailed => Message::InventoryFailed(decode_payload(version, body)?),
+            MessageType::PaymentRefunded => Message::PaymentRefunded(decode_payload(version, body)?),
+            MessageType::OrderConfirmed => Message::OrderConfirmed(decode_payload(version, body)?),
+            MessageType::OrderCancelled => Message::OrderCancelled(decode_payload(version, body)?),
+        })
     }
 }
 
-fn parse<T: DeserializeOwned>(message_type: MessageType, body: &[u8]) -> Result<T, DecodeError> {
-    serde_json::from_slice(body)
-        .map_err(|source| DecodeError::MalformedBody { message_type: message_type.as_str().to_owned(), source })
+/// The reference workflow's contract, for the generic runtime.
+impl Contract for Message {
+    const TYPES: &'static [&'static str] = &[
+        PlaceOrder::TYPE,
+        OrderCreated::TYPE,
+        PaymentSucceeded::TYPE,
+        PaymentFailed::TYPE,
+        InventoryReserved::TYPE,
+        InventoryFailed::TYPE,
+        PaymentRefunded::TYPE,
+        OrderConfirmed::TYPE,
+        OrderCancelled::TYPE,
+    ];
+
+    fn type_name(&self) -> &'static str {
+        self.message_type().as_str()
+    }
+
+    fn schema_version(&self) -> u32 {
+        self.message_type().schema_version()
+    }
+
+    fn decode(type_name: &str, version: u32, body: &[u8]) -> Result<Self, DecodeError> {
+        Message::decode(type_name.parse()?, version, body)
+    }
+
+    fn to_json(&self) -> Vec<u8> {
+        Message::to_json(self)
+    }
+
+    fn entity_id(&self) -> Option<uuid::Uuid> {
+        Some(self.order_id())
+    }
+
+    fn schemas() -> Vec<TypeSchema> {
+        MessageType::ALL.into_iter().map(crate::schema::type_schema).collect()
+    }
 }
 
 #[cfg(test)]
@@ -311,7 +321,7 @@ mod tests {
     fn encoded_envelope_with_unknown_type_fails_to_decode() {
         let mut encoded = Envelope::new_command(samples().remove(0), "t", None).encode();
         encoded.meta.message_type = "nope".into();
-        let err: DecodeError = EncodedEnvelope::decode(encoded).expect_err("unknown");
+        let err: DecodeError = EncodedEnvelope::decode::<Message>(encoded).expect_err("unknown");
         assert_eq!(err.kind(), ErrorKind::UnknownType);
     }
 }

@@ -5,6 +5,8 @@
 //! Money is in integer minor units (cents) of an ISO 4217 currency.
 
 use schemars::JsonSchema;
+
+use crate::Payload;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -172,6 +174,51 @@ pub struct OrderCancelled {
 }
 
 /// Rules a body must keep beyond its JSON shape.
+impl Payload for PlaceOrder {
+    const TYPE: &'static str = "order.place";
+    fn validate(&self) -> Result<(), String> {
+        validate_place_order(self)
+    }
+}
+
+impl Payload for OrderCreated {
+    const TYPE: &'static str = "order.created";
+    fn validate(&self) -> Result<(), String> {
+        validate_lines(&self.lines)
+    }
+}
+
+impl Payload for PaymentSucceeded {
+    const TYPE: &'static str = "payment.succeeded";
+    fn validate(&self) -> Result<(), String> {
+        validate_lines(&self.lines)
+    }
+}
+
+impl Payload for PaymentFailed {
+    const TYPE: &'static str = "payment.failed";
+}
+
+impl Payload for InventoryReserved {
+    const TYPE: &'static str = "inventory.reserved";
+}
+
+impl Payload for InventoryFailed {
+    const TYPE: &'static str = "inventory.failed";
+}
+
+impl Payload for PaymentRefunded {
+    const TYPE: &'static str = "payment.refunded";
+}
+
+impl Payload for OrderConfirmed {
+    const TYPE: &'static str = "order.confirmed";
+}
+
+impl Payload for OrderCancelled {
+    const TYPE: &'static str = "order.cancelled";
+}
+
 pub(crate) fn validate_place_order(p: &PlaceOrder) -> Result<(), String> {
     validate_id("customer_id", &p.customer_id)?;
     validate_currency(&p.currency)?;

@@ -3,46 +3,35 @@
 //! The checked-in copies under `messages/schema/` are what non-Rust clients read; a test keeps them in step
 //! with the code (`CHOREO_UPDATE_SCHEMAS=1 cargo test -p choreo-messages` rewrites them).
 
-use schemars::{JsonSchema, schema_for};
-
 use crate::MessageType;
+use crate::contract::{Payload, TypeSchema};
 use crate::payloads::*;
 
 /// The file name of a type's schema: `order.place.v1.schema.json`.
 pub fn file_name(message_type: MessageType) -> String {
-    format!("{}.v{}.schema.json", message_type.as_str(), message_type.schema_version())
+    type_schema(message_type).file_name()
 }
 
 /// The schema of a type's body, as pretty JSON with a trailing newline.
 pub fn schema_json(message_type: MessageType) -> String {
-    fn render<T: JsonSchema>(message_type: MessageType) -> String {
-        let mut schema = schema_for!(T);
-        schema.insert("$id".into(), file_name(message_type).into());
-        schema.insert(
-            "description".into(),
-            format!(
-                "Body of `{}` (schema version {}). AMQP type and routing key: `{}`.",
-                message_type.as_str(),
-                message_type.schema_version(),
-                message_type.as_str()
-            )
-            .into(),
-        );
-        let mut text =
-            serde_json::to_string_pretty(&schema).unwrap_or_else(|e| unreachable!("a schema is plain JSON: {e}"));
-        text.push('\n');
-        text
+    type_schema(message_type).to_pretty_json()
+}
+
+/// The schema of one type of the reference workflow.
+pub(crate) fn type_schema(message_type: MessageType) -> TypeSchema {
+    fn of<P: Payload>() -> TypeSchema {
+        TypeSchema::of::<P>()
     }
     match message_type {
-        MessageType::OrderPlace => render::<PlaceOrder>(message_type),
-        MessageType::OrderCreated => render::<OrderCreated>(message_type),
-        MessageType::PaymentSucceeded => render::<PaymentSucceeded>(message_type),
-        MessageType::PaymentFailed => render::<PaymentFailed>(message_type),
-        MessageType::InventoryReserved => render::<InventoryReserved>(message_type),
-        MessageType::InventoryFailed => render::<InventoryFailed>(message_type),
-        MessageType::PaymentRefunded => render::<PaymentRefunded>(message_type),
-        MessageType::OrderConfirmed => render::<OrderConfirmed>(message_type),
-        MessageType::OrderCancelled => render::<OrderCancelled>(message_type),
+        MessageType::OrderPlace => of::<PlaceOrder>(),
+        MessageType::OrderCreated => of::<OrderCreated>(),
+        MessageType::PaymentSucceeded => of::<PaymentSucceeded>(),
+        MessageType::PaymentFailed => of::<PaymentFailed>(),
+        MessageType::InventoryReserved => of::<InventoryReserved>(),
+        MessageType::InventoryFailed => of::<InventoryFailed>(),
+        MessageType::PaymentRefunded => of::<PaymentRefunded>(),
+        MessageType::OrderConfirmed => of::<OrderConfirmed>(),
+        MessageType::OrderCancelled => of::<OrderCancelled>(),
     }
 }
 

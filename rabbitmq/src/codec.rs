@@ -4,7 +4,7 @@
 //! because clients in other languages pick different AMQP types for the same value.
 
 use choreo_messages::envelope::CONTENT_TYPE_JSON;
-use choreo_messages::{DecodeError, EncodedEnvelope, Envelope, Metadata, headers};
+use choreo_messages::{Contract, DecodeError, EncodedEnvelope, Envelope, Metadata, headers};
 use chrono::{DateTime, TimeZone, Utc};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -98,11 +98,11 @@ pub fn metadata_from(properties: &BasicProperties) -> Result<Metadata, DecodeErr
 }
 
 /// Check size and content type, read the metadata and decode the body strictly.
-pub fn decode_delivery(
+pub fn decode_delivery<M: Contract>(
     properties: &BasicProperties,
     body: &[u8],
     max_body_bytes: usize,
-) -> Result<Envelope, DecodeError> {
+) -> Result<Envelope<M>, DecodeError> {
     if body.len() > max_body_bytes {
         return Err(DecodeError::Oversized { size: body.len(), max: max_body_bytes });
     }
@@ -227,7 +227,7 @@ mod tests {
             let mut h = props.headers().clone().unwrap_or_default();
             h.insert(headers::CAUSATION_ID.into(), value);
             props = props.with_headers(h);
-            decode_delivery(&props, &e.body, 1024)
+            decode_delivery::<Message>(&props, &e.body, 1024)
         };
         let bytes =
             with(AMQPValue::ByteArray(ByteArray::from(vec![0xff_u8; 16]))).expect_err("16 raw bytes, not UTF-8");
@@ -300,7 +300,8 @@ mod tests {
     fn bad_input_is_classified() {
         let e = envelope().encode();
         let props = properties_for(&e.meta);
-        let kind = |p: &BasicProperties, body: &[u8], max| decode_delivery(p, body, max).expect_err("bad").kind();
+        let kind =
+            |p: &BasicProperties, body: &[u8], max| decode_delivery::<Message>(p, body, max).expect_err("bad").kind();
         assert_eq!(kind(&props, &e.body, 4), ErrorKind::Oversized);
         assert_eq!(kind(&BasicProperties::default(), &e.body, 1024), ErrorKind::WrongContentType);
         let no_id = BasicProperties::default().with_content_type("application/json".into());
@@ -311,6 +312,6 @@ mod tests {
         let unknown = props.clone().with_type("order.teleport".into());
         assert_eq!(kind(&unknown, &e.body, 1024), ErrorKind::UnknownType);
         let charset = props.with_content_type("application/json; charset=utf-8".into());
-        assert!(decode_delivery(&charset, &e.body, 1024).is_ok());
+        assert!(decode_delivery::<Message>(&charset, &e.body, 1024).is_ok());
     }
 }

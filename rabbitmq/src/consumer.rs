@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use choreo_messages::{Envelope, ErrorKind};
+use choreo_messages::{Contract, Envelope, ErrorKind};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
@@ -67,25 +67,29 @@ pub trait Handler: Send + Sync + 'static {
     /// Whether [`Handler::handle_batch`] applies batches; if not, the consumer never forms one.
     const BATCHES: bool = false;
 
-    fn handle(&self, envelope: &Envelope) -> impl Future<Output = Outcome> + Send;
+    /// The contract deliveries are decoded into; a type outside it is dead-lettered as `unknown_type`.
+    type Message: Contract;
+
+    /// Apply one message: the [`Outcome`] says whether to ack, retry or dead-letter it.
+    fn handle(&self, envelope: &Envelope<Self::Message>) -> impl Future<Output = Outcome> + Send;
 
     /// Count, durably, that this redelivered message is being handled again, and return the count so far; the
     /// consumer dead-letters it as [`ErrorKind::Crashed`] past its `crash_limit`. The default counts nothing.
-    fn record_restart(&self, envelope: &Envelope) -> impl Future<Output = Result<u32, String>> + Send {
+    fn record_restart(&self, envelope: &Envelope<Self::Message>) -> impl Future<Output = Result<u32, String>> + Send {
         let _ = envelope;
         std::future::ready(Ok(0))
     }
 
     /// Which of `envelopes` may be applied together, one flag per envelope in order; the others are handled
     /// alone, after the batch, and the rest still make one. The default: all of them.
-    fn batch_members(&self, envelopes: &[Envelope]) -> Vec<bool> {
+    fn batch_members(&self, envelopes: &[Envelope<Self::Message>]) -> Vec<bool> {
         vec![true; envelopes.len()]
     }
 
     /// Apply several messages all or nothing: `Some` with one outcome per envelope (in order) once all of them
     /// took effect, or `None` when nothing did, and the consumer then hands each to [`Handler::handle`] alone.
     /// The default applies no batch.
-    fn handle_batch(&self, envelopes: &[Envelope]) -> impl Future<Output = Option<Vec<Outcome>>> + Send {
+    fn handle_batch(&self, envelopes: &[Envelope<Self::Message>]) -> impl Future<Output = Option<Vec<Outcome>>> + Send {
         let _ = envelopes;
         std::future::ready(None)
     }
@@ -422,7 +426,7 @@ impl<H: Handler> ConsumerRunner<H> {
     /// Duration and outcome of one settled message, alone or in a batch.
     fn observe_settled(&self, message_type: &str, settled: Settled, seconds: f64) {
         let worker = self.config.queue.worker.clone();
-        let type_label = choreo_messages::MessageType::label_for(message_type);
+        let type_label = H::Message::label_for(message_type);
         metrics::histogram!("choreo_handler_duration_seconds", "worker" => worker.clone(), "type" => type_label)
             .record(seconds);
         metrics::counter!("choreo_messages_consumed_total", "worker" => worker, "type" => type_label, "outcome" => settled.as_str())
@@ -430,7 +434,7 @@ impl<H: Handler> ConsumerRunner<H> {
     }
 
     /// The delivery's envelope, decoded strictly, published with its type as routing key.
-    fn decode(&self, delivery: &Delivery) -> Result<Envelope, choreo_messages::DecodeError> {
+    fn decode(&self, delivery: &Delivery) -> Result<Envelope<H::Message>, choreo_messages::DecodeError> {
         let envelope = decode_delivery(&delivery.properties, &delivery.data, self.config.max_body_bytes)?;
         check_routing_key(
             delivery.exchange.as_str(),

@@ -60,7 +60,8 @@ pub struct InventoryService;
 
 impl Service for InventoryService {
     const NAME: &'static str = "inventory";
-    const CONSUMES: &'static [MessageType] = &[MessageType::PaymentSucceeded];
+    type Message = Message;
+    const CONSUMES: &'static [&'static str] = &[MessageType::PaymentSucceeded.as_str()];
 
     /// The whole batch reads its stock rows once and writes them once.
     async fn decide(

@@ -27,11 +27,12 @@ pub struct OrderService;
 
 impl Service for OrderService {
     const NAME: &'static str = "order";
-    const CONSUMES: &'static [MessageType] = &[
-        MessageType::OrderPlace,
-        MessageType::InventoryReserved,
-        MessageType::PaymentFailed,
-        MessageType::PaymentRefunded,
+    type Message = Message;
+    const CONSUMES: &'static [&'static str] = &[
+        MessageType::OrderPlace.as_str(),
+        MessageType::InventoryReserved.as_str(),
+        MessageType::PaymentFailed.as_str(),
+        MessageType::PaymentRefunded.as_str(),
     ];
 
     fn register_metrics(&self) {

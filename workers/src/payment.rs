@@ -237,7 +237,9 @@ impl<'a> Payments<'a> {
 
 impl<G: PaymentGateway> Service for PaymentService<G> {
     const NAME: &'static str = "payment";
-    const CONSUMES: &'static [MessageType] = &[MessageType::OrderCreated, MessageType::InventoryFailed];
+    type Message = Message;
+    const CONSUMES: &'static [&'static str] =
+        &[MessageType::OrderCreated.as_str(), MessageType::InventoryFailed.as_str()];
 
     /// Charges are decided together (see [`PaymentService::charge_all`]); a refund alone.
     fn batchable(&self, envelope: &Envelope) -> bool {

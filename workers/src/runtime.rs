@@ -104,7 +104,7 @@ pub async fn run_worker<S: Service>(
 
     let mut consumer_config = ConsumerConfig::new(WorkerQueue {
         worker: S::NAME.to_owned(),
-        routing_keys: S::CONSUMES.iter().map(|t| t.as_str().to_owned()).collect(),
+        routing_keys: S::CONSUMES.iter().map(|t| (*t).to_owned()).collect(),
         delivery_limit: args.delivery_limit,
         retry_delays: args.retry_delays.clone(),
     });

@@ -25,7 +25,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use choreo_messages::{EncodedEnvelope, Envelope, ErrorKind, Message, MessageType};
+use choreo_messages::{Contract, EncodedEnvelope, Envelope, ErrorKind, Message};
 use choreo_outbox::{Change, CommitError, InboxGuard, OutboxError, OutboxHandoff};
 use choreo_rabbitmq::Outcome;
 use sqlx::{PgConnection, PgPool};
@@ -75,15 +75,24 @@ pub type Observation = Box<dyn FnOnce() + Send>;
 
 /// What a message causes: events for the outbox, and observations to make once it committed (metrics of
 /// business outcomes must count only what really happened); with a key, only if the change applied that key.
-#[derive(Default)]
-pub struct Effects {
-    pub events: Vec<Message>,
+pub struct Effects<M = Message> {
+    /// Events to write to the outbox, caused by the message.
+    pub events: Vec<M>,
+    /// What to observe once the message's effects committed.
     pub on_commit: Vec<Observation>,
+    /// The key these effects depend on, if any ([`Effects::applies_if`]).
     pub key: Option<Uuid>,
 }
 
-impl Effects {
-    pub fn events(events: Vec<Message>) -> Self {
+impl<M> Default for Effects<M> {
+    fn default() -> Self {
+        Effects { events: Vec::new(), on_commit: Vec::new(), key: None }
+    }
+}
+
+impl<M> Effects<M> {
+    /// These events, unconditionally.
+    pub fn events(events: Vec<M>) -> Self {
         Effects { events, on_commit: Vec::new(), key: None }
     }
 
@@ -94,10 +103,12 @@ impl Effects {
         self
     }
 
+    /// No event and nothing to observe.
     pub fn none() -> Self {
         Effects::default()
     }
 
+    /// Observe something (a metric of a business outcome) once the effects committed.
     pub fn after_commit(mut self, observe: impl FnOnce() + Send + 'static) -> Self {
         self.on_commit.push(Box::new(observe));
         self
@@ -106,10 +117,12 @@ impl Effects {
 
 /// A worker's business logic.
 pub trait Service: Send + Sync + Sized + 'static {
+    /// The messages this service reads and writes.
+    type Message: Contract;
     /// Worker name: queue, producer and inbox consumer name.
     const NAME: &'static str;
-    /// Message types this worker's queue is bound to.
-    const CONSUMES: &'static [MessageType];
+    /// Wire names of the message types this worker's queue is bound to.
+    const CONSUMES: &'static [&'static str];
 
     /// Register this service's own metrics at zero, so that rates and increases see their first events.
     fn register_metrics(&self) {}
@@ -117,7 +130,7 @@ pub trait Service: Send + Sync + Sized + 'static {
     /// Whether [`Service::decide`] can take this message together with messages about other orders (default:
     /// yes). One it cannot is handled alone, and so is every message about an order that another message of
     /// the batch is about too: the second must see the first's change, which one statement cannot show it.
-    fn batchable(&self, envelope: &Envelope) -> bool {
+    fn batchable(&self, envelope: &Envelope<Self::Message>) -> bool {
         let _ = envelope;
         true
     }
@@ -132,9 +145,9 @@ pub trait Service: Send + Sync + Sized + 'static {
     fn decide(
         &self,
         db: &mut PgConnection,
-        batch: &[(&Envelope, tracing::Span)],
+        batch: &[(&Envelope<Self::Message>, tracing::Span)],
         change: &mut Change,
-    ) -> impl Future<Output = Result<Vec<Effects>, ServiceError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Effects<Self::Message>>, ServiceError>> + Send;
 }
 
 /// Counters a test or `/metrics` can read.
@@ -188,16 +201,16 @@ impl<S: Service> TransactionalHandler<S> {
         Arc::clone(&self.counters)
     }
 
-    fn handle_span(envelope: &Envelope) -> tracing::Span {
+    fn handle_span(envelope: &Envelope<S::Message>) -> tracing::Span {
         crate::telemetry::handle_span(S::NAME, &envelope.meta)
     }
 
-    async fn apply_once(&self, envelope: &Envelope) -> Result<bool, ServiceError> {
+    async fn apply_once(&self, envelope: &Envelope<S::Message>) -> Result<bool, ServiceError> {
         let span = Self::handle_span(envelope);
         self.apply_in_span(envelope, &span).instrument(span.clone()).await
     }
 
-    async fn apply_in_span(&self, envelope: &Envelope, span: &tracing::Span) -> Result<bool, ServiceError> {
+    async fn apply_in_span(&self, envelope: &Envelope<S::Message>, span: &tracing::Span) -> Result<bool, ServiceError> {
         let mut db = self.connections.get().await?;
         let mut decision = 1;
         // `db.clean()` only on the way out: a connection marked so is never used again before it is dropped.
@@ -258,7 +271,7 @@ impl<S: Service> TransactionalHandler<S> {
     async fn decide(
         &self,
         db: &mut PgConnection,
-        batch: &[(&Envelope, tracing::Span)],
+        batch: &[(&Envelope<S::Message>, tracing::Span)],
     ) -> Result<(Change, Written), ServiceError> {
         let mut change = Change::new();
         let effects = self.service.decide(db, batch, &mut change).await?;
@@ -281,7 +294,11 @@ impl<S: Service> TransactionalHandler<S> {
     /// before, since its effect is then in place whatever the service made of it again; otherwise `failure`,
     /// which dead-letters it. If the inbox cannot be read, the failure becomes transient: a processed message
     /// must not be dead-lettered for want of a lookup.
-    async fn processed_before(&self, envelope: &Envelope, failure: ServiceError) -> Result<bool, ServiceError> {
+    async fn processed_before(
+        &self,
+        envelope: &Envelope<S::Message>,
+        failure: ServiceError,
+    ) -> Result<bool, ServiceError> {
         match self.inbox.processed(&self.db, &envelope.meta).await {
             Ok(true) => Ok(false),
             Ok(false) => Err(failure),
@@ -295,12 +312,12 @@ impl<S: Service> TransactionalHandler<S> {
     /// Apply `envelopes` in one statement; for each, whether it took effect (`false`: a second copy of an
     /// id in the batch). If a message of the batch was processed before, or the statement fails, nothing is
     /// written and the error sends the batch one by one, where that message is found to be a duplicate.
-    async fn apply_batch(&self, envelopes: &[Envelope]) -> Result<Vec<bool>, ServiceError> {
+    async fn apply_batch(&self, envelopes: &[Envelope<S::Message>]) -> Result<Vec<bool>, ServiceError> {
         // The first delivery of an id in the batch is the one applied.
         let mut seen = HashSet::with_capacity(envelopes.len());
         let applied: Vec<bool> = envelopes.iter().map(|e| seen.insert(e.meta.message_id)).collect();
         // Each message keeps its own span: its log lines carry its ids, its events continue its trace.
-        let batch: Vec<(&Envelope, tracing::Span)> = envelopes
+        let batch: Vec<(&Envelope<S::Message>, tracing::Span)> = envelopes
             .iter()
             .zip(&applied)
             .filter(|(_, a)| **a)
@@ -324,12 +341,17 @@ impl<S: Service> TransactionalHandler<S> {
     }
 
     /// Whether this worker's queue is bound to the message's type.
-    fn consumes(envelope: &Envelope) -> bool {
-        S::CONSUMES.iter().any(|t| t.as_str() == envelope.meta.message_type)
+    fn consumes(envelope: &Envelope<S::Message>) -> bool {
+        S::CONSUMES.contains(&envelope.meta.message_type.as_str())
     }
 
-    fn count_duplicate(envelope: &Envelope) {
-        metrics::counter!("choreo_duplicates_skipped_total", "worker" => S::NAME, "type" => envelope.message.message_type().as_str())
+    /// What a message is about: two messages about one entity are never decided in one statement.
+    fn entity_of(envelope: &Envelope<S::Message>) -> Uuid {
+        envelope.message.entity_id().unwrap_or(envelope.meta.correlation_id)
+    }
+
+    fn count_duplicate(envelope: &Envelope<S::Message>) {
+        metrics::counter!("choreo_duplicates_skipped_total", "worker" => S::NAME, "type" => envelope.message.type_name())
             .increment(1);
     }
 }
@@ -372,7 +394,7 @@ impl Written {
 
     /// Encode `effects.events` as caused by `cause`, each carrying `span` as its parent: one workflow, one
     /// trace.
-    fn add(&mut self, cause: &Envelope, effects: Effects, span: &tracing::Span) {
+    fn add<M: Contract>(&mut self, cause: &Envelope<M>, effects: Effects<M>, span: &tracing::Span) {
         let traceparent = crate::telemetry::traceparent_of(span).or_else(|| cause.meta.traceparent.clone());
         for message in effects.events {
             let mut e = Envelope::caused_by(&cause.meta, message, self.producer);
@@ -409,8 +431,9 @@ impl Written {
 
 impl<S: Service> choreo_rabbitmq::Handler for TransactionalHandler<S> {
     const BATCHES: bool = true;
+    type Message = S::Message;
 
-    async fn handle(&self, envelope: &Envelope) -> Outcome {
+    async fn handle(&self, envelope: &Envelope<S::Message>) -> Outcome {
         if !Self::consumes(envelope) {
             return Outcome::Reject {
                 kind: ErrorKind::UnknownType,
@@ -433,26 +456,26 @@ impl<S: Service> choreo_rabbitmq::Handler for TransactionalHandler<S> {
         }
     }
 
-    async fn record_restart(&self, envelope: &Envelope) -> Result<u32, String> {
+    async fn record_restart(&self, envelope: &Envelope<S::Message>) -> Result<u32, String> {
         self.inbox.record_restart(&self.db, &envelope.meta).await.map_err(|e| e.to_string())
     }
 
-    fn batch_members(&self, envelopes: &[Envelope]) -> Vec<bool> {
+    fn batch_members(&self, envelopes: &[Envelope<S::Message>]) -> Vec<bool> {
         let mut messages_per_order: HashMap<Uuid, usize> = HashMap::with_capacity(envelopes.len());
         for envelope in envelopes {
-            *messages_per_order.entry(envelope.message.order_id()).or_default() += 1;
+            *messages_per_order.entry(Self::entity_of(envelope)).or_default() += 1;
         }
         envelopes
             .iter()
             .map(|e| {
                 Self::consumes(e)
                     && self.service.batchable(e)
-                    && messages_per_order.get(&e.message.order_id()) == Some(&1)
+                    && messages_per_order.get(&Self::entity_of(e)) == Some(&1)
             })
             .collect()
     }
 
-    async fn handle_batch(&self, envelopes: &[Envelope]) -> Option<Vec<Outcome>> {
+    async fn handle_batch(&self, envelopes: &[Envelope<S::Message>]) -> Option<Vec<Outcome>> {
         if self.batch_members(envelopes).contains(&false) {
             return None;
         }

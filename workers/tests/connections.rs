@@ -30,18 +30,19 @@ struct Backends<S> {
 
 impl<S: Service> Service for Backends<S> {
     const NAME: &'static str = S::NAME;
-    const CONSUMES: &'static [choreo_messages::MessageType] = S::CONSUMES;
+    type Message = S::Message;
+    const CONSUMES: &'static [&'static str] = S::CONSUMES;
 
-    fn batchable(&self, envelope: &Envelope) -> bool {
+    fn batchable(&self, envelope: &Envelope<S::Message>) -> bool {
         self.inner.batchable(envelope)
     }
 
     async fn decide(
         &self,
         db: &mut PgConnection,
-        batch: &[(&Envelope, tracing::Span)],
+        batch: &[(&Envelope<S::Message>, tracing::Span)],
         change: &mut Change,
-    ) -> Result<Vec<Effects>, ServiceError> {
+    ) -> Result<Vec<Effects<S::Message>>, ServiceError> {
         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *db).await?;
         self.seen.lock().expect("seen").push(pid);
         if self.refuse.load(Ordering::SeqCst) {

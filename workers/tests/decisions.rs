@@ -31,18 +31,19 @@ struct Meanwhile<S> {
 
 impl<S: Service> Service for Meanwhile<S> {
     const NAME: &'static str = S::NAME;
-    const CONSUMES: &'static [choreo_messages::MessageType] = S::CONSUMES;
+    type Message = S::Message;
+    const CONSUMES: &'static [&'static str] = S::CONSUMES;
 
-    fn batchable(&self, envelope: &Envelope) -> bool {
+    fn batchable(&self, envelope: &Envelope<S::Message>) -> bool {
         self.inner.batchable(envelope)
     }
 
     async fn decide(
         &self,
         db: &mut PgConnection,
-        batch: &[(&Envelope, tracing::Span)],
+        batch: &[(&Envelope<S::Message>, tracing::Span)],
         change: &mut Change,
-    ) -> Result<Vec<Effects>, ServiceError> {
+    ) -> Result<Vec<Effects<S::Message>>, ServiceError> {
         let effects = self.inner.decide(db, batch, change).await?;
         if self.decisions.fetch_add(1, Ordering::SeqCst) == 0 {
             sqlx::query(sqlx::AssertSqlSafe(self.meanwhile.clone()))

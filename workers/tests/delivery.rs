@@ -317,7 +317,7 @@ impl RelayBench {
         let channel = choreo_rabbitmq::connection::open_channel(&broker).await.expect("channel");
         let payment_queue = WorkerQueue {
             worker: "payment".into(),
-            routing_keys: PaymentService::<SimulatedGateway>::CONSUMES.iter().map(|t| t.as_str().to_owned()).collect(),
+            routing_keys: PaymentService::<SimulatedGateway>::CONSUMES.iter().map(|t| (*t).to_owned()).collect(),
             delivery_limit: 10,
             retry_delays: vec![],
         };
@@ -670,7 +670,8 @@ struct Stuck {
 
 impl Service for Stuck {
     const NAME: &'static str = "stuck";
-    const CONSUMES: &'static [choreo_messages::MessageType] = &[choreo_messages::MessageType::OrderCreated];
+    type Message = choreo_messages::Message;
+    const CONSUMES: &'static [&'static str] = &[choreo_messages::MessageType::OrderCreated.as_str()];
 
     async fn decide(
         &self,
@@ -967,6 +968,8 @@ struct AlwaysDown {
 }
 
 impl Handler for AlwaysDown {
+    type Message = choreo_messages::Message;
+
     async fn handle(&self, _: &Envelope) -> Outcome {
         self.handled.fetch_add(1, Ordering::SeqCst);
         Outcome::Retry { reason: "dependency down".into() }
@@ -1015,6 +1018,8 @@ struct FailsOnce {
 }
 
 impl Handler for FailsOnce {
+    type Message = choreo_messages::Message;
+
     async fn handle(&self, _: &Envelope) -> Outcome {
         if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
             Outcome::Retry { reason: "blip".into() }
@@ -1050,6 +1055,8 @@ async fn a_message_published_straight_to_the_queue_survives_a_delayed_retry() {
 struct NeverCalled;
 
 impl Handler for NeverCalled {
+    type Message = choreo_messages::Message;
+
     async fn handle(&self, _: &Envelope) -> Outcome {
         Outcome::Done
     }
