@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -107,12 +109,37 @@ async fn metrics(State(state): State<HealthState>) -> String {
     state.metrics.render()
 }
 
-async fn ready(State(state): State<HealthState>) -> (StatusCode, String) {
+/// The body of `/health/ready`: `{"ready":true}`, or `{"ready":false,"not_ready":[...]}` naming what is missing.
+#[derive(Debug, Serialize)]
+struct Readiness {
+    ready: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    not_ready: Vec<&'static str>,
+}
+
+async fn ready(State(state): State<HealthState>) -> Response {
     let missing = state.not_ready().await;
-    if missing.is_empty() {
-        (StatusCode::OK, "{\"ready\":true}\n".to_owned())
-    } else {
-        let list = missing.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(",");
-        (StatusCode::SERVICE_UNAVAILABLE, format!("{{\"ready\":false,\"not_ready\":[{list}]}}\n"))
+    let status = if missing.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let readiness = Readiness { ready: missing.is_empty(), not_ready: missing };
+    match serde_json::to_string(&readiness) {
+        // A final newline for people reading it with curl.
+        Ok(body) => (status, [(header::CONTENT_TYPE, "application/json")], body + "\n").into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode readiness: {e}\n")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Readiness;
+
+    #[test]
+    fn readiness_names_what_is_missing_only_when_something_is() {
+        let ready = Readiness { ready: true, not_ready: Vec::new() };
+        assert_eq!(serde_json::to_string(&ready).ok().as_deref(), Some(r#"{"ready":true}"#));
+        let not_ready = Readiness { ready: false, not_ready: vec!["broker consumer", "database"] };
+        assert_eq!(
+            serde_json::to_string(&not_ready).ok().as_deref(),
+            Some(r#"{"ready":false,"not_ready":["broker consumer","database"]}"#)
+        );
     }
 }
