@@ -1,5 +1,6 @@
 //! A real Prometheus, started from `monitoring/prometheus/prometheus.yml` (targets pointed at this test's
-//! workers and broker), scrapes a running workload, and every query of every dashboard panel returns data.
+//! workers and broker), scrapes a running workload; every query of every dashboard panel returns data, and
+//! every runbook link of the alerts and the dashboard opens its runbook.
 
 mod common;
 
@@ -13,6 +14,10 @@ use serde_yaml_ng::Value;
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
+
+/// Where the shipped alerts and dashboard link the runbooks (docs/metrics.md#runbook-links): the Prometheus of
+/// compose.yaml, serving runbooks/ at /user/.
+const RUNBOOK_BASE: &str = "http://127.0.0.1:9090/user/";
 
 /// The shipped configuration with its targets replaced by this test's.
 async fn test_config(cluster: &Cluster, rabbit_port: &str, dir: &std::path::Path) -> String {
@@ -65,11 +70,15 @@ fn the_port_comes_from_prometheus_listening_line() {
     assert_eq!(listening_port(configured), None);
 }
 
-fn dashboard_queries() -> Vec<(String, String)> {
+fn dashboard() -> serde_json::Value {
     let text = std::fs::read_to_string(repo().join("monitoring/grafana/dashboards/choreo.json")).expect("dashboard");
-    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    serde_json::from_str(&text).expect("dashboard is JSON")
+}
+
+/// Every query of the dashboard.
+fn dashboard_queries() -> Vec<(String, String)> {
     let mut queries = Vec::new();
-    for panel in dashboard["panels"].as_array().expect("panels") {
+    for panel in dashboard()["panels"].as_array().expect("panels") {
         for target in panel["targets"].as_array().into_iter().flatten() {
             if let Some(expr) = target["expr"].as_str() {
                 let title = panel["title"].as_str().unwrap_or("?").to_owned();
@@ -79,6 +88,35 @@ fn dashboard_queries() -> Vec<(String, String)> {
     }
     assert!(!queries.is_empty());
     queries
+}
+
+/// Every runbook link, with the alert it is for (None for the dashboard's).
+fn runbook_links() -> Vec<(Option<String>, String)> {
+    let text = std::fs::read_to_string(repo().join("monitoring/prometheus/alerts.yml")).expect("alerts.yml");
+    let alerts: Value = serde_yaml_ng::from_str(&text).expect("alerts.yml is YAML");
+    let mut links = Vec::new();
+    for group in alerts["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let alert = rule["alert"].as_str().expect("alert name").to_owned();
+            let url = rule["annotations"]["runbook_url"].as_str().unwrap_or_else(|| panic!("{alert}: no runbook_url"));
+            links.push((Some(alert), url.to_owned()));
+        }
+    }
+    let dashboard = dashboard();
+    let panel_links = dashboard["panels"].as_array().expect("panels").iter().flat_map(|p| p["links"].as_array());
+    for link in dashboard["links"].as_array().into_iter().chain(panel_links).flatten() {
+        if link["title"].as_str().is_some_and(|t| t.starts_with("Runbook")) {
+            links.push((None, link["url"].as_str().expect("link url").to_owned()));
+        }
+    }
+    links
+}
+
+async fn get_text(client: &reqwest::Client, url: &str) -> Result<String, String> {
+    let reply = client.get(url).send().await.map_err(|e| e.to_string())?;
+    let status = reply.status();
+    let body = reply.text().await.map_err(|e| e.to_string())?;
+    if status.is_success() { Ok(body) } else { Err(format!("{status}: {body}")) }
 }
 
 #[tokio::test]
@@ -96,6 +134,8 @@ async fn prometheus_scrapes_the_workload_and_every_dashboard_query_returns_data(
         .arg(format!("--config.file={config}"))
         .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
         .arg("--web.listen-address=127.0.0.1:0")
+        // As compose.yaml's Prometheus does, so that the runbook links resolve (checked below).
+        .arg(format!("--web.user-assets={}", repo().join("runbooks").display()))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -159,6 +199,16 @@ async fn prometheus_scrapes_the_workload_and_every_dashboard_query_returns_data(
         .await
         .expect("json");
     assert_eq!(up["data"]["result"][0]["value"][1], "3", "{up}");
+
+    // Every runbook link opens its runbook on this Prometheus, which stands in for compose.yaml's at 9090.
+    for (alert, url) in runbook_links() {
+        let path = url.strip_prefix(RUNBOOK_BASE).unwrap_or_else(|| panic!("{url} is not under {RUNBOOK_BASE}"));
+        let served = format!("http://127.0.0.1:{port}/user/{path}");
+        let body = get_text(&client, &served).await.unwrap_or_else(|e| panic!("{url} (as {served}): {e}"));
+        if let Some(alert) = alert {
+            assert!(body.contains(&alert), "{url}, the runbook of {alert}, does not mention it");
+        }
+    }
     prometheus.kill().await.expect("stop prometheus");
     let _ = std::fs::remove_dir_all(&dir);
     cluster.shutdown().await;
