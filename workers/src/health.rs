@@ -29,24 +29,44 @@ pub const WORKFLOW_BUCKETS: [f64; 16] =
 /// Messages per batch transaction: up to the largest `CHOREO_BATCH_SIZE` worth having.
 pub const BATCH_BUCKETS: [f64; 8] = [2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+/// The label every series a worker serves carries, valued with its `CHOREO_NAMESPACE`, so that deployments
+/// sharing one broker and one Prometheus stay apart. Not `namespace`: Kubernetes service discovery and the
+/// Prometheus operator give every target a `namespace` label, which would rename ours `exported_namespace`.
+pub const NAMESPACE_LABEL: &str = "choreo_namespace";
 
-/// The process-wide Prometheus recorder, installed on first use.
-pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
-    if let Some(handle) = HANDLE.get() {
-        return Ok(handle.clone());
+/// The process-wide recorder and the namespace its series are labelled with.
+struct Recorder {
+    namespace: String,
+    handle: PrometheusHandle,
+}
+
+static RECORDER: OnceLock<Result<Recorder, String>> = OnceLock::new();
+
+/// The process-wide Prometheus recorder, installed on first use with `namespace` as the value of
+/// [`NAMESPACE_LABEL`] on every series.
+pub fn metrics_handle(namespace: &str) -> anyhow::Result<PrometheusHandle> {
+    let recorder = RECORDER.get_or_init(|| install(namespace)).as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    if recorder.namespace != namespace {
+        // Only tests run several workers in one process; the label is fixed when the recorder is installed.
+        warn!(
+            installed = %recorder.namespace,
+            namespace,
+            "this process already serves metrics labelled with another namespace; this worker's carry that one"
+        );
     }
+    Ok(recorder.handle.clone())
+}
+
+fn install(namespace: &str) -> Result<Recorder, String> {
     let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full("choreo_workflow_duration_seconds".into()), &WORKFLOW_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), &LATENCY_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Full("choreo_batch_messages".into()), &BATCH_BUCKETS)?
+        .add_global_label(NAMESPACE_LABEL, namespace)
+        .set_buckets_for_metric(Matcher::Full("choreo_workflow_duration_seconds".into()), &WORKFLOW_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), &LATENCY_BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("choreo_batch_messages".into()), &BATCH_BUCKETS))
+        .map_err(|e| format!("configuring the metrics recorder: {e}"))?
         .build_recorder();
     let handle = recorder.handle();
-    if metrics::set_global_recorder(recorder).is_err() {
-        // Another worker of this process (tests) won the race; use its handle.
-        return HANDLE.get().cloned().ok_or_else(|| anyhow::anyhow!("a foreign metrics recorder is installed"));
-    }
-    let _ = HANDLE.set(handle.clone());
+    metrics::set_global_recorder(recorder).map_err(|_| "a foreign metrics recorder is installed".to_owned())?;
     let upkeep = handle.clone();
     tokio::spawn(async move {
         loop {
@@ -54,7 +74,7 @@ pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
             upkeep.run_upkeep();
         }
     });
-    Ok(handle)
+    Ok(Recorder { namespace: namespace.to_owned(), handle })
 }
 
 #[derive(Clone)]

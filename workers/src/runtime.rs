@@ -71,7 +71,7 @@ pub async fn run_worker<S: Service>(
     started: impl FnOnce(WorkerHandle),
 ) -> anyhow::Result<()> {
     check_settings(args)?;
-    let metrics = crate::health::metrics_handle()?;
+    let metrics = crate::health::metrics_handle(&args.namespace)?;
     let listener = crate::health::bind(args.metrics_addr.unwrap_or_else(|| default_metrics_addr(S::NAME))).await?;
     let topology = Topology::new(args.namespace.clone());
     // Consuming and publishing on separate connections: during a memory or disk alarm RabbitMQ stops reading

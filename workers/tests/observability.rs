@@ -131,7 +131,8 @@ async fn readiness_turns_false_when_the_broker_is_gone_and_true_when_it_returns(
     assert!(body.contains("broker consumer"), "{body}");
     assert_eq!(get(&live).await.map(|(c, _)| c), Ok(200), "still live");
     let metrics = get(&format!("http://127.0.0.1:{port}/metrics")).await.expect("metrics").1;
-    assert!(metrics.contains("choreo_worker_ready{worker=\"order\"} 0"), "{metrics}");
+    let unready = format!("choreo_worker_ready{{choreo_namespace=\"{namespace}\",worker=\"order\"}} 0");
+    assert!(metrics.contains(&unready), "{metrics}");
     proxy.restore();
     wait_for("ready again after the broker returns", Duration::from_secs(60), status(200)).await;
 
@@ -144,6 +145,12 @@ async fn readiness_turns_false_when_the_broker_is_gone_and_true_when_it_returns(
             &t.exchange_names(),
         )
         .await;
+}
+
+/// `needle`, a sample of the exposition, with the namespace label every series carries put first, where the
+/// exporter writes it.
+fn in_namespace(namespace: &str, needle: &str) -> String {
+    needle.replacen('{', &format!("{{choreo_namespace=\"{namespace}\","), 1)
 }
 
 #[tokio::test]
@@ -168,14 +175,23 @@ async fn metrics_carry_the_catalogue_after_a_workload() {
         "choreo_messages_published_total{worker=\"order\",type=\"order.created\",outcome=\"confirmed\"} 20",
         "choreo_worker_ready{worker=\"order\"} 1",
     ] {
-        assert!(order_metrics.contains(needle), "missing `{needle}` in:\n{order_metrics}");
+        let needle = in_namespace(&cluster.namespace, needle);
+        assert!(order_metrics.contains(&needle), "missing `{needle}` in:\n{order_metrics}");
     }
-    // No worker crashed and no publish failed: every event went out by its handler's hand-off, none by a sweep.
     for worker in common::WORKERS {
         let metrics =
             get(&format!("http://127.0.0.1:{}/metrics", cluster.metrics_port(worker).await)).await.expect("metrics").1;
-        let needle = format!("choreo_relay_swept_total{{worker=\"{worker}\"}} 0");
+        // No worker crashed and no publish failed: every event went out by its handler's hand-off, none by a
+        // sweep.
+        let needle = in_namespace(&cluster.namespace, &format!("choreo_relay_swept_total{{worker=\"{worker}\"}} 0"));
         assert!(metrics.contains(&needle), "missing `{needle}` in:\n{metrics}");
+        // Every series says which deployment it belongs to.
+        let label = format!("{{choreo_namespace=\"{}\"", cluster.namespace);
+        let samples: Vec<&str> = metrics.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+        assert!(!samples.is_empty(), "{worker}: no samples");
+        for sample in samples {
+            assert!(sample.contains(&label), "{worker}: `{sample}` lacks {label}}}");
+        }
     }
     cluster.shutdown().await;
 }

@@ -1,6 +1,6 @@
 //! A real Prometheus, started from `monitoring/prometheus/prometheus.yml` (targets pointed at this test's
-//! workers and broker), scrapes a running workload; every query of every dashboard panel returns data, and
-//! every runbook link of the alerts and the dashboard opens its runbook.
+//! workers and broker), scrapes a running workload; every query of every dashboard panel returns data for
+//! this test's namespace, and every runbook link of the alerts and the dashboard opens its runbook.
 
 mod common;
 
@@ -19,7 +19,7 @@ fn repo() -> PathBuf {
 /// compose.yaml, serving runbooks/ at /user/.
 const RUNBOOK_BASE: &str = "http://127.0.0.1:9090/user/";
 
-/// The shipped configuration with its targets replaced by this test's.
+/// The shipped configuration with its targets replaced by this test's, and its namespace.
 async fn test_config(cluster: &Cluster, rabbit_port: &str, dir: &std::path::Path) -> String {
     let mut worker_ports = std::collections::HashMap::new();
     for worker in common::WORKERS {
@@ -37,6 +37,11 @@ async fn test_config(cluster: &Cluster, rabbit_port: &str, dir: &std::path::Path
         for target_group in job["static_configs"].as_sequence_mut().expect("static_configs") {
             let target = match name.as_str() {
                 "choreo-workers" => {
+                    assert!(
+                        target_group["labels"]["choreo_namespace"].is_string(),
+                        "a worker target without namespace"
+                    );
+                    target_group["labels"]["choreo_namespace"] = Value::from(cluster.namespace.as_str());
                     let worker = target_group["labels"]["worker"].as_str().expect("worker label").to_owned();
                     let worker = common::WORKERS.into_iter().find(|w| *w == worker).expect("known worker");
                     format!("127.0.0.1:{}", worker_ports[worker])
@@ -75,14 +80,15 @@ fn dashboard() -> serde_json::Value {
     serde_json::from_str(&text).expect("dashboard is JSON")
 }
 
-/// Every query of the dashboard.
-fn dashboard_queries() -> Vec<(String, String)> {
+/// Every query of the dashboard, as Grafana sends it with `namespace` selected.
+fn dashboard_queries(namespace: &str) -> Vec<(String, String)> {
     let mut queries = Vec::new();
     for panel in dashboard()["panels"].as_array().expect("panels") {
         for target in panel["targets"].as_array().into_iter().flatten() {
             if let Some(expr) = target["expr"].as_str() {
                 let title = panel["title"].as_str().unwrap_or("?").to_owned();
-                queries.push((title, expr.replace("$__rate_interval", "30s").replace("$__interval", "5s")));
+                let expr = expr.replace("$__rate_interval", "30s").replace("$__interval", "5s");
+                queries.push((title, expr.replace("$namespace", namespace)));
             }
         }
     }
@@ -166,7 +172,22 @@ async fn prometheus_scrapes_the_workload_and_every_dashboard_query_returns_data(
     let more = cluster.place(&mixed_orders(30)).await;
     cluster.wait_terminal(&more, Duration::from_secs(90)).await;
 
-    for (title, query) in dashboard_queries() {
+    // The dashboard's namespace variable, `label_values(choreo_worker_ready, choreo_namespace)`, offers this
+    // test's namespace.
+    let values = reqwest::Url::parse_with_params(
+        &format!("http://127.0.0.1:{port}/api/v1/label/choreo_namespace/values"),
+        &[("match[]", "choreo_worker_ready")],
+    )
+    .expect("url");
+    let values: serde_json::Value =
+        client.get(values).send().await.expect("label values").json().await.expect("label values JSON");
+    assert!(
+        values["data"].as_array().is_some_and(|v| v.iter().any(|n| n == cluster.namespace.as_str())),
+        "{} missing from the namespace label's values: {values}",
+        cluster.namespace
+    );
+
+    for (title, query) in dashboard_queries(&cluster.namespace) {
         wait_for(&format!("data for panel `{title}`: {query}"), Duration::from_secs(60), || {
             let client = client.clone();
             let api = api.clone();
