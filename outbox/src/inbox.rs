@@ -87,6 +87,27 @@ impl InboxGuard {
             .collect()
     }
 
+    /// Record in the caller's transaction that this consumer processes the message of `meta`: `true` if it
+    /// was not recorded before, `false` for a message processed before (a redelivery, a re-publish, a
+    /// replay), whose transaction should then be rolled back. A copy being handled at the same moment holds
+    /// the row: this waits for its transaction, then answers `false` if it committed.
+    pub async fn record(&self, tx: &mut PgConnection, meta: &Metadata) -> Result<bool, OutboxError> {
+        let inserted = sqlx::query(
+            "INSERT INTO inbox (consumer, message_id, message_type, correlation_id, causation_id) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consumer, message_id) DO NOTHING",
+        )
+        .bind(&self.consumer)
+        .bind(meta.message_id)
+        .bind(&meta.message_type)
+        .bind(meta.correlation_id)
+        .bind(meta.causation_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(OutboxError::db("inbox insert"))?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
     /// Whether the message of `meta` was recorded as processed. A handler whose service rejected a message
     /// asks this before dead-lettering it: a message processed before is acknowledged with no effect,
     /// whatever the service made of it again. If a copy of the message is being handled at the same moment,

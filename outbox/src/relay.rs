@@ -71,12 +71,16 @@ pub struct RelayConfig {
     /// behind. Bounded, so that a relay that cannot publish at all (a broker blocking publishers during a
     /// resource alarm) does not stop consumption. At most half the hold: older hand-offs are the sweep's.
     pub handoff_wait: Duration,
+    /// The wire names of the types this worker emits, as metric labels; any other is labelled `unknown`, so
+    /// that rows written by other code cannot multiply label values.
+    pub message_types: &'static [&'static str],
 }
 
 impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             worker: "unknown".to_owned(),
+            message_types: &[],
             batch_size: 256,
             sweep_interval: Duration::from_millis(500),
             failure_retry_after: Duration::from_millis(500),
@@ -315,11 +319,15 @@ impl OutboxRelay {
         }
     }
 
+    fn type_label(&self, message_type: &str) -> &'static str {
+        self.config.message_types.iter().copied().find(|t| *t == message_type).unwrap_or("unknown")
+    }
+
     fn count_published<'a>(&self, outcomes: impl Iterator<Item = (&'a EncodedEnvelope, bool)>) {
         for (row, failed) in outcomes {
             let outcome = if failed { "failed" } else { "confirmed" };
             metrics::counter!("choreo_messages_published_total", "worker" => self.config.worker.clone(),
-                "type" => choreo_messages::MessageType::label_for(&row.meta.message_type), "outcome" => outcome)
+                "type" => self.type_label(&row.meta.message_type), "outcome" => outcome)
             .increment(1);
         }
     }

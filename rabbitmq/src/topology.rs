@@ -6,7 +6,7 @@
 //! {ns}.dead-letter   direct exchange for messages a worker gives up on
 //! {ns}.{worker}.retry.{delay}ms  delay queues: TTL, then back to {ns}.{worker}
 //! {ns}.{worker}.dlq  quorum queue per worker holding its dead letters
-//! {ns}.outcomes      bounded quorum queue of workflow outcomes (order.confirmed, order.cancelled)
+//! {ns}.outcomes      bounded quorum queue of workflow outcomes (the types workers declare as outcomes)
 //! ```
 //!
 //! Worker queues are quorum queues with a delivery limit (a message that crashes its consumer every time ends
@@ -21,9 +21,6 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
 use crate::{BrokerError, TopologyError};
-
-/// Types that end a workflow; they go to the outcomes feed.
-pub const OUTCOME_TYPES: [&str; 2] = ["order.confirmed", "order.cancelled"];
 
 /// Delivery limit of dead-letter queues: effectively none (see `declare_worker`).
 pub const DEAD_LETTER_DELIVERY_LIMIT: i64 = 1_000_000_000;
@@ -41,8 +38,13 @@ pub struct Topology {
 /// One worker's queue: who it is and which message types it consumes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerQueue {
+    /// The worker's name: its queues are `{ns}.{worker}`, `{ns}.{worker}.dlq` and its delay queues.
     pub worker: String,
+    /// The message types its queue is bound to.
     pub routing_keys: Vec<String>,
+    /// The types it emits that end a workflow (no participant consumes them): bound to the outcomes feed,
+    /// so that a publish of one with the mandatory flag is routed.
+    pub outcomes: Vec<String>,
     /// Deliveries of one message before the broker dead-letters it (poison-message protection).
     pub delivery_limit: u32,
     /// Delay levels of broker-side retries, shortest first; one delay queue each.
@@ -66,7 +68,7 @@ impl Topology {
         format!("{}.dead-letter", self.namespace)
     }
 
-    /// The bounded feed of workflow outcomes (`order.confirmed`, `order.cancelled`).
+    /// The bounded feed of workflow outcomes: the types workers declare as ending a workflow.
     pub fn outcomes_queue(&self) -> String {
         format!("{}.outcomes", self.namespace)
     }
@@ -130,17 +132,14 @@ impl Topology {
         declare_exchange(channel, &self.events_exchange(), ExchangeKind::Topic).await?;
         declare_exchange(channel, &self.dead_letter_exchange(), ExchangeKind::Direct).await?;
         // Terminal events have no consumer of ours; without a queue bound for them every publish would come
-        // back unroutable. The outcomes feed keeps the latest ones for downstream systems, bounded.
+        // back unroutable. The outcomes feed keeps the latest ones for downstream systems, bounded; each worker
+        // binds the types it declares as outcomes.
         let outcomes = self.outcomes_queue();
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), long_string("quorum"));
         args.insert("x-max-length".into(), AMQPValue::LongLongInt(OUTCOMES_MAX_LENGTH));
         args.insert("x-overflow".into(), long_string("drop-head"));
-        declare_queue(channel, &outcomes, args).await?;
-        for key in OUTCOME_TYPES {
-            bind(channel, &outcomes, &self.events_exchange(), key).await?;
-        }
-        Ok(())
+        declare_queue(channel, &outcomes, args).await
     }
 
     /// Declare a worker's queue, its dead-letter queue and their bindings. Safe to run at every start.
@@ -164,6 +163,9 @@ impl Topology {
         }
         for key in &queue.routing_keys {
             bind(channel, &name, &self.events_exchange(), key).await?;
+        }
+        for key in &queue.outcomes {
+            bind(channel, &self.outcomes_queue(), &self.events_exchange(), key).await?;
         }
         Ok(())
     }
@@ -262,7 +264,13 @@ mod tests {
     #[test]
     fn worker_queues_are_quorum_with_a_delivery_limit_and_safe_dead_lettering() {
         let t = Topology::new("ns");
-        let q = WorkerQueue { worker: "order".into(), routing_keys: vec![], delivery_limit: 7, retry_delays: vec![] };
+        let q = WorkerQueue {
+            worker: "order".into(),
+            routing_keys: vec![],
+            outcomes: vec![],
+            delivery_limit: 7,
+            retry_delays: vec![],
+        };
         let args = t.worker_queue_arguments(&q);
         let get = |k: &str| args.inner().get(k).cloned();
         assert_eq!(get("x-queue-type"), Some(long_string("quorum")));

@@ -23,6 +23,7 @@ pub mod http_gateway;
 pub mod inventory;
 pub mod order;
 pub mod payment;
+pub mod plain;
 pub mod runtime;
 pub mod service;
 pub mod telemetry;

@@ -34,6 +34,8 @@ impl Service for OrderService {
         MessageType::PaymentFailed.as_str(),
         MessageType::PaymentRefunded.as_str(),
     ];
+    const OUTCOMES: &'static [&'static str] =
+        &[MessageType::OrderConfirmed.as_str(), MessageType::OrderCancelled.as_str()];
 
     fn register_metrics(&self) {
         metrics::counter!("choreo_saga_outcomes_total", "outcome" => "confirmed", "reason" => "none").increment(0);

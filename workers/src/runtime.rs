@@ -8,10 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use choreo_messages::Contract;
 use choreo_outbox::migrations::with_service_migrations;
-use choreo_outbox::{OutboxRelay, RelayConfig, RetentionConfig, RetentionJob};
+use choreo_outbox::{OutboxHandoff, OutboxRelay, RelayConfig, RetentionConfig, RetentionJob};
 use choreo_rabbitmq::connection::redact;
-use choreo_rabbitmq::{ConfirmingPublisher, ConsumerConfig, ConsumerRunner, Topology, WorkerQueue, connect_pool};
+use choreo_rabbitmq::{
+    ConfirmingPublisher, ConsumerConfig, ConsumerRunner, Handler, Topology, WorkerQueue, connect_pool,
+};
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -20,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::config::CommonArgs;
 use crate::health::HealthState;
+use crate::plain::{PlainHandler, PlainRunner};
 use crate::service::{HandlerCounters, Service, TransactionalHandler};
 
 /// Everything a running worker exposes to its caller (tests read the counters).
@@ -70,16 +74,75 @@ pub async fn run_worker<S: Service>(
     shutdown: CancellationToken,
     started: impl FnOnce(WorkerHandle),
 ) -> anyhow::Result<()> {
+    let concurrency = args.concurrency;
+    run_participant(
+        Declared { name: S::NAME, consumes: S::CONSUMES, outcomes: S::OUTCOMES },
+        db,
+        args,
+        shutdown,
+        started,
+        move |db, handoff| {
+            service.register_metrics();
+            let handler = TransactionalHandler::new(service, db, handoff).keeping_connections(concurrency);
+            let counters = handler.counters();
+            (handler, counters)
+        },
+    )
+    .await
+}
+
+/// Run a [`PlainHandler`] until `shutdown` fires. `db` must be prepared (see [`prepare_database`]).
+pub async fn run_plain_worker<H: PlainHandler>(
+    handler: H,
+    db: PgPool,
+    args: &CommonArgs,
+    shutdown: CancellationToken,
+    started: impl FnOnce(WorkerHandle),
+) -> anyhow::Result<()> {
+    run_participant(
+        Declared { name: H::NAME, consumes: H::CONSUMES, outcomes: H::OUTCOMES },
+        db,
+        args,
+        shutdown,
+        started,
+        move |db, handoff| {
+            handler.register_metrics();
+            let runner = PlainRunner::new(handler, db, handoff);
+            let counters = runner.counters();
+            (runner, counters)
+        },
+    )
+    .await
+}
+
+/// What a worker declares about itself, from which its queues and bindings are made.
+struct Declared {
+    name: &'static str,
+    consumes: &'static [&'static str],
+    outcomes: &'static [&'static str],
+}
+
+/// The process around one handler: `build` makes it (once metrics are being recorded) from the database and
+/// the relay's hand-off.
+async fn run_participant<H: Handler>(
+    declared: Declared,
+    db: PgPool,
+    args: &CommonArgs,
+    shutdown: CancellationToken,
+    started: impl FnOnce(WorkerHandle),
+    build: impl FnOnce(PgPool, OutboxHandoff) -> (H, Arc<HandlerCounters>),
+) -> anyhow::Result<()> {
+    let Declared { name, consumes, outcomes } = declared;
     check_settings(args)?;
     let metrics = crate::health::metrics_handle(&args.namespace)?;
-    let listener = crate::health::bind(args.metrics_addr.unwrap_or_else(|| default_metrics_addr(S::NAME))).await?;
+    let listener = crate::health::bind(args.metrics_addr.unwrap_or_else(|| default_metrics_addr(name))).await?;
     let topology = Topology::new(args.namespace.clone());
     // Consuming and publishing on separate connections: during a memory or disk alarm RabbitMQ stops reading
     // from every connection that publishes, and acks sent on such a connection would wait with it, so the
     // queues could not drain while the alarm lasts. The consuming connection only receives and acks.
-    let broker = connect_pool(&args.amqp_url, &format!("choreo-{}-consume", S::NAME), 4)
+    let broker = connect_pool(&args.amqp_url, &format!("choreo-{}-consume", name), 4)
         .with_context(|| format!("broker pool for {}", redact(&args.amqp_url)))?;
-    let publishing = connect_pool(&args.amqp_url, &format!("choreo-{}-publish", S::NAME), 4)
+    let publishing = connect_pool(&args.amqp_url, &format!("choreo-{}-publish", name), 4)
         .with_context(|| format!("broker pool for {}", redact(&args.amqp_url)))?;
     let publisher = Arc::new(ConfirmingPublisher::new(publishing.clone(), Duration::from_secs(10)));
 
@@ -88,7 +151,8 @@ pub async fn run_worker<S: Service>(
         Arc::clone(&publisher),
         topology.events_exchange(),
         RelayConfig {
-            worker: S::NAME.to_owned(),
+            worker: name.to_owned(),
+            message_types: <H::Message as Contract>::TYPES,
             batch_size: args.relay_batch,
             sweep_interval: args.relay_sweep,
             handoff_hold: args.relay_handoff_hold,
@@ -96,15 +160,15 @@ pub async fn run_worker<S: Service>(
             ..RelayConfig::default()
         },
     ));
-    service.register_metrics();
-    let handler =
-        Arc::new(TransactionalHandler::new(service, db.clone(), relay.handoff()).keeping_connections(args.concurrency));
+    let (handler, counters) = build(db.clone(), relay.handoff());
+    let handler = Arc::new(handler);
     let metrics_addr = listener.local_addr().context("the metrics listener's address")?;
-    started(WorkerHandle { counters: handler.counters(), metrics_addr });
+    started(WorkerHandle { counters, metrics_addr });
 
     let mut consumer_config = ConsumerConfig::new(WorkerQueue {
-        worker: S::NAME.to_owned(),
-        routing_keys: S::CONSUMES.iter().map(|t| (*t).to_owned()).collect(),
+        worker: name.to_owned(),
+        routing_keys: consumes.iter().map(|t| (*t).to_owned()).collect(),
+        outcomes: outcomes.iter().map(|t| (*t).to_owned()).collect(),
         delivery_limit: args.delivery_limit,
         retry_delays: args.retry_delays.clone(),
     });
@@ -121,7 +185,7 @@ pub async fn run_worker<S: Service>(
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(1))
         .connect_lazy_with(db.connect_options().as_ref().clone());
-    let health = HealthState { worker: S::NAME, consuming: consumer.consuming_flag(), db: probe.clone(), metrics };
+    let health = HealthState { worker: name, consuming: consumer.consuming_flag(), db: probe.clone(), metrics };
 
     let background = CancellationToken::new();
     let relay_task = tokio::spawn({
@@ -145,12 +209,12 @@ pub async fn run_worker<S: Service>(
     let backlog_task = tokio::spawn({
         let token = background.clone();
         let db = db.clone();
-        async move { watch_backlog(S::NAME, db, token).await }
+        async move { watch_backlog(name, db, token).await }
     });
     let health_token = CancellationToken::new();
     let health_task = tokio::spawn(crate::health::serve(listener, health, health_token.clone()));
 
-    info!(worker = S::NAME, namespace = %args.namespace, "worker started");
+    info!(worker = name, namespace = %args.namespace, "worker started");
     // One budget for the whole stop, counted from the signal: in-flight handlers finish within it; a handler
     // that hangs (a lock, a dead connection) is then dropped, and its unacked message goes back to the queue
     // when the connection closes. Its statement, sent outside any transaction, may already be on the server:
@@ -168,7 +232,7 @@ pub async fn run_worker<S: Service>(
                 match tokio::time::timeout_at(stop_by, &mut run).await {
                     Ok(consumed) => (consumed, stop_by),
                     Err(_) => {
-                        warn!(worker = S::NAME, timeout = ?args.shutdown_timeout,
+                        warn!(worker = name, timeout = ?args.shutdown_timeout,
                             "in-flight messages did not finish within CHOREO_SHUTDOWN_TIMEOUT; they return to the queue, committed or not");
                         (Ok(()), stop_by)
                     }
@@ -177,7 +241,7 @@ pub async fn run_worker<S: Service>(
             consumed = &mut run => (consumed, tokio::time::Instant::now() + args.shutdown_timeout),
         }
     };
-    info!(worker = S::NAME, "consumer stopped; flushing the outbox");
+    info!(worker = name, "consumer stopped; flushing the outbox");
     // The handler's kept connections go back to the pool with it, before the pool closes.
     drop(consumer);
     background.cancel();
@@ -199,7 +263,7 @@ pub async fn run_worker<S: Service>(
         warn!("connections did not close in time; exiting anyway");
     }
     consumed.context("consumer stopped on an error no reconnect can fix")?;
-    info!(worker = S::NAME, "worker stopped cleanly");
+    info!(worker = name, "worker stopped cleanly");
     Ok(())
 }
 

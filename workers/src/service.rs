@@ -123,6 +123,9 @@ pub trait Service: Send + Sync + Sized + 'static {
     const NAME: &'static str;
     /// Wire names of the message types this worker's queue is bound to.
     const CONSUMES: &'static [&'static str];
+    /// Wire names of the types this worker emits that end a workflow: no participant consumes them, so they
+    /// are routed to the namespace's bounded outcomes feed (`{ns}.outcomes`) for downstream systems.
+    const OUTCOMES: &'static [&'static str] = &[];
 
     /// Register this service's own metrics at zero, so that rates and increases see their first events.
     fn register_metrics(&self) {}

@@ -13,7 +13,10 @@ use common::{Cluster, order};
 const DEADLINE: Duration = Duration::from_secs(90);
 
 /// The value of one sample of `/metrics` (a line starting with `series`), 0 when absent.
+/// The value of `series` (its labels as written, without the namespace every series carries first).
 async fn metric(cluster: &Cluster, worker: &str, series: &str) -> f64 {
+    let series = series.replacen('{', &format!("{{choreo_namespace=\"{}\",", cluster.namespace), 1);
+    let series = series.as_str();
     let url = format!("http://127.0.0.1:{}/metrics", cluster.metrics_port(worker).await);
     let text = reqwest::get(&url).await.expect("metrics endpoint").text().await.expect("metrics text");
     text.lines()

@@ -317,6 +317,7 @@ impl RelayBench {
         let channel = choreo_rabbitmq::connection::open_channel(&broker).await.expect("channel");
         let payment_queue = WorkerQueue {
             worker: "payment".into(),
+            outcomes: Vec::new(),
             routing_keys: PaymentService::<SimulatedGateway>::CONSUMES.iter().map(|t| (*t).to_owned()).collect(),
             delivery_limit: 10,
             retry_delays: vec![],
@@ -916,6 +917,7 @@ impl RunningConsumer {
         let broker = connect_pool(&infra.amqp_url, "test", 2).expect("pool");
         let queue = WorkerQueue {
             worker: "order".into(),
+            outcomes: Vec::new(),
             routing_keys: vec!["order.created".into()],
             delivery_limit: 20,
             retry_delays: retry_delays.clone(),
@@ -1085,6 +1087,7 @@ async fn a_queue_declared_with_other_arguments_is_explained() {
         topology.clone(),
         ConsumerConfig::new(WorkerQueue {
             worker: "order".into(),
+            outcomes: Vec::new(),
             routing_keys: vec!["order.place".into()],
             delivery_limit: 10,
             retry_delays: vec![],
