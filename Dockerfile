@@ -9,10 +9,10 @@ COPY . .
 # of the image, so the binaries are copied out of the target directory in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p choreo-workers -p choreoctl \
+    cargo build --release --locked -p choreo-workers -p choreo-shipping -p choreoctl \
     && mkdir -p /out \
     && cp target/release/order-worker target/release/payment-worker target/release/inventory-worker \
-          target/release/choreoctl /out/
+          target/release/shipping-worker target/release/choreoctl /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -22,6 +22,7 @@ RUN apt-get update \
 RUN groupadd --system --gid 10001 choreo \
     && useradd --system --uid 10001 --gid choreo --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin choreo
-COPY --from=builder /out/order-worker /out/payment-worker /out/inventory-worker /out/choreoctl /usr/local/bin/
+COPY --from=builder /out/order-worker /out/payment-worker /out/inventory-worker /out/shipping-worker \
+     /out/choreoctl /usr/local/bin/
 USER 10001:10001
 CMD ["choreoctl", "--help"]

@@ -123,7 +123,7 @@ fn hops_of(ends: Vec<(Uuid, f64, f64)>, steps: &[std::collections::HashMap<Uuid,
 }
 
 /// Where a worker logs the address it serves /metrics on (at info; the bench's workers log at warn otherwise).
-const SERVING_TARGET: &str = "choreo_workers::health";
+const SERVING_TARGET: &str = "choreo::health";
 
 /// The port in a worker's "serving /metrics" log line (JSON), if `line` is that line.
 fn serving_port(line: &str) -> Option<u16> {

@@ -10,14 +10,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use choreo::Change;
 use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason, InventoryReserved, PaymentSucceeded};
 use choreo_messages::{Envelope, Message, MessageType};
-use choreo_outbox::Change;
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
-use crate::service::{Effects, Service, ServiceError};
+use choreo::{Effects, Service, ServiceError};
 
 pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/inventory");
 

@@ -9,16 +9,16 @@
 
 use std::collections::{HashMap, HashSet};
 
+use choreo::Change;
 use choreo_messages::payloads::{CancelReason, OrderCancelled, OrderConfirmed, OrderCreated, PlaceOrder, order_total};
 use choreo_messages::{Envelope, Message, MessageType, Metadata};
-use choreo_outbox::Change;
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, Row};
 use tracing::info;
 use uuid::Uuid;
 
-use crate::service::{Effects, Service, ServiceError};
+use choreo::{Effects, Service, ServiceError};
 
 pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/order");
 

@@ -13,18 +13,18 @@
 
 use std::collections::{HashMap, HashSet};
 
+use choreo::Change;
 use choreo_messages::payloads::{
     CancelReason, InventoryFailed, OrderCreated, PaymentFailed, PaymentRefunded, PaymentSucceeded,
 };
 use choreo_messages::{Envelope, Message, MessageType};
-use choreo_outbox::Change;
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, Row};
 use tracing::{Instrument, info, warn};
 use uuid::Uuid;
 
 use crate::gateway::{Charge, ChargeResult, GatewayError, PaymentGateway};
-use crate::service::{Effects, Service, ServiceError};
+use choreo::{Effects, Service, ServiceError};
 
 pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations/payment");
 

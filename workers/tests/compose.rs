@@ -331,7 +331,7 @@ fn database_url_uses_the_postgres_service_and_its_user() {
 #[test]
 fn worker_choreo_variables_are_ones_the_worker_reads() {
     let compose = load_compose();
-    let common_settings = read_repo_file("workers/src/config.rs");
+    let common_settings = read_repo_file("choreo/src/settings.rs");
     for worker in WORKERS {
         let binary = program(&compose, worker);
         let binary_source = format!("workers/src/bin/{binary}.rs");
@@ -341,7 +341,7 @@ fn worker_choreo_variables_are_ones_the_worker_reads() {
             let declaration = format!("env = \"{name}\"");
             assert!(
                 common_settings.contains(&declaration) || own_settings.contains(&declaration),
-                "`{worker}` sets {name}, which neither workers/src/config.rs nor {binary_source} reads \
+                "`{worker}` sets {name}, which neither choreo/src/settings.rs nor {binary_source} reads \
                  (no `{declaration}`): misspelt, or meant for another worker?"
             );
         }
@@ -363,7 +363,7 @@ fn workers_restart_and_have_time_to_drain_before_being_killed() {
         });
         let drain = env_var(&compose, worker, "CHOREO_SHUTDOWN_TIMEOUT");
         assert!(
-            duration(grace) > duration(drain) + choreo_workers::runtime::CLOSE_ALLOWANCE,
+            duration(grace) > duration(drain) + choreo::CLOSE_ALLOWANCE,
             "`{worker}`: stop_grace_period {grace} must outlast CHOREO_SHUTDOWN_TIMEOUT {drain} and the time \
              connections get to close, or Docker kills the worker while it stops"
         );

@@ -8,13 +8,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use choreo::{Effects, Service, ServiceError, TransactionalHandler};
 use choreo_messages::Envelope;
 use choreo_outbox::Change;
 use choreo_rabbitmq::{Handler, Outcome};
 use choreo_testkit::Infra;
 use choreo_workers::gateway::SimulatedGateway;
 use choreo_workers::payment::{self, PaymentService};
-use choreo_workers::service::{Effects, Service, ServiceError, TransactionalHandler};
 use common::order_created;
 use sqlx::{PgConnection, PgPool};
 

@@ -7,6 +7,7 @@ mod common;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use choreo::{Effects, Service, ServiceError, TransactionalHandler};
 use choreo_messages::payloads::{InventoryReserved, OrderCreated, OrderLine, PaymentSucceeded, PlaceOrder};
 use choreo_messages::{Envelope, Message};
 use choreo_outbox::Change;
@@ -16,7 +17,6 @@ use choreo_workers::gateway::SimulatedGateway;
 use choreo_workers::inventory::{self, InventoryService};
 use choreo_workers::order::{self, OrderService};
 use choreo_workers::payment::{self, PaymentService};
-use choreo_workers::service::{Effects, Service, ServiceError, TransactionalHandler};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 

@@ -8,6 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use choreo::LogFormat;
+use choreo::Settings;
+use choreo::{Service, TransactionalHandler};
+use choreo::{prepare_database, run_worker};
 use choreo_messages::payloads::{InventoryFailed, InventoryFailureReason, OrderLine, PaymentSucceeded};
 use choreo_messages::{Envelope, Message};
 use choreo_outbox::{OutboxHandoff, OutboxRelay, OutboxStore, RelayConfig};
@@ -22,20 +26,16 @@ use choreo_rabbitmq::{
     WorkerQueue, connect_pool,
 };
 use choreo_testkit::{Infra, unique_namespace, wait_for};
-use choreo_workers::config::CommonArgs;
 use choreo_workers::gateway::SimulatedGateway;
 use choreo_workers::inventory::{self, InventoryService};
 use choreo_workers::payment::{self, PaymentService};
-use choreo_workers::runtime::{prepare_database, run_worker};
-use choreo_workers::service::{Service, TransactionalHandler};
-use choreo_workers::telemetry::LogFormat;
 use common::{Cluster, order, order_created};
 use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-fn args(infra: &Infra, namespace: &str) -> CommonArgs {
-    CommonArgs {
+fn args(infra: &Infra, namespace: &str) -> Settings {
+    Settings {
         amqp_url: infra.amqp_url.clone(),
         server_database_url: infra.database_url.clone(),
         namespace: namespace.to_owned(),
@@ -632,7 +632,7 @@ async fn a_worker_whose_handlers_hold_every_database_connection_is_still_ready()
         let db = db.clone();
         let shutdown = shutdown.clone();
         async move {
-            let started = move |handle: choreo_workers::runtime::WorkerHandle| {
+            let started = move |handle: choreo::WorkerHandle| {
                 let _ = addr_tx.send(handle.metrics_addr);
             };
             run_worker(PaymentService::new(SimulatedGateway::new(1_000_000, 0.0)), db, &args, shutdown, started).await
@@ -679,7 +679,7 @@ impl Service for Stuck {
         _: &mut sqlx::PgConnection,
         _: &[(&Envelope, tracing::Span)],
         _: &mut choreo_outbox::Change,
-    ) -> Result<Vec<choreo_workers::service::Effects>, choreo_workers::service::ServiceError> {
+    ) -> Result<Vec<choreo::Effects>, choreo::ServiceError> {
         self.started.store(true, Ordering::SeqCst);
         std::future::pending().await
     }

@@ -8,17 +8,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use choreo::LogFormat;
+use choreo::Settings;
+use choreo::{HandlerCounters, ServiceError};
+use choreo::{PlainHandler, PlainRunner};
+use choreo::{prepare_database, run_plain_worker};
 use choreo_messages::{Contract, Envelope, Payload, contract};
 use choreo_rabbitmq::lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use choreo_rabbitmq::lapin::types::FieldTable;
 use choreo_rabbitmq::publisher::Outgoing;
 use choreo_rabbitmq::{ConfirmingPublisher, Handler, Outcome, Topology, connect_pool};
 use choreo_testkit::{Infra, unique_namespace, wait_for};
-use choreo_workers::config::CommonArgs;
-use choreo_workers::plain::{PlainHandler, PlainRunner};
-use choreo_workers::runtime::{prepare_database, run_plain_worker};
-use choreo_workers::service::{HandlerCounters, ServiceError};
-use choreo_workers::telemetry::LogFormat;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
@@ -149,8 +149,8 @@ async fn a_failed_plain_handler_leaves_nothing_behind_and_its_message_can_be_app
     infra.drop_databases(&[name]).await;
 }
 
-fn args(infra: &Infra, namespace: &str) -> CommonArgs {
-    CommonArgs {
+fn args(infra: &Infra, namespace: &str) -> Settings {
+    Settings {
         amqp_url: infra.amqp_url.clone(),
         server_database_url: infra.database_url.clone(),
         namespace: namespace.to_owned(),

@@ -3,9 +3,9 @@
 
 use std::str::FromStr;
 
+use choreo::prepare_database;
 use choreo_testkit::{Infra, unique_namespace};
 use choreo_workers::order::{MIGRATIONS, settle_orders_sql};
-use choreo_workers::runtime::prepare_database;
 use serde_json::Value;
 use sqlx::Executor;
 use sqlx::postgres::PgConnectOptions;

@@ -1,19 +1,18 @@
 //! `payment-worker`: charges and refunds through the payment gateway (see `choreo_workers::payment`).
 
 use anyhow::Context;
-use choreo_workers::config::CommonArgs;
+use choreo::Settings;
+use choreo::{check_settings, prepare_database, run_worker, shutdown_on_signals};
 use choreo_workers::gateway::SimulatedGateway;
 use choreo_workers::http_gateway::{HttpGateway, HttpGatewayConfig};
 use choreo_workers::payment::{MIGRATIONS, PaymentService};
-use choreo_workers::runtime::{check_settings, prepare_database, run_worker, shutdown_on_signals};
-use choreo_workers::telemetry;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "choreo payment worker")]
 struct Args {
     #[command(flatten)]
-    common: CommonArgs,
+    common: Settings,
     /// This worker's database (default: `choreo_payment` on DATABASE_URL's server).
     #[arg(long, env = "CHOREO_PAYMENT_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -49,9 +48,10 @@ struct Args {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    args.common.metrics_addr.get_or_insert(std::net::SocketAddr::from(([127, 0, 0, 1], 9465)));
     check_settings(&args.common)?;
-    let _telemetry = telemetry::init(args.common.log_format, "payment-worker");
+    let _telemetry = choreo::init_telemetry(args.common.log_format, "payment-worker");
     let options = args.common.database_options("payment", args.database_url.as_deref()).context("database URL")?;
     let db = prepare_database(&options, args.common.db_pool_size, &MIGRATIONS).await?;
     if args.gateway == "http" {

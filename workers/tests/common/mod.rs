@@ -34,10 +34,12 @@ pub struct Cluster {
     metrics_ports: MetricsPorts,
     /// The threads copying each worker process's log, by process id.
     logs: HashMap<u32, std::thread::JoinHandle<()>>,
+    /// The participants of this cluster: the reference workers, then any that joined.
+    workers: Vec<&'static str>,
 }
 
 /// Where the worker logs the address it serves /metrics on (at info; tests log at warn otherwise).
-const SERVING_TARGET: &str = "choreo_workers::health";
+const SERVING_TARGET: &str = "choreo::health";
 
 /// Settings for a worker process started with [`follow_log`]: JSON logs on stdout, at warn but for the line
 /// that says where /metrics is served, on a port the worker picks itself.
@@ -112,8 +114,19 @@ fn binary(worker: &str) -> &'static str {
         "order" => env!("CARGO_BIN_EXE_order-worker"),
         "payment" => env!("CARGO_BIN_EXE_payment-worker"),
         "inventory" => env!("CARGO_BIN_EXE_inventory-worker"),
+        "shipping" => shipping_binary(),
         other => panic!("no worker {other}"),
     }
+}
+
+/// The shipping example's binary, built beside this package's (`cargo build --workspace` builds it).
+fn shipping_binary() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let beside = std::path::Path::new(env!("CARGO_BIN_EXE_order-worker")).with_file_name("shipping-worker");
+        assert!(beside.exists(), "{} is missing: build it with `cargo build -p choreo-shipping`", beside.display());
+        beside.display().to_string()
+    })
 }
 
 impl Cluster {
@@ -138,11 +151,30 @@ impl Cluster {
             extra_env,
             metrics_ports: MetricsPorts::default(),
             logs: HashMap::new(),
+            workers: WORKERS.to_vec(),
         };
         for worker in WORKERS {
             cluster.spawn(worker);
         }
         for worker in WORKERS {
+            cluster.wait_database(worker).await;
+        }
+        cluster.wait_consuming().await;
+        cluster
+    }
+
+    /// Start one more participant (`shipping`) in the running cluster, and wait until it consumes.
+    pub async fn join(&mut self, worker: &'static str) {
+        self.workers.push(worker);
+        self.spawn(worker);
+        self.wait_database(worker).await;
+        self.wait_consuming().await;
+    }
+
+    /// Wait until `worker` has migrated its database, and keep a pool on it.
+    async fn wait_database(&mut self, worker: &'static str) {
+        let cluster = self;
+        {
             let url = cluster.database_url(worker);
             let (children, logs) = (&mut cluster.children, &mut cluster.logs);
             let db = wait_for(&format!("{worker} database"), Duration::from_secs(60), || {
@@ -166,8 +198,6 @@ impl Cluster {
             .await;
             cluster.dbs.insert(worker, db);
         }
-        cluster.wait_consuming().await;
-        cluster
     }
 
     pub fn database_name(&self, worker: &str) -> String {
@@ -317,7 +347,7 @@ impl Cluster {
         .await
         .expect("broker");
         let (children, logs) = (&mut self.children, &mut self.logs);
-        for worker in WORKERS {
+        for worker in &self.workers {
             let queue = self.topology.worker_queue(worker);
             wait_for(&format!("a consumer on {queue}"), Duration::from_secs(60), || {
                 assert_running(children, logs);
@@ -459,7 +489,7 @@ impl Cluster {
     }
 
     pub async fn shutdown(mut self) {
-        for worker in WORKERS {
+        for worker in self.workers.clone() {
             if let Some(mut child) = self.children.remove(worker) {
                 let _ = child.kill().await;
             }
@@ -467,7 +497,7 @@ impl Cluster {
         for (_, db) in self.dbs.drain() {
             db.close().await;
         }
-        let names: Vec<String> = WORKERS.iter().map(|w| self.database_name(w)).collect();
+        let names: Vec<String> = self.workers.iter().map(|w| self.database_name(w)).collect();
         self.infra.drop_databases(&names).await;
         let delays: Vec<std::time::Duration> = self
             .extra_env
@@ -481,7 +511,7 @@ impl Cluster {
                     std::time::Duration::from_secs(60),
                 ]
             });
-        let mut queues: Vec<String> = WORKERS.iter().flat_map(|w| self.topology.queue_names(w, &delays)).collect();
+        let mut queues: Vec<String> = self.workers.iter().flat_map(|w| self.topology.queue_names(w, &delays)).collect();
         queues.push(self.topology.outcomes_queue());
         self.infra.delete_broker_objects(&queues, &self.topology.exchange_names()).await;
     }
@@ -497,7 +527,7 @@ pub async fn migrated_database(
 ) -> (String, PgPool) {
     let name = format!("{}_{worker}", unique_namespace());
     let options = PgConnectOptions::from_str(&infra.database(&name)).expect("url");
-    let pool = choreo_workers::runtime::prepare_database(&options, pool_size, migrations).await.expect("database");
+    let pool = choreo::prepare_database(&options, pool_size, migrations).await.expect("database");
     (name, pool)
 }
 

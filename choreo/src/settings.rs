@@ -13,7 +13,7 @@ use crate::telemetry::LogFormat;
 
 /// Settings every worker shares.
 #[derive(Debug, Clone, clap::Args)]
-pub struct CommonArgs {
+pub struct Settings {
     /// AMQP URL of the broker.
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
     pub amqp_url: String,
@@ -55,8 +55,8 @@ pub struct CommonArgs {
     /// One delay queue per level is declared.
     #[arg(long, env = "CHOREO_RETRY_DELAYS", value_delimiter = ',', default_value = "1s,10s,60s", value_parser = humantime::parse_duration)]
     pub retry_delays: Vec<Duration>,
-    /// Address of `/metrics`, `/health/live` and `/health/ready` (default: 127.0.0.1:9464 for order,
-    /// :9465 payment, :9466 inventory; port 0 takes a free port, logged at start-up).
+    /// Address of `/metrics`, `/health/live` and `/health/ready` (default: 127.0.0.1:9464; the reference
+    /// workers take 9464 order, 9465 payment, 9466 inventory; port 0 takes a free port, logged at start-up).
     #[arg(long, env = "CHOREO_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// Database connections of this worker's handlers and jobs (its relay opens two more of its own, its
@@ -99,7 +99,28 @@ fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
-impl CommonArgs {
+impl Settings {
+    /// The settings of worker `worker` from its flags and environment, and its own database URL
+    /// (`--database-url`, `CHOREO_<WORKER>_DATABASE_URL`), for a binary that defines no flags of its own.
+    /// Prints help or an error and exits, as a command-line program does, when they say so.
+    pub fn parse_for(worker: &'static str) -> (Settings, Option<String>) {
+        // Called once per process; clap's names live as long as the program.
+        let leak = |text: String| -> &'static str { Box::leak(text.into_boxed_str()) };
+        let variable = leak(format!("CHOREO_{}_DATABASE_URL", worker.to_uppercase().replace('-', "_")));
+        let database_url = clap::Arg::new("database_url")
+            .long("database-url")
+            .env(variable)
+            .hide_env_values(true)
+            .help(format!("This worker's database (default: `choreo_{worker}` on DATABASE_URL's server)"));
+        let command = <Settings as clap::Args>::augment_args(
+            clap::Command::new(leak(format!("{worker}-worker"))).about(format!("choreo {worker} worker")),
+        )
+        .arg(database_url);
+        let matches = command.get_matches();
+        let settings = <Settings as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        (settings, matches.get_one::<String>("database_url").cloned())
+    }
+
     /// What is wrong with these settings taken together (each alone was checked as it was parsed): every
     /// problem, so that one start reports them all.
     pub fn problems(&self) -> Vec<String> {
@@ -145,10 +166,10 @@ mod tests {
     #[derive(Debug, Parser)]
     struct Args {
         #[command(flatten)]
-        common: CommonArgs,
+        common: Settings,
     }
 
-    fn parse(flags: &[&str]) -> Result<CommonArgs, clap::Error> {
+    fn parse(flags: &[&str]) -> Result<Settings, clap::Error> {
         Args::try_parse_from(std::iter::once("worker").chain(flags.iter().copied())).map(|a| a.common)
     }
 

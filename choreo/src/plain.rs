@@ -11,10 +11,14 @@
 //! the outbox in one statement and batches waiting deliveries: choose [`Service`] for hot paths.
 //!
 //! ```no_run
-//! use choreo_messages::{Envelope, Message};
-//! use choreo_workers::plain::PlainHandler;
-//! use choreo_workers::service::ServiceError;
-//! use sqlx::PgConnection;
+//! use choreo::sqlx::PgConnection;
+//! use choreo::{Envelope, Payload, PlainHandler, ServiceError, contract};
+//! # #[derive(Debug, Clone, PartialEq, choreo::serde::Serialize, choreo::serde::Deserialize, choreo::schemars::JsonSchema)]
+//! # #[serde(crate = "choreo::serde")]
+//! # #[schemars(crate = "choreo::schemars")]
+//! # struct OrderConfirmed { order_id: choreo::uuid::Uuid }
+//! # impl Payload for OrderConfirmed { const TYPE: &'static str = "order.confirmed"; }
+//! # contract! { enum Message { OrderConfirmed(OrderConfirmed) } }
 //!
 //! struct Audit;
 //!
@@ -23,8 +27,8 @@
 //!     const NAME: &'static str = "audit";
 //!     const CONSUMES: &'static [&'static str] = &["order.confirmed"];
 //!
-//!     async fn handle(&self, tx: &mut PgConnection, message: &Envelope) -> Result<Vec<Message>, ServiceError> {
-//!         sqlx::query("INSERT INTO audit (order_id) VALUES ($1)")
+//!     async fn handle(&self, tx: &mut PgConnection, message: &Envelope<Message>) -> Result<Vec<Message>, ServiceError> {
+//!         choreo::sqlx::query("INSERT INTO audit (order_id) VALUES ($1)")
 //!             .bind(message.meta.correlation_id)
 //!             .execute(&mut *tx)
 //!             .await?;

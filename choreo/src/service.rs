@@ -156,10 +156,15 @@ pub trait Service: Send + Sync + Sized + 'static {
 /// Counters a test or `/metrics` can read.
 #[derive(Debug, Default)]
 pub struct HandlerCounters {
+    /// Messages that took effect.
     pub processed: AtomicU64,
+    /// Copies of processed messages acknowledged with no effect.
     pub duplicates: AtomicU64,
 }
 
+/// Runs a [`Service`] for the consumer: decides each message or batch, then writes the change, the inbox
+/// rows and the outbox rows in one statement, and hands the events to the relay. [`crate::run_worker`]
+/// builds one; tests may drive one directly with [`choreo_rabbitmq::Handler::handle`].
 pub struct TransactionalHandler<S> {
     service: S,
     db: PgPool,
@@ -184,7 +189,8 @@ impl<S: Service> TransactionalHandler<S> {
     }
 
     /// Keep the connections of up to `concurrency` messages handled at once from one message to the next,
-    /// untested, if the pool is larger than that (see [`HandlerConnections`]): a round trip less per message.
+    /// untested, if the pool is larger than that: sqlx tests every connection given back with a round trip, so
+    /// this saves one per message.
     pub fn keeping_connections(mut self, concurrency: usize) -> Self {
         self.connections = self.connections.keeping(concurrency);
         self
@@ -200,6 +206,7 @@ impl<S: Service> TransactionalHandler<S> {
         &self.service
     }
 
+    /// Counters a test or `/metrics` can read.
     pub fn counters(&self) -> Arc<HandlerCounters> {
         Arc::clone(&self.counters)
     }

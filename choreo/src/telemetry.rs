@@ -17,9 +17,12 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::{EnvFilter, Layer, fmt};
 
+/// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
+    /// For people: one coloured line per event.
     Pretty,
+    /// For log pipelines: one JSON object per line.
     Json,
 }
 

@@ -21,13 +21,15 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::CommonArgs;
 use crate::health::HealthState;
+use crate::migrations::Migrations;
 use crate::plain::{PlainHandler, PlainRunner};
 use crate::service::{HandlerCounters, Service, TransactionalHandler};
+use crate::settings::Settings;
 
 /// Everything a running worker exposes to its caller (tests read the counters).
 pub struct WorkerHandle {
+    /// Messages processed and duplicates skipped so far.
     pub counters: Arc<HandlerCounters>,
     /// Where `/metrics` and the health endpoints are served (the port the system chose, for port 0).
     pub metrics_addr: std::net::SocketAddr,
@@ -70,7 +72,7 @@ pub async fn prepare_database(
 pub async fn run_worker<S: Service>(
     service: S,
     db: PgPool,
-    args: &CommonArgs,
+    args: &Settings,
     shutdown: CancellationToken,
     started: impl FnOnce(WorkerHandle),
 ) -> anyhow::Result<()> {
@@ -91,11 +93,27 @@ pub async fn run_worker<S: Service>(
     .await
 }
 
+/// Everything a participant's `main` does once it has its [`Settings`] and its own database URL (see
+/// [`Settings::parse_for`]): check them, install logs and traces, create and migrate its database with
+/// `migrations`, and run `handler` until SIGTERM or SIGINT.
+pub async fn serve_plain<H: PlainHandler>(
+    handler: H,
+    migrations: &Migrations,
+    settings: Settings,
+    database_url: Option<String>,
+) -> anyhow::Result<()> {
+    check_settings(&settings)?;
+    let _telemetry = crate::telemetry::init(settings.log_format, H::NAME);
+    let options = settings.database_options(H::NAME, database_url.as_deref()).context("database URL")?;
+    let db = prepare_database(&options, settings.db_pool_size, &migrations.migrator()).await?;
+    run_plain_worker(handler, db, &settings, shutdown_on_signals(), |_| {}).await
+}
+
 /// Run a [`PlainHandler`] until `shutdown` fires. `db` must be prepared (see [`prepare_database`]).
 pub async fn run_plain_worker<H: PlainHandler>(
     handler: H,
     db: PgPool,
-    args: &CommonArgs,
+    args: &Settings,
     shutdown: CancellationToken,
     started: impl FnOnce(WorkerHandle),
 ) -> anyhow::Result<()> {
@@ -127,7 +145,7 @@ struct Declared {
 async fn run_participant<H: Handler>(
     declared: Declared,
     db: PgPool,
-    args: &CommonArgs,
+    args: &Settings,
     shutdown: CancellationToken,
     started: impl FnOnce(WorkerHandle),
     build: impl FnOnce(PgPool, OutboxHandoff) -> (H, Arc<HandlerCounters>),
@@ -135,7 +153,7 @@ async fn run_participant<H: Handler>(
     let Declared { name, consumes, outcomes } = declared;
     check_settings(args)?;
     let metrics = crate::health::metrics_handle(&args.namespace)?;
-    let listener = crate::health::bind(args.metrics_addr.unwrap_or_else(|| default_metrics_addr(name))).await?;
+    let listener = crate::health::bind(args.metrics_addr.unwrap_or(DEFAULT_METRICS_ADDR)).await?;
     let topology = Topology::new(args.namespace.clone());
     // Consuming and publishing on separate connections: during a memory or disk alarm RabbitMQ stops reading
     // from every connection that publishes, and acks sent on such a connection would wait with it, so the
@@ -273,7 +291,7 @@ pub const CLOSE_ALLOWANCE: Duration = Duration::from_secs(2);
 
 /// Refuse settings that conflict, naming every problem at once. Binaries call it right after parsing, before
 /// touching the database or the broker; [`run_worker`] calls it again for callers that build the settings.
-pub fn check_settings(args: &CommonArgs) -> anyhow::Result<()> {
+pub fn check_settings(args: &Settings) -> anyhow::Result<()> {
     let problems = args.problems();
     if !problems.is_empty() {
         anyhow::bail!("invalid settings:\n  {}", problems.join("\n  "));
@@ -281,16 +299,10 @@ pub fn check_settings(args: &CommonArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where a worker serves metrics when `CHOREO_METRICS_ADDR` is not set.
-pub fn default_metrics_addr(worker: &str) -> std::net::SocketAddr {
-    let port = match worker {
-        "order" => 9464,
-        "payment" => 9465,
-        "inventory" => 9466,
-        _ => 9467,
-    };
-    std::net::SocketAddr::from(([127, 0, 0, 1], port))
-}
+/// Where a worker serves metrics when `CHOREO_METRICS_ADDR` is not set: the first of the ports the reference
+/// workers take (order 9464, payment 9465, inventory 9466; the shipping example 9467), which their binaries set.
+pub const DEFAULT_METRICS_ADDR: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
 
 /// Keep the outbox gauges current.
 async fn watch_backlog(worker: &'static str, db: PgPool, shutdown: CancellationToken) {
