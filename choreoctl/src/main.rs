@@ -12,6 +12,7 @@ mod orders;
 mod outbox;
 mod progress;
 mod publish;
+mod table;
 mod top;
 mod trace;
 

@@ -7,6 +7,8 @@ use serde::Serialize;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use crate::table;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct DbArgs {
     /// The order service's database (default: `choreo_order` on DATABASE_URL's server).
@@ -78,11 +80,17 @@ pub async fn run(args: OrdersArgs) -> anyhow::Result<ExitCode> {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&counts)?);
             } else {
-                println!("{:<10} {:<18} {:>9}", "STATUS", "REASON", "ORDERS");
+                let mut t = table::new(&["STATUS", "REASON", "ORDERS"]);
                 for c in &counts {
-                    println!("{:<10} {:<18} {:>9}", c.status, c.reason.as_deref().unwrap_or("-"), c.orders);
+                    t.add_row(table::row([
+                        c.status.clone(),
+                        c.reason.clone().unwrap_or_else(|| "-".into()),
+                        c.orders.to_string(),
+                    ]));
                 }
-                println!("{:<10} {:<18} {:>9}", "total", "", counts.iter().map(|c| c.orders).sum::<i64>());
+                let total = counts.iter().map(|c| c.orders).sum::<i64>();
+                t.add_row(table::row(["total".to_owned(), String::new(), total.to_string()]));
+                println!("{}", table::render(&mut t, &[2]));
             }
         }
         Some(id) => {
@@ -132,16 +140,17 @@ pub async fn run(args: OrdersArgs) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 println!("order {id}: {status}{}", reason.map(|r| format!(" ({r})")).unwrap_or_default());
+                let mut t = table::new(&["AT", "STATUS", "DETAIL", "BY", "MESSAGE ID"]);
                 for h in &history {
-                    println!(
-                        "  {}  {:<10} {:<18} by {} {}",
-                        h.at.format("%Y-%m-%d %H:%M:%S%.3f"),
-                        h.status,
-                        h.detail.as_deref().unwrap_or("-"),
-                        h.message_type,
-                        h.message_id
-                    );
+                    t.add_row(table::row([
+                        h.at.format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
+                        h.status.clone(),
+                        h.detail.clone().unwrap_or_else(|| "-".into()),
+                        h.message_type.clone(),
+                        h.message_id.to_string(),
+                    ]));
                 }
+                println!("{}", table::render(&mut t, &[]));
             }
         }
     }

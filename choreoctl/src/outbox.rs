@@ -6,6 +6,7 @@ use choreo_outbox::OutboxStore;
 use serde::Serialize;
 
 use crate::databases::{SERVICES, ServiceDbArgs};
+use crate::table;
 
 #[derive(Debug, clap::Args)]
 pub struct OutboxArgs {
@@ -44,18 +45,21 @@ pub async fn status(args: OutboxArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{:<10} {:>12} {:>14}", "SERVICE", "UNPUBLISHED", "OLDEST");
+        // The error column only when there is an error to show.
+        let headings: &[&str] =
+            if failed { &["SERVICE", "UNPUBLISHED", "OLDEST", "ERROR"] } else { &["SERVICE", "UNPUBLISHED", "OLDEST"] };
+        let mut t = table::new(headings);
         for r in &rows {
-            match &r.error {
-                None => println!(
-                    "{:<10} {:>12} {:>13.1}s",
-                    r.service,
-                    r.unpublished.unwrap_or(0),
-                    r.oldest_age_seconds.unwrap_or(0.0)
-                ),
-                Some(e) => println!("{:<10} {e}", r.service),
-            }
+            t.add_row(match &r.error {
+                None => table::row([
+                    r.service.to_owned(),
+                    r.unpublished.unwrap_or(0).to_string(),
+                    format!("{:.1}s", r.oldest_age_seconds.unwrap_or(0.0)),
+                ]),
+                Some(e) => table::row([r.service.to_owned(), "-".into(), "-".into(), e.clone()]),
+            });
         }
+        println!("{}", table::render(&mut t, &[1, 2]));
     }
     Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }

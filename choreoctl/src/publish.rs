@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::orders::DbArgs;
 use crate::progress::bar;
+use crate::table;
 
 #[derive(Debug, clap::Args)]
 pub struct PublishArgs {
@@ -328,20 +329,31 @@ pub async fn summarise(db: &PgPool, ids: &[Uuid]) -> anyhow::Result<Summary> {
 }
 
 fn print_summary(s: &Summary) {
-    println!("orders placed        {:>10}", s.placed);
-    println!("confirmed            {:>10}", s.confirmed);
-    println!("cancelled            {:>10}", s.cancelled);
+    println!("{}", summary_table(s));
+}
+
+/// The summary for people: a label, a figure and its unit per line, the cancellation reasons indented under
+/// `cancelled`.
+fn summary_table(s: &Summary) -> String {
+    let mut t = table::new(&[]);
+    let mut line = |label: &str, figure: String, unit: &str| {
+        t.add_row(table::row([label.to_owned(), figure, unit.to_owned()]));
+    };
+    line("orders placed", s.placed.to_string(), "");
+    line("confirmed", s.confirmed.to_string(), "");
+    line("cancelled", s.cancelled.to_string(), "");
     for (reason, n) in &s.cancelled_by_reason {
-        println!("  {reason:<18} {n:>10}");
+        line(&format!("  {reason}"), n.to_string(), "");
     }
     if s.pending > 0 {
-        println!("still pending        {:>10}", s.pending);
+        line("still pending", s.pending.to_string(), "");
     }
-    println!("wall time            {:>10.2} s", s.wall_seconds);
-    println!("workflows/s          {:>10.1}", s.workflows_per_second);
-    println!("end-to-end p50       {:>10.1} ms", s.latency_p50_ms);
-    println!("end-to-end p99       {:>10.1} ms", s.latency_p99_ms);
-    println!("end-to-end max       {:>10.1} ms", s.latency_max_ms);
+    line("wall time", format!("{:.2}", s.wall_seconds), "s");
+    line("workflows/s", format!("{:.1}", s.workflows_per_second), "");
+    line("end-to-end p50", format!("{:.1}", s.latency_p50_ms), "ms");
+    line("end-to-end p99", format!("{:.1}", s.latency_p99_ms), "ms");
+    line("end-to-end max", format!("{:.1}", s.latency_max_ms), "ms");
+    table::render(&mut t, &[1])
 }
 
 #[cfg(test)]
@@ -358,6 +370,35 @@ mod tests {
         let soldout = a.iter().filter(|o| o.lines.iter().any(|l| l.sku == "sku-soldout")).count();
         assert!((50..150).contains(&declined), "{declined}");
         assert!((50..150).contains(&soldout), "{soldout}");
+    }
+
+    #[test]
+    fn the_summary_lines_up_figures_and_units() {
+        let s = Summary {
+            placed: 20,
+            confirmed: 16,
+            cancelled: 4,
+            pending: 0,
+            cancelled_by_reason: vec![("card_declined".into(), 2), ("out_of_stock".into(), 2)],
+            wall_seconds: 1.5,
+            workflows_per_second: 13.33,
+            latency_p50_ms: 14.12,
+            latency_p99_ms: 120.0,
+            latency_max_ms: 131.5,
+        };
+        assert_eq!(
+            summary_table(&s),
+            "orders placed       20\n\
+             confirmed           16\n\
+             cancelled            4\n\
+             \x20 card_declined      2\n\
+             \x20 out_of_stock       2\n\
+             wall time         1.50  s\n\
+             workflows/s       13.3\n\
+             end-to-end p50    14.1  ms\n\
+             end-to-end p99   120.0  ms\n\
+             end-to-end max   131.5  ms"
+        );
     }
 
     #[test]

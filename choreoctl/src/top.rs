@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use prometheus_parse::{Scrape, Value};
 use serde::Serialize;
 
+use crate::table;
+
 #[derive(Debug, clap::Args)]
 pub struct TopArgs {
     /// Metrics endpoints as `worker=host:port`, comma-separated.
@@ -261,11 +263,23 @@ fn render(s: &Snapshot, interval: Duration, clear: bool) {
         ms(w.latency_p99_ms),
         humantime::format_duration(interval)
     );
-    println!(
-        "{:<10} {:<6} {:>10} {:>9} {:>9} {:>12} {:>11} {:>9} {:>11}",
-        "WORKER", "STATE", "MSG/S", "IN-FLIGHT", "RETRIES", "DEAD-LETTERS", "DUPLICATES", "OUTBOX", "OLDEST"
-    );
-    for r in &s.workers {
+    println!("{}", worker_table(&s.workers));
+}
+
+/// One line per worker; figures on the right.
+fn worker_table(workers: &[WorkerRow]) -> String {
+    let mut t = table::new(&[
+        "WORKER",
+        "STATE",
+        "MSG/S",
+        "IN-FLIGHT",
+        "RETRIES",
+        "DEAD-LETTERS",
+        "DUPLICATES",
+        "OUTBOX",
+        "OLDEST",
+    ]);
+    for r in workers {
         let state = if !r.up {
             "DOWN"
         } else if r.ready {
@@ -273,19 +287,19 @@ fn render(s: &Snapshot, interval: Duration, clear: bool) {
         } else {
             "NOT READY"
         };
-        println!(
-            "{:<10} {:<6} {:>10.1} {:>9} {:>9} {:>12} {:>11} {:>9} {:>10.1}s",
-            r.worker,
-            state,
-            r.consumed_per_second,
-            r.in_flight,
-            r.retries_total,
-            r.dead_lettered_total,
-            r.duplicates_total,
-            r.outbox_backlog,
-            r.outbox_oldest_age_seconds
-        );
+        t.add_row(table::row([
+            r.worker.clone(),
+            state.to_owned(),
+            format!("{:.1}", r.consumed_per_second),
+            r.in_flight.to_string(),
+            r.retries_total.to_string(),
+            r.dead_lettered_total.to_string(),
+            r.duplicates_total.to_string(),
+            r.outbox_backlog.to_string(),
+            format!("{:.1}s", r.outbox_oldest_age_seconds),
+        ]));
     }
+    table::render(&mut t, &[2, 3, 4, 5, 6, 7, 8])
 }
 
 #[cfg(test)]
@@ -300,6 +314,33 @@ mod tests {
         let p99 = quantile(0.99, &before, &after).expect("p99");
         assert!((p99 - (0.01 + 0.09 * 49.0 / 50.0)).abs() < 1e-9, "{p99}");
         assert_eq!(quantile(0.5, &after, &after), None, "no new observations, no quantile");
+    }
+
+    fn worker(name: &str, up: bool, ready: bool) -> WorkerRow {
+        WorkerRow {
+            worker: name.into(),
+            up,
+            ready,
+            consumed_per_second: 1234.56,
+            in_flight: 3.0,
+            retries_total: 0.0,
+            dead_lettered_total: 12.0,
+            duplicates_total: 0.0,
+            outbox_backlog: 7.0,
+            outbox_oldest_age_seconds: 0.25,
+        }
+    }
+
+    #[test]
+    fn the_worker_table_keeps_its_columns_whatever_the_state() {
+        let rows = [worker("order", true, true), worker("payment", true, false), worker("inventory", false, false)];
+        assert_eq!(
+            worker_table(&rows),
+            "WORKER     STATE       MSG/S  IN-FLIGHT  RETRIES  DEAD-LETTERS  DUPLICATES  OUTBOX  OLDEST\n\
+             order      ready      1234.6          3        0            12           0       7    0.2s\n\
+             payment    NOT READY  1234.6          3        0            12           0       7    0.2s\n\
+             inventory  DOWN       1234.6          3        0            12           0       7    0.2s"
+        );
     }
 
     #[test]

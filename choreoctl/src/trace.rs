@@ -9,6 +9,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use crate::databases::{SERVICES, ServiceDbArgs};
+use crate::table;
 
 #[derive(Debug, clap::Args)]
 pub struct TraceArgs {
@@ -118,26 +119,28 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!("workflow {correlation}");
         let start = steps[0].at;
+        let mut t = table::new(&["AT", "+MS", "SERVICE", "WHAT", "TYPE", "MESSAGE ID", "NOTE"]);
         for s in &steps {
             let offset = (s.at - start).num_microseconds().unwrap_or(0) as f64 / 1000.0;
-            let extra = match (s.what, s.published_at, &s.detail) {
-                ("sent", None, _) => " (not published yet)".to_owned(),
+            let note = match (s.what, s.published_at, &s.detail) {
+                ("sent", None, _) => "not published yet".to_owned(),
                 ("sent", Some(p), _) => {
-                    format!(" (published +{:.1} ms)", (p - s.at).num_microseconds().unwrap_or(0) as f64 / 1000.0)
+                    format!("published +{:.1} ms", (p - s.at).num_microseconds().unwrap_or(0) as f64 / 1000.0)
                 }
-                (_, _, Some(d)) => format!(" ({d})"),
+                (_, _, Some(d)) => d.clone(),
                 _ => String::new(),
             };
-            println!(
-                "{}  +{:>9.1} ms  {:<10} {:<9} {:<20}{}{extra}",
-                s.at.format("%H:%M:%S%.3f"),
-                offset,
-                s.service,
-                s.what,
-                s.message_type,
-                s.message_id.map(|m| format!(" {m}")).unwrap_or_default(),
-            );
+            t.add_row(table::row([
+                s.at.format("%H:%M:%S%.3f").to_string(),
+                format!("+{offset:.1}"),
+                s.service.to_owned(),
+                s.what.to_owned(),
+                s.message_type.clone(),
+                s.message_id.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
+                note,
+            ]));
         }
+        println!("{}", table::render(&mut t, &[1]));
     }
     Ok(ExitCode::SUCCESS)
 }

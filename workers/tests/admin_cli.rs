@@ -219,6 +219,16 @@ async fn trace_tells_the_story_of_a_confirmed_and_a_compensated_order() {
             "order sent order.cancelled",
         ]
     );
+    // For people: a heading, then one line per step, in the same order.
+    let (code, out, err) = cluster.run_choreoctl(&["trace", &confirmed.order_id.to_string()]).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.len() == 12 && lines[1].starts_with("AT") && lines[1].contains("MESSAGE ID"), "{out}");
+    let steps = story(confirmed.order_id).await;
+    for (line, step) in lines[2..].iter().zip(&steps) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[2..5].join(" "), *step, "{out}");
+    }
     let (code, _, err) = cluster.run_choreoctl(&["trace", &Uuid::now_v7().to_string()]).await;
     assert_eq!(code, 1);
     assert!(err.contains("nothing is known"), "{err}");

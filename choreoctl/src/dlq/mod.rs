@@ -17,6 +17,7 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use crate::broker::BrokerArgs;
+use crate::table;
 pub use filter::Filter;
 use letter::{Story, render_body, story};
 
@@ -214,26 +215,30 @@ async fn list(
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<32} {:>9} {:>12}", "QUEUE", "MESSAGES", "OLDEST");
+    let mut queues = table::new(&["QUEUE", "MESSAGES", "OLDEST"]);
     for s in &summaries {
         let age = s
             .oldest_age_seconds
             .map(|a| humantime::format_duration(std::time::Duration::from_secs(a.max(0) as u64)).to_string());
-        println!("{:<32} {:>9} {:>12}", s.queue, s.messages, age.unwrap_or_else(|| "-".into()));
+        queues.add_row(table::row([s.queue.clone(), s.messages.to_string(), age.unwrap_or_else(|| "-".into())]));
     }
+    println!("{}", table::render(&mut queues, &[1, 2]));
     if group_by.is_some() {
         println!();
-        println!("{:>8}  {:<10} {:<28} {:<20} EXAMPLE ERROR", "MESSAGES", "WORKER", "ERROR KIND", "TYPE");
+        let mut t = table::new(&["MESSAGES", "WORKER", "ERROR KIND", "TYPE", "EXAMPLE ERROR"]);
         for g in &groups {
+            // The start of the error is enough to tell groups apart; `dlq show` has the whole of it.
             let error: String = g.example_error.as_deref().unwrap_or("-").chars().take(70).collect();
-            println!(
-                "{:>8}  {:<10} {:<28} {:<20} {error}",
-                g.messages,
-                g.worker,
-                g.error_kind.as_deref().unwrap_or("*"),
-                g.message_type.as_deref().unwrap_or("*")
-            );
+            t.add_row(table::row([
+                g.messages.to_string(),
+                g.worker.clone(),
+                // `*`: the grouping does not split by this column.
+                g.error_kind.clone().unwrap_or_else(|| "*".into()),
+                g.message_type.clone().unwrap_or_else(|| "*".into()),
+                error,
+            ]));
         }
+        println!("{}", table::render(&mut t, &[0]));
     }
     Ok(ExitCode::SUCCESS)
 }
