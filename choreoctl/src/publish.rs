@@ -1,15 +1,21 @@
 //! `choreoctl publish`: place orders, one or many, and optionally wait for their outcome.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use choreo_messages::headers::TRACEPARENT;
 use choreo_messages::payloads::{OrderLine, PlaceOrder};
 use choreo_messages::{EncodedEnvelope, Envelope, Message, MessageType};
 use choreo_rabbitmq::publisher::Outgoing;
 use choreo_rabbitmq::{ConfirmingPublisher, Topology, connect_pool};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -112,7 +118,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|o| {
                 let mut envelope = Envelope::new_command(Message::OrderPlace(o.clone()), "choreoctl", Some(o.order_id));
-                envelope.meta.traceparent = Some(new_traceparent());
+                envelope.meta.traceparent = new_traceparent();
                 envelope.encode()
             })
             .collect();
@@ -154,11 +160,18 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
     Ok(if done { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }
 
-/// A W3C trace context that starts a new trace: version 00, random trace and span ids, sampled.
-pub fn new_traceparent() -> String {
-    let trace = Uuid::new_v4().simple().to_string();
-    let span = Uuid::new_v4().simple().to_string();
-    format!("00-{trace}-{}-01", &span[..16])
+/// The W3C `traceparent` of a new trace, one per order: fresh random trace and span ids, sampled, so that
+/// the workers record the workflow's spans whatever their own sampler would decide for a root. Written by
+/// OpenTelemetry's own propagator, the one the workers read it with.
+pub fn new_traceparent() -> Option<String> {
+    let ids = RandomIdGenerator::default();
+    // Not remote: this context is choreoctl's own, the parent of the first handler's span.
+    let span =
+        SpanContext::new(ids.new_trace_id(), ids.new_span_id(), TraceFlags::SAMPLED, false, TraceState::default());
+    let mut carrier: HashMap<String, String> = HashMap::new();
+    TraceContextPropagator::new()
+        .inject_context(&opentelemetry::Context::new().with_remote_span_context(span), &mut carrier);
+    carrier.remove(TRACEPARENT)
 }
 
 fn build_orders(args: &PublishArgs) -> anyhow::Result<Vec<PlaceOrder>> {
@@ -399,6 +412,23 @@ mod tests {
              end-to-end p99   120.0  ms\n\
              end-to-end max   131.5  ms"
         );
+    }
+
+    #[test]
+    fn each_order_starts_a_sampled_trace_of_its_own() {
+        let propagator = TraceContextPropagator::new();
+        let read = |traceparent: &str| {
+            let carrier = HashMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
+            propagator.extract(&carrier).span().span_context().clone()
+        };
+        let a = new_traceparent().expect("a traceparent");
+        let b = new_traceparent().expect("a traceparent");
+        let (ca, cb) = (read(&a), read(&b));
+        assert!(ca.is_valid() && ca.is_sampled() && ca.is_remote(), "{a}");
+        assert_ne!(ca.trace_id(), cb.trace_id(), "a new trace per order");
+        // The W3C form the workers and other clients expect: version 00, 32 + 16 hex digits, sampled.
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!((parts[0], parts[1].len(), parts[2].len(), parts[3]), ("00", 32, 16, "01"), "{a}");
     }
 
     #[test]
