@@ -15,6 +15,8 @@
 //! - **Running** — [`Settings`] (flags and environment, checked at start), [`prepare_database`],
 //!   [`run_plain_worker`] / [`run_worker`], [`shutdown_on_signals`], [`init_telemetry`]; or all of it at
 //!   once with [`serve_plain`].
+//! - **Contract documents** — [`AsyncApi`]: the AsyncAPI 3.0 document of a namespace, from what its
+//!   participants declare.
 //!
 //! ```no_run
 //! use choreo::schemars::JsonSchema;
@@ -64,6 +66,7 @@
 
 #![warn(missing_docs)]
 
+mod asyncapi;
 mod connections;
 mod health;
 mod migrations;
@@ -78,6 +81,7 @@ pub use choreo_messages::{DecodeError, EncodedEnvelope, Envelope, ErrorKind, Met
 pub use choreo_outbox::Change;
 pub use choreo_rabbitmq::{Handler, Outcome};
 
+pub use asyncapi::{AsyncApi, AsyncApiError};
 pub use migrations::Migrations;
 pub use plain::{PlainHandler, PlainRunner};
 pub use runtime::{
