@@ -325,3 +325,45 @@ async fn an_import_that_fails_half_way_says_what_it_imported_and_where_to_start_
     cluster.wait_depth(&dlq, 199).await;
     cluster.shutdown().await;
 }
+
+/// Whatever goes wrong with a connection, the password in its URL never reaches choreoctl's output: neither
+/// when the server cannot be reached nor when the URL does not parse.
+#[tokio::test]
+async fn a_password_in_a_connection_url_never_reaches_the_output() {
+    const PASSWORD: &str = "s3cret-Pa55";
+    let closed = choreo_testkit::free_port();
+    let broker_urls = [
+        format!("amqp://choreo:{PASSWORD}@127.0.0.1:{closed}/%2f"),
+        format!("amqp://choreo:{PASSWORD}@127.0.0.1:no-port/%2f"),
+        format!("amqp://choreo:{PASSWORD}@127.0.0.1:{closed}/%zz"),
+    ];
+    for url in &broker_urls {
+        for args in [&["dlq", "list"][..], &["publish", "--customer", "c", "--line", "sku-001:1:100"]] {
+            let output = tokio::process::Command::new(common::choreoctl())
+                .args(args)
+                .env("AMQP_URL", url)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .expect("choreoctl runs");
+            let text =
+                format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+            assert!(!output.status.success(), "{args:?} with {url}: {text}");
+            assert!(!text.contains(PASSWORD), "{args:?} with {url} shows the password: {text}");
+        }
+    }
+    // A database URL that does not parse fails at once (one that cannot connect waits for sqlx's pool).
+    let output = tokio::process::Command::new(common::choreoctl())
+        .args(["outbox", "status"])
+        .env("DATABASE_URL", format!("postgres://choreo:{PASSWORD}@127.0.0.1:no-port/postgres"))
+        .env_remove("CHOREO_ORDER_DATABASE_URL")
+        .env_remove("CHOREO_PAYMENT_DATABASE_URL")
+        .env_remove("CHOREO_INVENTORY_DATABASE_URL")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("choreoctl runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(!text.contains(PASSWORD), "outbox status shows the password: {text}");
+}
