@@ -3,7 +3,8 @@
 //! Exit codes: 0 success; 1 failure (the message says what to do); 2 usage error;
 //! 3 `publish --wait` timed out before every order was terminal; 4 some dead letters could not be replayed or
 //! purged (they stay in their queue) or imported (the report says which lines, and where to start again);
-//! 5 a purge was not confirmed (nothing deleted).
+//! 5 a purge was not confirmed (nothing deleted); 6 a replay left dead letters older than the inbox retention
+//! in their queue, and nothing else failed (`dlq replay --force` replays them).
 
 mod broker;
 mod databases;

@@ -1,12 +1,21 @@
 //! Replaying thousands of dead letters survives the CLI being killed half way: run it again and every
-//! message is replayed, none lost, none left behind, and no order is affected twice.
+//! message is replayed, none lost, none left behind, and no order is affected twice. A letter older than the
+//! workers' inbox retention is replayed only when the operator says so.
 
 mod common;
 
 use std::time::Duration;
 
+use choreo_messages::payloads::PlaceOrder;
+use choreo_messages::{Envelope, Message};
+use choreo_rabbitmq::codec::properties_for;
+use choreo_rabbitmq::dead_letter::headers as dl;
+use choreo_rabbitmq::lapin::types::{AMQPValue, LongString};
+use choreo_rabbitmq::publisher::Outgoing;
+use choreo_rabbitmq::{ConfirmingPublisher, connect_pool};
 use choreo_testkit::wait_for;
-use common::{Cluster, mixed_orders};
+use common::{Cluster, mixed_orders, order};
+use uuid::Uuid;
 
 const ORDERS: usize = 5_000;
 
@@ -98,5 +107,95 @@ async fn a_replay_killed_half_way_and_run_again_replays_everything_exactly_once_
         .await
         .expect("payments");
     assert_eq!((payments as usize, distinct as usize), (ORDERS, ORDERS), "every order paid or declined once");
+    cluster.shutdown().await;
+}
+
+/// Put in `queue` the dead letter of an `order.place` for `order` that was placed `age` ago and failed at once
+/// in the order worker (say its database was down), never processed. Returns its message id.
+async fn dead_letter_placed_ago(cluster: &Cluster, queue: &str, order: &PlaceOrder, age: chrono::Duration) -> String {
+    let mut envelope = Envelope::new_command(Message::OrderPlace(order.clone()), "shop", Some(order.order_id));
+    envelope.meta.occurred_at = chrono::Utc::now() - age;
+    let encoded = envelope.encode();
+    // The contract's properties (`timestamp` and `occurred-at` from the placing), and what the worker writes
+    // when it dead-letters a message.
+    let mut properties = properties_for(&encoded.meta);
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    let failed_at =
+        (encoded.meta.occurred_at + chrono::Duration::seconds(1)).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+    headers.insert(dl::ERROR_KIND.into(), text("transient"));
+    headers.insert(dl::ERROR.into(), text("database unavailable"));
+    headers.insert(dl::WORKER.into(), text("order"));
+    headers.insert(dl::FIRST_FAILURE_AT.into(), text(&failed_at));
+    headers.insert(dl::LAST_FAILURE_AT.into(), text(&failed_at));
+    properties = properties.with_headers(headers);
+    let pool = connect_pool(&cluster.infra.amqp_url, "replay-test", 1).expect("broker pool");
+    let message_id = encoded.meta.message_id.to_string();
+    ConfirmingPublisher::new(pool, Duration::from_secs(15))
+        .publish(Outgoing {
+            exchange: "",
+            routing_key: queue,
+            properties,
+            body: &encoded.body,
+            message_id: message_id.clone(),
+        })
+        .await
+        .expect("the dead-letter queue takes it");
+    message_id
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+async fn order_exists(cluster: &Cluster, order_id: Uuid) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders WHERE order_id = $1)")
+        .bind(order_id)
+        .fetch_one(cluster.db("order"))
+        .await
+        .expect("orders")
+}
+
+#[tokio::test]
+async fn a_letter_older_than_the_inbox_retention_stays_in_its_queue_unless_forced() {
+    let cluster = Cluster::start().await;
+    let dlq = cluster.topology.dead_letter_queue("order");
+    let old = order("cust-1", &[("sku-001", 1, 100)]);
+    let fresh = order("cust-2", &[("sku-002", 1, 100)]);
+    let old_id = dead_letter_placed_ago(&cluster, &dlq, &old, chrono::Duration::days(40)).await;
+    dead_letter_placed_ago(&cluster, &dlq, &fresh, chrono::Duration::minutes(5)).await;
+    cluster.wait_depth(&dlq, 2).await;
+
+    // A dry run says what a run would refuse, and its exit status says so too.
+    let (code, out, err) = cluster.run_choreoctl(&["dlq", "replay", "order", "--all", "--dry-run", "--json"]).await;
+    let report = json(&out);
+    assert_eq!((code, &report["selected"], &report["skipped_too_old"]), (6, &2.into(), &1.into()), "{out} {err}");
+    // Workers that remember ids for longer make it young enough.
+    let (code, out, err) = cluster
+        .run_choreoctl(&["dlq", "replay", "order", "--all", "--dry-run", "--json", "--inbox-retention", "50d"])
+        .await;
+    assert_eq!((code, &json(&out)["skipped_too_old"]), (0, &0.into()), "{out} {err}");
+
+    // Without --force: the fresh letter is replayed, the old one stays, and the operator is told why.
+    let (code, out, err) = cluster.run_choreoctl(&["dlq", "replay", "order", "--all"]).await;
+    assert_eq!(code, 6, "{out} {err}");
+    assert!(out.contains("replayed 1 of 2"), "{out}");
+    assert!(
+        err.contains(&old_id) && err.contains("older than the inbox retention") && err.contains("--force"),
+        "{err}"
+    );
+    cluster.wait_terminal(&[fresh.order_id], Duration::from_secs(60)).await;
+    cluster.wait_depth(&dlq, 1).await;
+    let (code, out, err) = cluster.run_choreoctl(&["dlq", "show", "order", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["shown"][0]["story"]["message_id"], old_id.as_str(), "the old letter is still there");
+    assert!(!order_exists(&cluster, old.order_id).await, "the old order was not placed");
+
+    // With --force it goes back to its worker.
+    let (code, out, err) = cluster.run_choreoctl(&["dlq", "replay", "order", "--all", "--force", "--json"]).await;
+    let report = json(&out);
+    assert_eq!((code, &report["done"], &report["skipped_too_old"]), (0, &1.into(), &0.into()), "{out} {err}");
+    cluster.wait_terminal(&[old.order_id], Duration::from_secs(60)).await;
+    cluster.wait_depth(&dlq, 0).await;
     cluster.shutdown().await;
 }

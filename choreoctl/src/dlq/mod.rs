@@ -3,6 +3,7 @@
 //! Nothing here loses a message: reading never removes one (see [`browse`]), and a message leaves a
 //! dead-letter queue only after the broker confirmed its replay, or on an explicit purge.
 
+mod age;
 mod browse;
 mod filter;
 mod letter;
@@ -11,6 +12,7 @@ mod transfer;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use chrono::Utc;
 use clap::Subcommand;
@@ -65,6 +67,13 @@ enum DlqCommand {
         json: bool,
     },
     /// Send dead letters back to their worker; each leaves the queue only after its replay is confirmed.
+    ///
+    /// Letters older than --inbox-retention stay in the queue unless --force: their worker may have processed
+    /// them once and forgotten it, and would then apply them twice.
+    ///
+    /// Exit status: 0 every selected letter was replayed (or would be, with --dry-run); 4 some could not be
+    /// replayed and stay in the queue (run again once the cause is fixed); 6 nothing failed, but some letters
+    /// were left in the queue for their age (see --force).
     Replay {
         queue: String,
         #[command(flatten)]
@@ -79,6 +88,15 @@ enum DlqCommand {
         /// At most this many messages per second, so that a large replay does not swamp the worker.
         #[arg(long)]
         rate: Option<f64>,
+        /// How long the workers remember the ids of processed messages (their CHOREO_INBOX_RETENTION; with
+        /// different settings, the shortest among the workers the letters go to). A letter's age counts from
+        /// the earliest time it carries: its timestamp, or its first failure.
+        #[arg(long, env = "CHOREO_INBOX_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+        inbox_retention: Duration,
+        /// Replay letters older than --inbox-retention (or of unknown age) too: for letters known never to
+        /// have been processed.
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -124,8 +142,8 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
         DlqCommand::Show { queue, id, limit, json } => {
             show(&broker, &resolve_queue(&broker, &queue), id, limit, json).await
         }
-        DlqCommand::Replay { queue, filter, dry_run, via_original_exchange, rate, json } => {
-            let options = replay::ReplayOptions { dry_run, via_original_exchange, rate, json };
+        DlqCommand::Replay { queue, filter, dry_run, via_original_exchange, rate, inbox_retention, force, json } => {
+            let options = replay::ReplayOptions { dry_run, via_original_exchange, rate, json, inbox_retention, force };
             replay::replay(&broker, &resolve_queue(&broker, &queue), &filter, options).await
         }
         DlqCommand::Purge { queue, filter, yes, dry_run, json } => {

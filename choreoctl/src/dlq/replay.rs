@@ -22,8 +22,10 @@ use choreo_rabbitmq::publisher::Outgoing;
 use chrono::{SecondsFormat, Utc};
 use serde::Serialize;
 
+use super::age::{ReplayRisk, earliest_time, replay_risk};
 use super::browse::browse;
 use super::filter::Filter;
+use super::letter::Story;
 use crate::broker::BrokerArgs;
 use crate::progress::bar;
 
@@ -32,6 +34,10 @@ use crate::progress::bar;
 pub const EXIT_PARTIAL: u8 = 4;
 /// Exit code when a purge was not confirmed.
 pub const EXIT_NOT_CONFIRMED: u8 = 5;
+/// Exit code when a replay left letters older than the inbox retention in the queue (and nothing failed).
+pub const EXIT_TOO_OLD: u8 = 6;
+/// Refused letters listed one by one in the text output; the rest are counted.
+const LISTED_TOO_OLD: usize = 10;
 
 #[derive(Debug, Serialize)]
 struct Report {
@@ -45,6 +51,16 @@ struct Report {
     /// Why the run stopped before the end of the selection.
     stopped: Option<String>,
     dry_run: bool,
+    /// Replay only: selected letters left in the queue because they are older than the inbox retention (or
+    /// carry no time), one line each.
+    #[serde(skip)]
+    too_old: Vec<String>,
+    /// Replay only: how many letters that is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped_too_old: Option<usize>,
+    /// Replay only: the inbox retention the letters were measured against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inbox_retention_seconds: Option<u64>,
 }
 
 impl Report {
@@ -57,7 +73,15 @@ impl Report {
             not_attempted: 0,
             stopped: None,
             dry_run,
+            too_old: Vec::new(),
+            skipped_too_old: None,
+            inbox_retention_seconds: None,
         }
+    }
+
+    /// Selected messages that were not refused for their age.
+    fn eligible(&self) -> usize {
+        self.selected - self.too_old.len()
     }
 
     /// Every selected message stays where it was after this.
@@ -66,8 +90,15 @@ impl Report {
         self.not_attempted = not_attempted;
     }
 
+    /// A failure first: running again may fix it, whereas letters too old wait for someone's decision.
     fn exit_code(&self) -> u8 {
-        if self.failed.is_empty() && self.not_attempted == 0 && self.stopped.is_none() { 0 } else { EXIT_PARTIAL }
+        if !self.failed.is_empty() || self.not_attempted > 0 || self.stopped.is_some() {
+            EXIT_PARTIAL
+        } else if !self.too_old.is_empty() {
+            EXIT_TOO_OLD
+        } else {
+            0
+        }
     }
 }
 
@@ -115,7 +146,7 @@ async fn settle_replays<E: std::fmt::Display>(published: Vec<(Result<(), E>, &De
     }
     match broken {
         Some(e) => {
-            let left = report.selected - report.done - report.failed.len();
+            let left = report.eligible() - report.done - report.failed.len();
             report.stop(format!("taking replayed messages off {} failed: {e}", report.queue), left);
             false
         }
@@ -161,6 +192,47 @@ pub struct ReplayOptions {
     pub via_original_exchange: bool,
     pub rate: Option<f64>,
     pub json: bool,
+    /// How long the workers' inboxes remember processed ids: older letters are left alone...
+    pub inbox_retention: Duration,
+    /// ...unless this says to replay them all the same.
+    pub force: bool,
+}
+
+/// An age as people say it: in days when it is days (humantime would say `1month 9days 13h 26m 25s`).
+fn age_text(age: chrono::Duration) -> String {
+    match age.num_days() {
+        0 => humantime::format_duration(Duration::from_secs(age.num_seconds().max(0).unsigned_abs())).to_string(),
+        1 => "1 day".to_owned(),
+        days => format!("{days} days"),
+    }
+}
+
+/// A retention as set, whole days in days.
+fn retention_text(retention: Duration) -> String {
+    let seconds = retention.as_secs();
+    if seconds >= 86_400 && seconds.is_multiple_of(86_400) {
+        age_text(chrono::Duration::days((seconds / 86_400) as i64))
+    } else {
+        humantime::format_duration(retention).to_string()
+    }
+}
+
+/// The line that says why a letter is not replayed.
+fn too_old_line(story: &Story, risk: ReplayRisk, retention: Duration) -> String {
+    let id = story.message_id.as_deref().unwrap_or("-");
+    let kind = story.message_type.as_deref().unwrap_or("-");
+    match risk {
+        ReplayRisk::TooOld { age } => {
+            format!(
+                "{id} ({kind}): {} old, older than the inbox retention ({})",
+                age_text(age),
+                retention_text(retention)
+            )
+        }
+        ReplayRisk::AgeUnknown | ReplayRisk::None => {
+            format!("{id} ({kind}): carries no time (no timestamp, no failure time), so its age is unknown")
+        }
+    }
 }
 
 pub async fn replay(
@@ -169,7 +241,7 @@ pub async fn replay(
     filter: &Filter,
     options: ReplayOptions,
 ) -> anyhow::Result<ExitCode> {
-    let ReplayOptions { dry_run, via_original_exchange, rate, json } = options;
+    let ReplayOptions { dry_run, via_original_exchange, rate, json, inbox_retention, force } = options;
     filter.require_selection()?;
     let pool = broker.pool()?;
     let topology = broker.topology();
@@ -177,11 +249,23 @@ pub async fn replay(
     let held = browse(&pool, queue, None).await?;
     let chosen = held.select(filter);
     let mut report = Report::new(queue, chosen.len(), dry_run);
+    report.inbox_retention_seconds = Some(inbox_retention.as_secs());
+    let now = Utc::now();
+    let mut forced = 0usize;
 
-    // Where each message goes back to.
+    // Where each message goes back to. A letter too old stays where it is: held, it goes back to the queue in
+    // its place with the others when the browse is released.
     let mut selected: Vec<&Delivery> = Vec::with_capacity(chosen.len());
     let mut targets = Vec::with_capacity(chosen.len());
     for (d, s) in chosen {
+        let risk = replay_risk(earliest_time(&d.properties, &s), now, inbox_retention);
+        if risk.refused() {
+            if !force {
+                report.too_old.push(too_old_line(&s, risk, inbox_retention));
+                continue;
+            }
+            forced += 1;
+        }
         selected.push(d);
         let target = if via_original_exchange {
             match (s.original_exchange.clone(), s.original_routing_key.clone()) {
@@ -196,8 +280,20 @@ pub async fn replay(
         };
         targets.push((s, target));
     }
+    report.skipped_too_old = Some(report.too_old.len());
+    if forced > 0 && !json {
+        eprintln!(
+            "--force: {} all the same {forced} selected messages older than the inbox retention ({}) or of unknown \
+             age",
+            if dry_run { "would replay" } else { "replaying" },
+            retention_text(inbox_retention)
+        );
+    }
     if dry_run {
         if !json {
+            for line in &report.too_old {
+                println!("would not replay {line}");
+            }
             for (s, target) in &targets {
                 let to = target
                     .as_ref()
@@ -317,8 +413,9 @@ fn finish(report: &Report, verb: &str, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(report)?);
     } else {
-        let count = if report.dry_run { report.selected } else { report.done };
+        let count = if report.dry_run { report.eligible() } else { report.done };
         println!("{verb} {count} of {} selected messages from {}", report.selected, report.queue);
+        explain_too_old(report);
         for f in &report.failed {
             eprintln!("not done: {f}");
         }
@@ -333,9 +430,65 @@ fn finish(report: &Report, verb: &str, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(report.exit_code()))
 }
 
+/// Why letters were left in the queue for their age, and what to do about it.
+fn explain_too_old(report: &Report) {
+    let n = report.too_old.len();
+    if n == 0 {
+        return;
+    }
+    let retention = retention_text(Duration::from_secs(report.inbox_retention_seconds.unwrap_or(0)));
+    let verb = if report.dry_run { "would not be replayed" } else { "not replayed" };
+    eprintln!(
+        "{verb}, left in {}: {n} selected message(s) older than the inbox retention ({retention}). Their worker \
+         may have processed them and forgotten it since; a replay could apply them a second time.",
+        report.queue
+    );
+    // A dry run has listed each of them already, beside the ones it would replay.
+    if !report.dry_run {
+        for line in report.too_old.iter().take(LISTED_TOO_OLD) {
+            eprintln!("  {line}");
+        }
+        if n > LISTED_TOO_OLD {
+            eprintln!("  and {} more", n - LISTED_TOO_OLD);
+        }
+    }
+    eprintln!(
+        "hint: if you know they were never processed, replay them with --force. Otherwise check first whether \
+         their worker applied them (`choreoctl trace CORRELATION_ID`, the service's own tables). If the workers \
+         remember ids longer, say so with --inbox-retention (their CHOREO_INBOX_RETENTION)."
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn letters_too_old_stay_and_say_so_in_the_exit_code() {
+        let mut report = Report::new("choreo.payment.dlq", 3, false);
+        report.too_old.push("m1 (order.created): 40days old".into());
+        report.skipped_too_old = Some(1);
+        report.done = 2;
+        assert_eq!(report.eligible(), 2);
+        assert_eq!(report.exit_code(), EXIT_TOO_OLD);
+        let json = serde_json::to_value(&report).expect("json");
+        assert_eq!(json["skipped_too_old"], 1);
+        // A failure says more: running again may fix it.
+        report.failed.push("m2: replay not confirmed".into());
+        assert_eq!(report.exit_code(), EXIT_PARTIAL);
+        // A purge's report says nothing about ages.
+        let purge = serde_json::to_value(Report::new("choreo.payment.dlq", 1, false)).expect("json");
+        assert!(purge.get("skipped_too_old").is_none(), "{purge}");
+    }
+
+    #[test]
+    fn ages_read_in_days() {
+        assert_eq!(age_text(chrono::Duration::days(40) + chrono::Duration::hours(13)), "40 days");
+        assert_eq!(age_text(chrono::Duration::hours(25)), "1 day");
+        assert_eq!(age_text(chrono::Duration::minutes(90)), "1h 30m");
+        assert_eq!(retention_text(Duration::from_secs(30 * 86_400)), "30 days");
+        assert_eq!(retention_text(Duration::from_secs(36 * 3_600)), "1day 12h");
+    }
 
     #[test]
     fn the_worker_is_read_from_the_queue_name() {
