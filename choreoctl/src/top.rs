@@ -91,7 +91,8 @@ pub async fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
         if once {
             if !reachable {
                 eprintln!(
-                    "no worker answered on {:?}: are they running? (CHOREO_METRICS_ADDR, --targets)",
+                    "no worker answered on {:?}: are they running, and where do they serve /metrics? (their \
+                     CHOREO_METRICS_ADDR; --targets or CHOREO_TOP_TARGETS here)",
                     args.targets
                 );
                 return Ok(ExitCode::from(1));

@@ -328,10 +328,13 @@ fn database_url_uses_the_postgres_service_and_its_user() {
     }
 }
 
+/// Every `CHOREO_` variable of a worker service is read by its worker, or by `choreoctl`, which operators
+/// run inside the worker containers (`docker compose exec order-worker choreoctl ...`).
 #[test]
-fn worker_choreo_variables_are_ones_the_worker_reads() {
+fn worker_choreo_variables_are_ones_the_worker_or_choreoctl_reads() {
     let compose = load_compose();
     let common_settings = read_repo_file("choreo/src/settings.rs");
+    let choreoctl_settings = choreoctl_sources();
     for worker in WORKERS {
         let binary = program(&compose, worker);
         let binary_source = format!("workers/src/bin/{binary}.rs");
@@ -340,11 +343,42 @@ fn worker_choreo_variables_are_ones_the_worker_reads() {
         for name in names {
             let declaration = format!("env = \"{name}\"");
             assert!(
-                common_settings.contains(&declaration) || own_settings.contains(&declaration),
-                "`{worker}` sets {name}, which neither choreo/src/settings.rs nor {binary_source} reads \
-                 (no `{declaration}`): misspelt, or meant for another worker?"
+                common_settings.contains(&declaration)
+                    || own_settings.contains(&declaration)
+                    || choreoctl_settings.contains(&declaration),
+                "`{worker}` sets {name}, which neither choreo/src/settings.rs, {binary_source} nor choreoctl/src \
+                 reads (no `{declaration}`): misspelt, or meant for another worker?"
             );
         }
+    }
+}
+
+/// `choreoctl top` run in any worker's container (the README runs choreoctl in `order-worker`; the runbooks
+/// let `CLI` pick another) reads every worker's /metrics: CHOREO_TOP_TARGETS names each worker service, by
+/// the name choreoctl shows it under, at the port its CHOREO_METRICS_ADDR listens on and exposes to the others.
+#[test]
+fn choreoctl_top_in_a_worker_container_reaches_every_worker() {
+    let compose = load_compose();
+    let mut expected: Vec<String> = WORKERS
+        .iter()
+        .map(|worker| {
+            let addr = env_var(&compose, worker, "CHOREO_METRICS_ADDR");
+            let (_, port) = addr.rsplit_once(':').unwrap_or_else(|| panic!("`{worker}`: `{addr}` has no port"));
+            assert!(
+                service(&compose, worker).expose.iter().any(|p| p == port),
+                "`{worker}` serves /metrics on port {port} but does not expose it to the other services"
+            );
+            let name = worker.strip_suffix("-worker").unwrap_or(worker);
+            format!("{name}={worker}:{port}")
+        })
+        .collect();
+    expected.sort();
+    for worker in WORKERS {
+        // choreoctl's form: `worker=host:port`, comma-separated.
+        let mut targets: Vec<String> =
+            env_var(&compose, worker, "CHOREO_TOP_TARGETS").split(',').map(|t| t.trim().to_owned()).collect();
+        targets.sort();
+        assert_eq!(targets, expected, "`{worker}`: CHOREO_TOP_TARGETS must name every worker service's /metrics");
     }
 }
 
@@ -479,6 +513,26 @@ fn instructions(dockerfile: &str) -> Vec<String> {
         .filter(|line| !line.is_empty() && !line.starts_with('#'))
         .map(str::to_owned)
         .collect()
+}
+
+/// The text of every source file of choreoctl.
+fn choreoctl_sources() -> String {
+    fn collect(dir: &Path, text: &mut String) {
+        let entries = fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
+        for entry in entries {
+            let path = entry.unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display())).path();
+            if path.is_dir() {
+                collect(&path, text);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                text.push_str(
+                    &fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display())),
+                );
+            }
+        }
+    }
+    let mut text = String::new();
+    collect(&repo_root().join("choreoctl/src"), &mut text);
+    text
 }
 
 fn repo_root() -> PathBuf {
