@@ -115,21 +115,9 @@ impl InboxGuard {
     /// that fails because another is committing is not taken for a failure. Records nothing.
     pub async fn processed(&self, db: &sqlx::PgPool, meta: &Metadata) -> Result<bool, OutboxError> {
         let mut tx = db.begin().await.map_err(OutboxError::db("inbox lookup"))?;
-        let inserted = sqlx::query(
-            "INSERT INTO inbox (consumer, message_id, message_type, correlation_id, causation_id) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consumer, message_id) DO NOTHING",
-        )
-        .bind(&self.consumer)
-        .bind(meta.message_id)
-        .bind(&meta.message_type)
-        .bind(meta.correlation_id)
-        .bind(meta.causation_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(OutboxError::db("inbox lookup"))?
-        .rows_affected();
+        let recorded = self.record(&mut tx, meta).await?;
         tx.rollback().await.map_err(OutboxError::db("inbox lookup"))?;
-        Ok(inserted == 0)
+        Ok(!recorded)
     }
 
     /// Record, durably and before handling begins, that this consumer starts handling a redelivered message
